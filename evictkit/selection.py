@@ -1,0 +1,84 @@
+"""Shared selection helpers: scores -> sorted kept indices.
+
+Rules every policy gets for free (documented evictkit choices, not from any single paper):
+- protected slots (the `sinks` oldest, the `window` newest) are always kept;
+- ties go to the more recent entry (higher slot), deterministically;
+- indices come back sorted ascending, so kept entries keep their original order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GQA_REDUCTIONS = ("mean", "max")
+POOLS = ("max", "avg", "none")
+
+
+def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: str = "mean") -> torch.Tensor:
+    """[B, H_q, T] -> [B, H_kv, T] by reducing over each KV head's query-head group."""
+    if how not in GQA_REDUCTIONS:
+        raise ValueError(f"gqa={how!r}: must be one of {', '.join(GQA_REDUCTIONS)}")
+    B, Hq, T = scores.shape
+    if Hq % n_kv_heads:
+        raise ValueError(f"{Hq} query heads are not a multiple of {n_kv_heads} KV heads")
+    grouped = scores.view(B, n_kv_heads, Hq // n_kv_heads, T)
+    return grouped.mean(2) if how == "mean" else grouped.amax(2)
+
+
+def pool1d(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
+    """SnapKV pooling along the key axis: stride 1, zero padding k//2, odd kernel.
+
+    [B, H, T] -> [B, H, T]. `avg` counts the zero padding (as SnapKV's avg_pool1d does).
+    """
+    if how == "none" or kernel == 1:
+        return scores
+    if how not in POOLS:
+        raise ValueError(f"pool={how!r}: must be one of {', '.join(POOLS)}")
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel={kernel}: must be a positive odd integer")
+    B, H, T = scores.shape
+    flat = scores.reshape(B * H, 1, T)
+    if how == "max":
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return out.view(B, H, T)
+
+
+def select_topk(
+    scores: torch.Tensor, k: int, *, sinks: int = 0, window: int = 0, policy: str = "policy"
+) -> torch.Tensor:
+    """Keep the top-`k` of `scores` [B, H, T] plus the protected slots; returns sorted [B, H, min(k, T)].
+
+    Ties are broken toward the more recent slot. NaN scores raise ValueError.
+    """
+    B, H, T = scores.shape
+    if k >= T:
+        return torch.arange(T, device=scores.device).expand(B, H, T)
+    s = scores.float()
+    if torch.isnan(s).any():
+        raise ValueError(f"policy {policy!r} returned NaN scores; eviction needs a total order")
+    if sinks or window:
+        s = s.clone()
+        if sinks:
+            s[..., : min(sinks, T)] = float("inf")
+        if window:
+            s[..., max(T - window, 0) :] = float("inf")
+    # Stable descending sort of the reversed row: among equal scores the newer slot comes first.
+    order = torch.argsort(s.flip(-1), dim=-1, descending=True, stable=True)[..., :k]
+    return (T - 1 - order).sort(dim=-1).values
+
+
+def check_indices(idx: torch.Tensor, B: int, H: int, T: int, k: int, policy: str) -> None:
+    """Validate a policy's selection before it touches the cache."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"policy {policy!r}: select() must return an integer tensor, got {type(idx).__name__}")
+    if tuple(idx.shape) != (B, H, k):
+        raise ValueError(f"policy {policy!r}: select() returned shape {tuple(idx.shape)}, expected {(B, H, k)}")
+    if k == 0:
+        return
+    if int(idx.min()) < 0 or int(idx.max()) >= T:
+        raise ValueError(f"policy {policy!r}: select() returned indices outside [0, {T})")
+    if k > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
+        raise ValueError(f"policy {policy!r}: select() must return strictly increasing indices")

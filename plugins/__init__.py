@@ -1,0 +1,1 @@
+"""The built-in policies, one module each, registered through the `evictkit` entry-point group."""

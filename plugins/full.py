@@ -1,0 +1,33 @@
+"""`full`: no eviction. The reference every other policy is compared with."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from evictkit.observation import Observation
+from evictkit.policy import Policy
+from evictkit.specs.hookspecs import hookimpl
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Full(Policy):
+    """Keeps every entry: the full cache, whatever the budget."""
+
+    name: ClassVar[str] = "full"
+    phases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = "no eviction (reference)"
+
+    def check_budget(self, budget: int) -> None:
+        return None
+
+    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        B, H, T = obs.positions.shape
+        return torch.arange(T, device=obs.keys.device).expand(B, H, T)
+
+
+@hookimpl
+def evictkit_register_policies(register):
+    register(Full)

@@ -1,0 +1,36 @@
+"""`random`: keeps a seeded random subset. The floor any scorer must beat."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from evictkit.observation import Observation
+from evictkit.policy import ScorePolicy
+from evictkit.specs.hookspecs import hookimpl
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Random(ScorePolicy):
+    """Uniformly random scores, a fresh draw per (seed, layer, cache length), so runs repeat exactly.
+
+    Parameters: `seed` (0).
+    """
+
+    name: ClassVar[str] = "random"
+    phases: ClassVar[tuple[str, ...]] = ("prefill",)
+    summary: ClassVar[str] = "seeded random subset (floor)"
+
+    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        B, H, T = obs.positions.shape
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + obs.layer_idx * 10_007 + T)
+        return torch.rand((B, H, T), generator=gen).to(obs.keys.device)
+
+
+@hookimpl
+def evictkit_register_policies(register):
+    register(Random)

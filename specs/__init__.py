@@ -1,0 +1,1 @@
+"""The contracts of evictkit: the pluggy hook specification (hookspecs) and, later, the laws."""
