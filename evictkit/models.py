@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from torch import nn
@@ -90,10 +91,17 @@ def load_model(name: str = "smollm2", dtype=None):
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
         tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-        model.config.quantization_config = None
-        model.save_pretrained(tmp)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized: save a plain checkpoint
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.replace(converted) if not converted.exists() else None
+        try:
+            tmp.rename(converted)  # atomic; a concurrent converter may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(converted)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     return model.eval(), tok
