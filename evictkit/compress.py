@@ -118,7 +118,10 @@ class Compression:
 
     # --- hooks -----------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        for name, param in self._signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:  # e.g. a deprecated `past_key_values`
+                bound.update(bound.pop(name, None) or {})
         mask = bound.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError(

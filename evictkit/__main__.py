@@ -1,0 +1,5 @@
+import sys
+
+from evictkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""The `evictkit` command line: list policies, generate under a policy, run the demo, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+DEMO_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+
+
+def _parse_params(text: str | None) -> dict:
+    """'alpha=0.3,beta=2000' -> {'alpha': 0.3, 'beta': 2000} (ints, floats, bools, else strings)."""
+    params: dict = {}
+    for item in filter(None, (text or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"policy parameter {item!r} must look like name=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        params[key] = _literal(value)
+    return params
+
+
+def _literal(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _budget(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"budget {text!r}: give an int (entries per layer per KV head) or a fraction in (0, 1]"
+            ) from None
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import evictkit
+
+    rows = [evictkit.describe(cls) for cls in evictkit.policies().values()]
+    failures = [str(f) for f in evictkit.plugin_failures()]
+    if args.json:
+        print(json.dumps({"policies": rows, "failures": failures}, indent=2))
+        return 0
+    print(f"{'name':<15} {'package':<22} {'phases':<16} {'needs':<22} parameters")
+    for r in rows:
+        needs = r["needs"] or {}
+        need_text = ", ".join(f"{k}={v}" for k, v in needs.items() if v) or "-"
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        print(f"{r['name']:<15} {r['package']:<22} {','.join(r['phases']) or '-':<16} {need_text:<22} {params}")
+    for f in failures:
+        print(f"FAILED  {f}", file=sys.stderr)
+    return 0
+
+
+def _chat_ids(tok, text: str):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
+    return ids["input_ids"] if not hasattr(ids, "shape") else ids
+
+
+def _generate(model, tok, ids, policy: str, budget, params: dict, max_new_tokens: int):
+    import torch
+
+    import evictkit
+
+    with evictkit.compress(model, policy, budget=budget, **params) as run:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), run.stats
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import evictkit
+
+    text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    if not text:
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    params = _parse_params(args.params)
+    evictkit.policy(args.policy, **params)  # fail on bad names/params before loading the model
+    model, tok = evictkit.load_model(args.model)
+    ids = _chat_ids(tok, text)
+    answer, stats = _generate(model, tok, ids, args.policy, args.budget, params, args.max_new_tokens)
+    print(answer)
+    print(f"\n[{args.policy} budget={args.budget}] cache: prompt {ids.shape[1]} tokens; {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import evictkit
+
+    model, tok = evictkit.load_model(args.model)
+    key = 68245
+    haystack = DEMO_FILLER * 12
+    text = (
+        f"{haystack}The pass key is {key}. Remember it. {key} is the pass key. {haystack}"
+        "What is the pass key? Answer with the number only."
+    )
+    ids = _chat_ids(tok, text)
+    print(f"prompt: {ids.shape[1]} tokens (a pass key hidden in filler); model: {args.model}\n")
+    for policy, budget in (("full", ids.shape[1]), ("streaming_llm", args.budget)):
+        answer, stats = _generate(model, tok, ids, policy, budget, {}, 16)
+        print(f"{policy:>14} budget={budget:<5} -> {answer.strip()!r}")
+        print(f"{'':>14} {stats.summary()}")
+    print("\nstreaming_llm keeps only the first tokens and the most recent ones, so the pass key in the middle is gone.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evictkit",
+        description="KV-cache eviction policies for Hugging Face transformers models, as plugins.",
+        epilog="Budgets are entries kept per layer per KV head (window and sinks included), "
+        "or a fraction in (0, 1] of the prompt. Nothing is downloaded: models come from installed packages.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered policies (built-in and plugins) and plugin failures")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("generate", help="generate text under an eviction policy and print the cache sizes")
+    p.add_argument("--model", default="smollm2", help="built-in model name or local HF directory (default: smollm2)")
+    p.add_argument("--policy", default="streaming_llm", help="registered policy name (see `evictkit list`)")
+    p.add_argument("--params", default="", help="policy parameters, e.g. 'sinks=4' or 'alpha=0.3,beta=2000'")
+    p.add_argument("--budget", type=_budget, default=128, help="entries per layer per KV head, or a fraction (default 128)")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="a short long-prompt generation with `full` and `streaming_llm`")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--budget", type=_budget, default=64)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from evictkit.eval import cli as eval_cli
+    except ImportError:
+        eval_cli = None
+    if eval_cli is not None:
+        eval_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as exc:
+        print(f"evictkit: error: {exc}", file=sys.stderr)
+        return 2
