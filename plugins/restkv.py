@@ -1,0 +1,179 @@
+"""`restkv`: ReST-KV, layer-wise output reconstruction with spatial-temporal smoothing.
+
+An, Lu, Zhu, Yu, Zhao, Wu, Tang, Wang, "ReST-KV: Robust KV Cache Eviction with Layer-wise
+Output Reconstruction and Spatial-Temporal Smoothing", ICLR 2026, arXiv 2605.08840.
+Reference implementation: github.com/an-yongqi/rest-kv @ a8bb112 (`restkv/restkv_utils.py`,
+`RestKVCluster.update_kv`; ablations in `AblationCluster`). Notes: shared/reference/restkv.md.
+
+At the end of prefill, in every layer, the last `window` prompt tokens are kept and the others
+are scored by how much this layer's output would change if each alone were dropped:
+    score_j = a_j / (1 - a_j) * ||W_O^h (o - v_j)||
+with `a` the window attention aggregated over the window queries by an EMA (oldest first,
+s_t = alpha A_t + (1 - alpha) s_{t-1}) and o = sum_j a_j v_j over the prefix. The scores are
+then smoothed along the sequence by an average pool whose size and offset adapt per head (AWS)
+to how far the top-(budget - window) attended positions drift between the first and second
+half of the window. The top scores fill the budget.
+
+Defaults (the released scripts: `--use_wo --use_ema --alpha 0.3 --metric_mode after --pooling
+adaptive --scale 2000 --kernel_sizes 5`, window 32): window=32, alpha=0.3, beta=2000,
+k_min=5, metric_mode="after", indicator="reconstruction", temporal="ema",
+spatial="adaptive", gqa="mean". Phases: prefill only, as in the paper and the code.
+
+Switches (the paper's ablations): indicator attn | attn_vnorm | reconstruction;
+temporal none (newest query) | mean | ema | inv_ema; spatial none | avg | max (fixed kernel
+k_min) | adaptive; metric_mode "before" = per-query score, then temporal aggregation (the
+paper's literal formulation, o_t over all keys), "after" = aggregate attention first (the code).
+
+Deviations from the reference implementation:
+- GQA: the reference expands K/V to the query heads and keeps `budget` tokens per *query* head.
+  evictkit keeps `budget` per KV head: scores are computed per query head (each with its own AWS
+  kernel), pooled, and then reduced over the group (`gqa="mean"` or `"max"`), and one selection
+  per KV head follows. Pooling comes before the reduction so that every query head is smoothed
+  with the kernel its own drift asks for (for MHA models the two orders coincide).
+- ||W_O^h x|| uses the Gram form sqrt(x^T G_h x), G_h = W_O^h^T W_O^h ([d, d] per head), instead
+  of materialising the [H, L, hidden] projection; same value, O(H L d) memory.
+- Scores in fp32 (the reference computes the odds ratio in bf16/fp16) with 1 - a >= 1e-6.
+- AWS shift is t/beta truncated toward zero. The code's `floor(t/beta) + 1` for t <= 0 gives
+  shift +1 at t = 0 exactly (e.g. every window query's top keys are the same sinks) and an
+  off-by-one at exact negative multiples of beta; both are artefacts of the branch for
+  negative t, so evictkit does not reproduce them (`_restkv_math.aws_kernel(reference_edge=True)`
+  has the code's rule). A topk replaces the full argsort; an odd window skips its middle query
+  in the drift (the code requires an even window).
+- AWS ranks the top (budget - window) keys with the budget this layer gets (the code always
+  uses the base budget, which is the same unless a per-layer schedule is applied).
+- Kept entries stay in their original order; ties go to the more recent token (shared
+  selection). Without a budget (`score(obs)` alone), AWS has no drift estimate and uses t = 0.
+- Decode: off by default as in the paper. With `phase="both"` the same scoring runs on the
+  rolling window of the newest `window` queries at each decode-time eviction (the EMA is
+  recomputed over that window, not carried across steps).
+
+The o of the default "after" mode sums prefix values only (window values excluded, and `a`
+over the prefix does not sum to 1), exactly as the code; "before" uses the full output of each
+query. The exact single-token identity holds for the latter (tests/test_restkv.py checks it).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from evictkit.observation import Observation
+from evictkit.plugins._restkv_math import (
+    INDICATORS,
+    METRIC_MODES,
+    SPATIALS,
+    TEMPORALS,
+    head_grams,
+    restkv_scores,
+)
+from evictkit.policy import Needs, ScorePolicy
+from evictkit.selection import GQA_REDUCTIONS, reduce_gqa, select_topk
+from evictkit.specs.hookspecs import hookimpl
+
+
+def _int_at_least(lo: int):
+    def check(inst, attr, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{attr.name}={value!r}: must be an int >= {lo}")
+
+    return check
+
+
+def _odd_int(inst, attr, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{attr.name}={value!r}: must be a positive odd int (1, 3, 5, ...)")
+
+
+def _alpha(inst, attr, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{attr.name}={value!r}: must be a number in (0, 1]")
+
+
+def _positive(inst, attr, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{attr.name}={value!r}: must be a number > 0")
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(inst, attr, value):
+        if value not in choices:
+            raise ValueError(f"{attr.name}={value!r}: must be one of {', '.join(repr(c) for c in choices)}")
+
+    return check
+
+
+@attrs.define(frozen=True, kw_only=True)
+class RestKV(ScorePolicy):
+    """ReST-KV scoring (see the module docstring); parameters are the released defaults."""
+
+    name: ClassVar[str] = "restkv"
+    phases: ClassVar[tuple[str, ...]] = ("prefill",)
+    summary: ClassVar[str] = "output-reconstruction score + EMA + adaptive smoothing (ReST-KV)"
+
+    window: int = attrs.field(default=32, validator=_int_at_least(1))
+    alpha: float = attrs.field(default=0.3, validator=_alpha)
+    beta: float = attrs.field(default=2000, validator=_positive)
+    k_min: int = attrs.field(default=5, validator=_odd_int)
+    metric_mode: str = attrs.field(default="after", validator=_one_of(METRIC_MODES))
+    indicator: str = attrs.field(default="reconstruction", validator=_one_of(INDICATORS))
+    temporal: str = attrs.field(default="ema", validator=_one_of(TEMPORALS))
+    spatial: str = attrs.field(default="adaptive", validator=_one_of(SPATIALS))
+    gqa: str = attrs.field(default="mean", validator=_one_of(GQA_REDUCTIONS))
+
+    def needs(self) -> Needs:
+        return Needs(window=self.window)
+
+    def protected(self) -> tuple[int, int]:
+        return (0, self.window)
+
+    def check_budget(self, budget: int) -> None:
+        if self.window >= budget:
+            raise ValueError(
+                f"budget={budget} must be larger than window={self.window} of 'restkv' "
+                "(the window is always kept); raise the budget or shrink the window"
+            )
+
+    def _gram(self, obs: Observation) -> torch.Tensor:
+        """[Hq, d, d] Gram matrices of this layer's o_proj, cached per layer for decode steps."""
+        weight = obs.o_proj_weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        cached = obs.scratch.get("restkv_gram")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        gram = head_grams(weight.detach(), obs.n_heads)
+        obs.scratch["restkv_gram"] = (key, gram)
+        return gram
+
+    def score(self, obs: Observation, budget: int | None = None) -> torch.Tensor:
+        """[B, H_kv, T] fp32 scores; the newest w = obs.window_attention rows' slots get the
+        largest finite float (they are protected anyway). `budget` feeds AWS's drift estimate."""
+        attn = obs.window_attention  # [B, Hq, w, T] fp32
+        w = attn.shape[2]
+        gram = self._gram(obs) if self.indicator == "reconstruction" else None
+        with torch.no_grad():
+            per_head = restkv_scores(
+                attn,
+                obs.values,
+                gram,
+                budget=budget,
+                alpha=float(self.alpha),
+                beta=float(self.beta),
+                k_min=self.k_min,
+                metric_mode=self.metric_mode,
+                indicator=self.indicator,
+                temporal=self.temporal,
+                spatial=self.spatial,
+            )  # [B, Hq, P]
+            prefix = reduce_gqa(per_head, obs.n_kv_heads, self.gqa)
+            top = torch.full_like(prefix[..., :1], torch.finfo(prefix.dtype).max).expand(*prefix.shape[:-1], w)
+            return torch.cat([prefix, top], dim=-1)
+
+    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        return select_topk(self.score(obs, budget), budget, sinks=0, window=self.window, policy=self.name)
+
+
+@hookimpl
+def evictkit_register_policies(register):
+    register(RestKV)
