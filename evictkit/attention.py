@@ -46,11 +46,13 @@ def attention_weights(
     key_positions: torch.Tensor,
     scaling: float,
     softcap: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of `queries` over `keys`, causal by true positions, in fp32.
 
     queries: [B, H_q, w, D]; keys: [B, H_kv, T, D]; query_positions: [B, w];
     key_positions: [B, H_kv, T]. A key is visible when its position <= the query's.
+    key_mask: optional [B, H_kv, T] bool, False hides a key (padding slots of ragged layers).
     returns [B, H_q, w, T] (float32).
     """
     B, Hq, w, D = queries.shape
@@ -62,5 +64,7 @@ def attention_weights(
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.view(B, Hkv, g, w, T)
     hidden = key_positions[:, :, None, None, :] > query_positions[:, None, None, :, None]
+    if key_mask is not None:
+        hidden = hidden | ~key_mask[:, :, None, None, :]
     logits = logits.masked_fill(hidden, float("-inf"))
     return torch.softmax(logits, dim=-1).view(B, Hq, w, T)

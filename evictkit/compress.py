@@ -5,7 +5,9 @@ just updated, lets the policy observe it, and when the layer holds more than its
 `slack` while decoding) asks the policy which entries to keep and compacts K, V and every
 per-token side tensor (true positions, policy state) in one call of the compaction core.
 A pre-forward hook on the model refuses left-padded batches and, for hand-written decode
-loops, supplies the true `position_ids` when none are passed.
+loops, supplies the true `position_ids` when none are passed. A pre-forward hook on each
+attention module gives a compacted layer an attention mask of its own length, hiding the
+per-head padding of ragged layers (evictkit.ragged).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import attrs
 import torch
 from torch import nn
 
+from evictkit import ragged
 from evictkit.budget import check_budget, resolve_budget
 from evictkit.kernels import compact_many
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.observation import Observation
 from evictkit.policy import PHASES, Policy
+from evictkit.positions import check_position_mode, rope_inv_freq, shift_to_slots
 from evictkit.selection import check_indices
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
 
@@ -38,6 +42,7 @@ class _LayerState:
     window: tuple[torch.Tensor, torch.Tensor] | None = None  # rolling (queries, positions) for decode
     seen: int = 0
     budget: int = 0
+    pad: torch.Tensor | None = None  # [B, H_kv] leading padding slots of a ragged layer (evictkit.ragged)
 
 
 class Compression:
@@ -72,6 +77,13 @@ class Compression:
         self.n_layers = len(self.modules)
         self._sliding = sliding_layers(model)
         self._needs = policy.needs()
+        mode = policy.position_mode()
+        check_position_mode(mode, f"policy {policy.name!r}: position_mode()")
+        self._inv_freq = None  # set in "shift" mode: kept keys are re-rotated to their cache slots
+        if mode == "shift":
+            if self._sliding:
+                raise ValueError("positions='shift' is not supported on models with sliding-window layers")
+            self._inv_freq = rope_inv_freq(model)
         self._layers: dict[int, _LayerState] = {}
         self._schedules: dict[int, list[int]] = {}
         self._handles: list[Any] = []
@@ -91,6 +103,7 @@ class Compression:
                 if module.layer_idx in self._sliding:
                     continue
                 self._handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
         except BaseException:
             self._remove()
             raise
@@ -103,6 +116,29 @@ class Compression:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    # --- public views for harnesses ------------------------------------------------------------
+    def kept_positions(self) -> dict[int, torch.Tensor]:
+        """True positions of the entries each managed layer holds now: {layer: [B, H_kv, K]}
+        (-1 on the padding slots of ragged layers)."""
+        return {li: st.positions for li, st in sorted(self._layers.items()) if st.positions is not None}
+
+    def replay(self, cache: Any, inputs: dict[int, dict]) -> None:
+        """Apply this compression's step to a cache filled by a full-attention forward run outside it.
+
+        `inputs[layer_idx]` holds the keyword arguments that layer's attention module received
+        (hidden_states, position_embeddings, position_ids, ...). One full prefill can then be
+        shared by many (policy, budget) variants, each replayed on its own copy of the cache
+        (evictkit.eval does this). Must run inside the `with` block.
+        """
+        if not self._handles:
+            raise RuntimeError("Compression.replay() must run inside its `with` block")
+        for module in self.modules:
+            if module.layer_idx in self._sliding:
+                continue
+            kwargs = dict(inputs[module.layer_idx])
+            kwargs["cache"] = cache
+            self._after_attention(module, (), kwargs, None)
 
     # --- budgets ---------------------------------------------------------------------------
     def schedule(self, prompt_length: int) -> list[int]:
@@ -140,6 +176,15 @@ class Compression:
             self.schedule(q)  # validate the budgets before anything is computed
             return None
         seen = next((s.seen for s in self._layers.values() if s.positions is not None), None)
+        if self._inv_freq is not None and seen is not None:
+            # pos-shift: new tokens are numbered from the cache length, whatever the caller passed
+            lengths = {s.positions.shape[-1] for s in self._layers.values() if s.positions is not None}
+            if len(lengths) != 1:
+                raise RuntimeError(f"positions='shift' needs equal cache lengths across layers, got {sorted(lengths)}")
+            start = lengths.pop()
+            call = self._signature.bind_partial(*args, **kwargs)
+            call.arguments["position_ids"] = torch.arange(start, start + q, device=tokens.device).unsqueeze(0)
+            return call.args, call.kwargs
         if bound.get("position_ids") is None and seen is not None and "position_ids" in self._signature.parameters:
             # The model would number new tokens from the compacted cache length; give them their true positions.
             kwargs = dict(kwargs)
@@ -181,7 +226,9 @@ class Compression:
         stats = self._layer_stats(li)
         phase = "prefill" if prefill else "decode"
 
-        new_pos = self._new_positions(kwargs.get("position_ids"), st.seen, B, q, keys.device)
+        # In "shift" mode position_ids are cache slots; the true positions are counted here.
+        given = None if self._inv_freq is not None else kwargs.get("position_ids")
+        new_pos = self._new_positions(given, st.seen, B, q, keys.device)
         st.positions = new_pos.unsqueeze(1).expand(B, Hkv, q) if prefill else torch.cat(
             [st.positions, new_pos.unsqueeze(1).expand(B, Hkv, q)], dim=-1
         )
@@ -206,6 +253,7 @@ class Compression:
             query_positions=new_pos,
             window=needs.window,
             window_buffer=self._roll_window(st, module, hidden, kwargs, new_pos) if needs.window and not prefill else None,
+            valid=ragged.valid_mask(st.pad, T),
         )
         if needs.window and prefill and "decode" in self.phases:
             st.window = (obs.window_queries, obs.window_positions)
@@ -219,12 +267,28 @@ class Compression:
             st.state[name] = t
 
         limit = st.budget if prefill else st.budget + self.slack
-        if runs and T > limit:
+        # same as T > limit, except on ragged layers: their real entries summed over heads count
+        if runs and ragged.real_entries(st.pad, Hkv, T) > Hkv * limit:
             idx = self.policy.select(obs, st.budget)
-            check_indices(idx, B, Hkv, T, min(T, st.budget), self.policy.name)
+            pad = None
+            if isinstance(idx, tuple):  # per-head counts: (idx, counts), see evictkit.ragged
+                impl = getattr(module.config, "_attn_implementation", None)
+                idx, pad = ragged.check_ragged(*idx, st.pad, B, Hkv, T, min(T, st.budget), self.policy.name, impl)
+                if pad is not None and self._inv_freq is not None:
+                    raise ValueError(f"policy {self.policy.name!r}: ragged layers do not support positions='shift'")
+            else:
+                want = min(T, st.budget)
+                if not self.policy.exact_budget and isinstance(idx, torch.Tensor) and idx.dim() == 3:
+                    want = min(max(idx.shape[-1], 1), want)  # LaCache frees whole ladder blocks: fewer, never more
+                check_indices(idx, B, Hkv, T, want, self.policy.name)
             names = list(st.state)
             out = compact_many([keys, values, st.positions, *st.state.values()], idx)
             layer.keys, layer.values, st.positions = out[0], out[1], out[2]
+            st.pad = pad
+            if pad is not None:
+                st.positions = st.positions.masked_fill(~ragged.valid_mask(pad, idx.shape[-1]), -1)
+            if self._inv_freq is not None:
+                layer.keys = shift_to_slots(layer.keys, idx, self._inv_freq)
             st.state = dict(zip(names, out[3:]))
             stats.evictions += 1
             if self._observers.get_hookimpls():
@@ -234,9 +298,34 @@ class Compression:
                     )
                 )
         stats.size = layer.keys.shape[2]
+        stats.entries = ragged.real_entries(st.pad, Hkv, stats.size)
         stats.peak = max(stats.peak, stats.size)
         if prefill:
             stats.after_prefill = stats.size
+
+    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Give a compacted layer a mask of its own size: per-head padding hidden on ragged layers,
+        and the right length where layers differ in length (the model sizes one mask for all)."""
+        st = self._layers.get(module.layer_idx)
+        if st is None or st.positions is None:
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is None or hidden is None or module.layer_idx >= len(cache.layers):
+            return None
+        past = cache.layers[module.layer_idx].get_seq_length()
+        if past != st.positions.shape[-1]:  # a new sequence starts: nothing of ours applies
+            return None
+        mask, q = kwargs.get("attention_mask"), hidden.shape[1]
+        if st.pad is None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = ragged.attention_mask(
+            st.pad, past, q, batch=hidden.shape[0], n_heads=module.o_proj.weight.shape[1] // module.head_dim,
+            like=mask, attn_impl=getattr(module.config, "_attn_implementation", None), dtype=hidden.dtype,
+            device=hidden.device,
+        )
+        return args, kwargs
 
     def _roll_window(self, st: _LayerState, module, hidden, kwargs, new_pos):
         from evictkit.attention import project_queries

@@ -18,7 +18,9 @@ class Observation:
     Always available: `keys`, `values` [B, H_kv, T, D]; `positions` [B, H_kv, T] (true token
     positions of the cached entries); `state` (per-token side tensors [B, H_kv, T]); `scratch`
     (a per-layer dict for scalars, reset with each new sequence); `phase` ("prefill" for the
-    forward that starts a sequence, "decode" after); `layer_idx`, `n_layers`, `q_len`.
+    forward that starts a sequence, "decode" after); `layer_idx`, `n_layers`, `q_len`;
+    `valid` ([B, H_kv, T] bool, False on the padding slots of a ragged layer, see
+    evictkit.ragged; None when every slot is real).
     Lazy: `queries`, `window_queries`, `window_positions`, `window_attention`, `o_proj_weight`.
     """
 
@@ -39,6 +41,7 @@ class Observation:
         query_positions: torch.Tensor,
         window: int,
         window_buffer: tuple[torch.Tensor, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> None:
         self.module = module
         self.layer_idx = layer_idx
@@ -54,6 +57,7 @@ class Observation:
         self.query_positions = query_positions  # [B, q]
         self._window = window
         self._window_buffer = window_buffer
+        self.valid = valid  # [B, H_kv, T] bool, False on padding slots of a ragged layer; None = all real
 
     # --- sizes -----------------------------------------------------------------------------
     @property
@@ -116,7 +120,8 @@ class Observation:
         """Softmax of the window queries over every cached key, causal by position, fp32:
         [B, H_q, w, T]."""
         return attention_weights(
-            self.window_queries, self.keys, self.window_positions, self.positions, self.scaling, self.softcap
+            self.window_queries, self.keys, self.window_positions, self.positions, self.scaling, self.softcap,
+            key_mask=self.valid,
         )
 
     @property

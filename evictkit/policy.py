@@ -52,9 +52,21 @@ class Policy:
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     #: one-line description shown by `evictkit list`
     summary: ClassVar[str] = ""
+    #: whether a decode-time eviction may drop the newest token (TOVA's reference can); the
+    #: protection law holds every other policy to keeping it
+    may_evict_newest: ClassVar[bool] = False
+    #: False when select() may keep fewer than min(T, budget) entries (never more), e.g.
+    #: LaCache, whose ladder frees whole blocks; the budget stays a hard cap either way
+    exact_budget: ClassVar[bool] = True
 
     def needs(self) -> Needs:
         return Needs()
+
+    def position_mode(self) -> str:
+        """"absolute" (keys keep their true RoPE positions) or "shift" (StreamingLLM's pos-shift:
+        the core re-rotates kept keys to their cache slots and numbers new tokens from the cache
+        length); see evictkit.positions."""
+        return "absolute"
 
     def protected(self) -> tuple[int, int]:
         """(sinks, window): the oldest and newest cache slots that are always kept."""

@@ -13,6 +13,7 @@ class LayerStats:
     after_prefill: int = 0
     size: int = 0  # entries per KV head now
     peak: int = 0  # largest size left after any forward (the transient +q inside a step not counted)
+    entries: int = 0  # real entries summed over KV heads (differs from H_kv * size on ragged layers)
     evictions: int = 0
 
 

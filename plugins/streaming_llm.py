@@ -1,13 +1,26 @@
 """`streaming_llm`: attention sinks plus a sliding window of the most recent tokens.
 
 Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024,
-arXiv 2309.17453; reference implementation mit-han-lab/streaming-llm (`kv_cache.py`).
+arXiv 2309.17453; reference implementation mit-han-lab/streaming-llm
+(`streaming_llm/kv_cache.py`, `streaming_llm/pos_shift/modify_llama.py`).
 
 Keeps the `sinks` oldest entries and the `budget - sinks` most recent ones, identical for every
-layer and head, after every forward once the cache exceeds its budget (prefill and decode).
+layer and head, after every forward once the cache exceeds its budget (prefill and decode), as
+the reference's per-token mode (`eval_long_ppl.py`) does.
 
-Defaults: sinks=4 (the paper's). Deviation: keys stay at their absolute (post-RoPE) positions,
-as in KVCache-Factory and kvpress; the paper's re-rotation to cache positions is not built yet.
+Defaults: sinks=4 (the paper's), positions="absolute".
+
+positions:
+- "absolute" (default): keys stay at their true (post-RoPE) positions and new tokens get their
+  true positions, as in KVCache-Factory and kvpress. Not the paper's setting.
+- "shift": the paper's pos-shift. Every cached key sits at its cache index 0..T-1 and the new
+  token at index T (the cache length). The reference caches pre-RoPE keys and re-rotates the
+  whole cache at every forward; evictkit keeps post-RoPE keys and rotates each kept key by
+  (new slot - old slot) right after an eviction (exact for RoPE up to one rounding per move;
+  see evictkit.positions).
+
+Deviations: the multi-turn `evict_for_space` mode (evict before a prompt for the tokens to come)
+is not implemented; with slack > 0 eviction runs every `slack + 1` steps instead of every step.
 """
 
 from __future__ import annotations
@@ -19,16 +32,23 @@ import torch
 
 from evictkit.observation import Observation
 from evictkit.policy import Policy
+from evictkit.positions import POSITION_MODES
 from evictkit.specs.hookspecs import hookimpl
 
 
 @attrs.define(frozen=True, kw_only=True)
 class StreamingLLM(Policy):
+    """Sinks + recent window. Parameters: `sinks` (4, >= 0), `positions` ("absolute" | "shift")."""
+
     name: ClassVar[str] = "streaming_llm"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "attention sinks + recent window (positional)"
 
     sinks: int = attrs.field(default=4, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
+    positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))
+
+    def position_mode(self) -> str:
+        return self.positions
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)

@@ -1,0 +1,101 @@
+"""`evictkit eval`: the evaluation harness on the command line.
+
+The lead's `evictkit/cli.py` calls `add_parser(subparsers)` and dispatches to `main(args)`;
+`python -m evictkit.eval.cli ...` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DESCRIPTION = """\
+Evaluate KV-cache eviction policies side by side on one model: RULER tasks, Needle-in-a-Haystack,
+perplexity and attention-output reconstruction, for every policy x budget. The prompt's prefill is
+computed once per sample and shared by every variant. By default the context is compressed
+before the question is seen (query-agnostic); --query-aware puts the question in the prefill.
+
+Writes into --out: results.jsonl (one line per sample x variant), summary.md, summary.csv,
+plots/*.png and config.json. Rerunning with the same --out resumes (finished samples are
+skipped); a different configuration there is refused unless --force.
+"""
+
+EPILOG = """\
+tasks: ruler:niah_single_1..3, ruler:niah_multikey_1..3, ruler:niah_multivalue,
+  ruler:niah_multiquery, ruler:vt, ruler:cwe, ruler:fwe, ruler:qa_1, ruler:qa_2 ('ruler' = all),
+  niah (grid of --niah-lengths x --niah-depths), ppl, recon
+examples:
+  evictkit eval --model smollm2 --tasks ruler:niah_single_1,ruler:vt,niah \\
+      --policies full,streaming_llm,snapkv,restkv --budgets 64,128,256,512 --length 4096 \\
+      --samples 10 --out runs/smollm2-4k
+  evictkit eval --tasks ruler:qa_1 --policies full,restkv:alpha=0.3,beta=2000 --budgets 0.1,0.25,0.5 --out runs/qa
+"""
+
+
+def add_parser(subparsers) -> None:
+    """Register the `eval` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate policies on RULER / NIAH / perplexity tasks",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _arguments(p)
+    p.set_defaults(func=main)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="built-in model name (smollm2) or a local HF model directory (default: smollm2)")
+    p.add_argument("--tasks", default="ruler:niah_single_1,ruler:niah_single_2,ruler:vt",
+                   help="comma-separated tasks (default: ruler:niah_single_1,ruler:niah_single_2,ruler:vt)")
+    p.add_argument("--policies", default="full,streaming_llm",
+                   help="comma-separated policies, parameters as name:key=value,key=value (default: full,streaming_llm)")
+    p.add_argument("--budgets", default="64,128,256,512",
+                   help="entries kept per layer per KV head (ints), or fractions of the prompt in (0, 1] (default: 64,128,256,512)")
+    p.add_argument("--length", type=int, default=4096, help="context length in tokens of the model's tokenizer, within 2%% (default: 4096)")
+    p.add_argument("--samples", type=int, default=10, help="samples per task (default: 10; niah runs its grid)")
+    p.add_argument("--out", required=True, help="output directory (e.g. runs/NAME)")
+    p.add_argument("--query-aware", action="store_true", help="put the question in the prefill (default: compress the context first)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the task generators (default: 42, RULER's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: RULER's per task)")
+    p.add_argument("--niah-lengths", default="", help="NIAH context lengths, comma-separated (default: --length)")
+    p.add_argument("--niah-depths", default="", help="NIAH needle depths in %%, comma-separated (default: 0,25,50,75,100)")
+    p.add_argument("--continuation", type=int, default=256, help="teacher-forced tokens of ppl/recon (default: 256)")
+    p.add_argument("--no-chat", action="store_true", help="use the raw prompt, not the tokenizer's chat template")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default: float32)")
+    p.add_argument("--no-shared-prefill", action="store_true", help="give every variant its own prefill (slower; same results)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="discard results of a different configuration in --out")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `evictkit eval` with parsed arguments; returns the exit status."""
+    from evictkit.eval.runner import EvalConfig, run_eval
+
+    try:
+        config = EvalConfig.from_strings(
+            tasks=args.tasks, policies=args.policies, budgets=args.budgets, niah_lengths=args.niah_lengths,
+            niah_depths=args.niah_depths, model=args.model, length=args.length, samples=args.samples, seed=args.seed,
+            query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, continuation=args.continuation,
+            chat=False if args.no_chat else None, dtype=args.dtype,
+        )
+        result = run_eval(config, args.out, force=args.force, command=sys.argv,
+                          progress=not args.no_progress, shared_prefill=not args.no_shared_prefill,
+                          plots=not args.no_plots)
+    except ValueError as exc:
+        print(f"evictkit eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result['ran']} runs done, {result['skipped']} already there; summary: {result['out']}/summary.md")
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` as `evictkit eval`'s arguments and run."""
+    parser = argparse.ArgumentParser(prog="evictkit eval", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

