@@ -269,39 +269,43 @@ class Compression:
         limit = st.budget if prefill else st.budget + self.slack
         # same as T > limit, except on ragged layers: their real entries summed over heads count
         if runs and ragged.real_entries(st.pad, Hkv, T) > Hkv * limit:
-            idx = self.policy.select(obs, st.budget)
-            pad = None
-            if isinstance(idx, tuple):  # per-head counts: (idx, counts), see evictkit.ragged
-                impl = getattr(module.config, "_attn_implementation", None)
-                idx, pad = ragged.check_ragged(*idx, st.pad, B, Hkv, T, min(T, st.budget), self.policy.name, impl)
-                if pad is not None and self._inv_freq is not None:
-                    raise ValueError(f"policy {self.policy.name!r}: ragged layers do not support positions='shift'")
-            else:
-                want = min(T, st.budget)
-                if not self.policy.exact_budget and isinstance(idx, torch.Tensor) and idx.dim() == 3:
-                    want = min(max(idx.shape[-1], 1), want)  # LaCache frees whole ladder blocks: fewer, never more
-                check_indices(idx, B, Hkv, T, want, self.policy.name)
-            names = list(st.state)
-            out = compact_many([keys, values, st.positions, *st.state.values()], idx)
-            layer.keys, layer.values, st.positions = out[0], out[1], out[2]
-            st.pad = pad
-            if pad is not None:
-                st.positions = st.positions.masked_fill(~ragged.valid_mask(pad, idx.shape[-1]), -1)
-            if self._inv_freq is not None:
-                layer.keys = shift_to_slots(layer.keys, idx, self._inv_freq)
-            st.state = dict(zip(names, out[3:]))
+            self._evict(module, layer, st, obs)
             stats.evictions += 1
             if self._observers.get_hookimpls():
                 self._observers(
-                    event=EvictEvent(
-                        policy=self.policy.name, layer=li, phase=phase, before=T, after=out[0].shape[2], budget=st.budget
-                    )
+                    event=EvictEvent(policy=self.policy.name, layer=li, phase=phase, before=T,
+                                     after=layer.keys.shape[2], budget=st.budget)
                 )
         stats.size = layer.keys.shape[2]
         stats.entries = ragged.real_entries(st.pad, Hkv, stats.size)
         stats.peak = max(stats.peak, stats.size)
         if prefill:
             stats.after_prefill = stats.size
+
+    def _evict(self, module: nn.Module, layer: Any, st: _LayerState, obs: Observation) -> None:
+        """Ask the policy what to keep, validate it, and compact K, V and every side tensor."""
+        B, Hkv, T, _ = obs.keys.shape
+        want = min(T, st.budget)
+        idx = self.policy.select(obs, st.budget)
+        pad = None
+        if isinstance(idx, tuple):  # per-head counts: (idx, counts), see evictkit.ragged
+            impl = getattr(module.config, "_attn_implementation", None)
+            idx, pad = ragged.check_ragged(*idx, st.pad, B, Hkv, T, want, self.policy.name, impl)
+            if pad is not None and self._inv_freq is not None:
+                raise ValueError(f"policy {self.policy.name!r}: ragged layers do not support positions='shift'")
+        else:
+            if not self.policy.exact_budget and isinstance(idx, torch.Tensor) and idx.dim() == 3:
+                want = min(max(idx.shape[-1], 1), want)  # LaCache frees whole ladder blocks: fewer, never more
+            check_indices(idx, B, Hkv, T, want, self.policy.name)
+        names = list(st.state)
+        out = compact_many([obs.keys, obs.values, st.positions, *st.state.values()], idx)
+        layer.keys, layer.values, st.positions = out[0], out[1], out[2]
+        st.state = dict(zip(names, out[3:]))
+        st.pad = pad
+        if pad is not None:
+            st.positions = st.positions.masked_fill(~ragged.valid_mask(pad, idx.shape[-1]), -1)
+        if self._inv_freq is not None:
+            layer.keys = shift_to_slots(layer.keys, idx, self._inv_freq)
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size: per-head padding hidden on ragged layers,
