@@ -18,9 +18,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _config(arch: str, *, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
     if arch not in classes:
         raise ValueError(f"arch={arch!r}: must be one of {', '.join(classes)}")
     if heads % kv_heads:
@@ -57,11 +57,12 @@ def tiny_model(
     attn: str = "sdpa",
 ) -> nn.Module:
     """A randomly initialised causal LM in eval mode (hidden size heads * head_dim)."""
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     config = _config(arch, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab)
     config._attn_implementation = attn
-    model_cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}[arch]
+    model_cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM,
+                 "gemma": GemmaForCausalLM}[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)

@@ -101,8 +101,8 @@ def test_query_aware_and_full_policy(model, tmp_path):
 
 def test_model_too_short_for_the_length(model, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="handles 4096 positions"):
-        _run(model, out, cfg={"length": 5000})
+    with pytest.raises(ValueError, match="handles 8192 positions"):
+        _run(model, out, cfg={"length": 9000})
     assert not out.exists()
 
 
