@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evictkit-installed
 
-.PHONY: demo test test-fast bench bench-quick clean
+.PHONY: demo test test-fast bench bench-quick bench-kvpress gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,5 +28,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# comparative benchmarks (docs/benchmarks.md); not part of `make test`
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ --benchmark-only --bench-report runs/bench/cpu.md
+
+bench-quick: $(STAMP)
+	$(PY) -m pytest benchmarks/ --quick -q
+
+bench-kvpress: $(STAMP)
+	bash benchmarks/kvpress/run.sh
+
+# on a machine with CUDA torch + triton preinstalled (no network needed)
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .hypothesis .benchmarks
+	rm -rf $(VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks

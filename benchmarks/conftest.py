@@ -1,0 +1,362 @@
+"""pytest-benchmark suites for evictkit (not collected by the default `pytest` run: testpaths = tests).
+
+    pytest benchmarks/ --benchmark-only                  # default sizes, < 15 min on 2 cores
+    pytest benchmarks/ --quick                           # CI smoke test: tiny sizes, each benchmark once
+    pytest benchmarks/ --benchmark-only --bench-report runs/bench.md   # also write the tables
+
+Ratios (compaction core vs the fastest plain-torch way, policy prefill vs plain prefill, decode
+latency vs the full cache) are computed inside one run from that run's numbers and printed at the
+end; absolute times drift across runs on a shared machine, ratios much less. Nothing here asserts
+a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+
+import evictkit
+
+# --- sizes ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Sizes:
+    # compaction core: [B, H_kv, T, D] in each dtype, keeping each fraction
+    comp_shape: tuple[int, int, int] = (1, 8, 128)  # B, H_kv, D (Llama-3-8B's KV layout)
+    comp_T: tuple[int, ...] = (1024, 4096, 16384, 32768)
+    comp_keep: tuple[int, ...] = (8, 4, 2)  # keep 1/8, 1/4, 1/2
+    comp_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    # prefill + compression on SmolLM2 (rounds per context: one 4k prefill takes ~11 s on 2 idle cores)
+    prefill_ctx: tuple[int, ...] = (1024, 4096)
+    prefill_rounds: dict = attrs.field(factory=lambda: {1024: 2, 4096: 1, 8192: 1})
+    # policy scoring alone, one layer
+    layer_ctx: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    # decoding after eviction
+    decode_ctx: int = 4096
+    decode_budgets: tuple[int, ...] = (128, 512)
+    decode_slacks: tuple[int, ...] = (0, 16)
+    decode_steps: int = 16
+
+
+QUICK = Sizes(
+    comp_shape=(1, 2, 16),
+    comp_T=(256,),
+    comp_keep=(4,),
+    comp_dtypes=("float32", "bfloat16"),
+    prefill_ctx=(192,),
+    prefill_rounds={192: 1},
+    layer_ctx=(192,),
+    decode_ctx=192,
+    decode_budgets=(96,),
+    decode_slacks=(0, 4),
+    decode_steps=2,
+)
+
+COMPACT_METHODS = ("evictkit", "gather", "index", "index_select")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("evictkit benchmarks")
+    group.addoption("--quick", action="store_true", default=False,
+                    help="tiny sizes, each benchmark run once (smoke test for CI); implies --benchmark-disable")
+    group.addoption("--bench-contexts", default=None,
+                    help="comma-separated prefill context lengths (default 1024,4096; add 8192 if time allows)")
+    group.addoption("--bench-rounds", type=int, default=0,
+                    help="rounds per prefill benchmark at every context (default: 2 at 1k, 1 at 4k and 8k)")
+    group.addoption("--bench-model", default="smollm2",
+                    help="model for the prefill/decode suites: 'smollm2' (default), 'tiny' (random llama) "
+                         "or a local model directory")
+    group.addoption("--bench-threads", type=int, default=1,
+                    help="torch threads for the compaction suite (default 1: on a shared 2-core machine a second "
+                         "thread makes every parallel copy wait for the slower core; 0 = leave torch's default)")
+    group.addoption("--bench-report", default=None,
+                    help="write the ratio tables as markdown to this path (and the raw records as .json beside it)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if config.getoption("quick"):
+        # before pytest-benchmark builds its session from the options
+        config.option.benchmark_disable = True
+        config.option.benchmark_only = False
+    config.stash[_STORE] = Store()
+
+
+def sizes_of(config) -> Sizes:
+    base = QUICK if config.getoption("quick") else Sizes()
+    ctx = config.getoption("bench_contexts")
+    if ctx:
+        lengths = tuple(int(x) for x in ctx.split(",") if x.strip())
+        rounds = {n: base.prefill_rounds.get(n, 1 if n >= 8192 else 2) for n in lengths}
+        base = attrs.evolve(base, prefill_ctx=lengths, prefill_rounds=rounds)
+    if config.getoption("bench_rounds") > 0:
+        n = config.getoption("bench_rounds")
+        base = attrs.evolve(base, prefill_rounds={c: n for c in base.prefill_ctx})
+    return base
+
+
+def prefill_policies() -> list[str]:
+    """Every registered policy that evicts at prefill, plus `full` (hooks on, no eviction)."""
+    names = [n for n, cls in evictkit.policies().items() if "prefill" in cls.phases]
+    return ["full", *sorted(n for n in names if n != "full")]
+
+
+def decode_policies() -> list[str]:
+    return sorted(n for n, cls in evictkit.policies().items() if "decode" in cls.phases)
+
+
+def pytest_generate_tests(metafunc):
+    s = sizes_of(metafunc.config)
+    names = metafunc.fixturenames
+    if "comp_case" in names:
+        cases = [(dt, T, keep) for dt in s.comp_dtypes for T in s.comp_T for keep in s.comp_keep]
+        metafunc.parametrize("comp_case", cases, ids=[f"{dt}-T{T}-keep1of{k}" for dt, T, k in cases])
+    if "comp_method" in names:
+        metafunc.parametrize("comp_method", COMPACT_METHODS)
+    if "prefill_case" in names:
+        # plain prefill first and again last: the baseline is the best of both, so slow drift
+        # of the machine's load over the group does not bias every ratio the same way
+        pols = ["none", *prefill_policies(), "none-again"]
+        cases = [(n, p) for n in s.prefill_ctx for p in pols]
+        metafunc.parametrize("prefill_case", cases, ids=[f"{n}-{p}" for n, p in cases])
+    if "layer_case" in names:
+        cases = [(n, p) for p in prefill_policies() if p != "full" for n in s.layer_ctx]
+        metafunc.parametrize("layer_case", cases, ids=[f"{p}-{n}" for n, p in cases])
+    if "decode_case" in names:
+        cases = [("full", 0, 0)]
+        for p in decode_policies():
+            cases += [(p, b, sl) for b in s.decode_budgets for sl in s.decode_slacks]
+        metafunc.parametrize("decode_case", cases, ids=[f"{p}-b{b}-s{sl}" if b else p for p, b, sl in cases])
+
+
+# --- shared fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sizes(request) -> Sizes:
+    return sizes_of(request.config)
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer(request):
+    """SmolLM2-135M-Instruct in fp32 on CPU (or a tiny random llama with --bench-model tiny)."""
+    name = request.config.getoption("bench_model")
+    if name == "tiny":
+        model, tok = _tiny_llama(), _ByteTokenizer()
+    else:
+        try:
+            model, tok = evictkit.load_model(name)
+        except (ValueError, OSError, ImportError) as exc:
+            pytest.skip(f"model {name!r} unavailable: {exc}")
+    with torch.inference_mode():  # first forward pays one-off costs (thread pools, weight packing)
+        model(torch.ones(1, 16, dtype=torch.long), use_cache=True, logits_to_keep=1)
+    request.config.stash[_STORE].meta["model"] = name
+    return model, tok
+
+
+@pytest.fixture
+def bench_threads(request):
+    """Run one benchmark with --bench-threads torch threads, restoring the previous count after."""
+    n = request.config.getoption("bench_threads")
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    request.config.stash[_STORE].meta["compaction_threads"] = torch.get_num_threads()
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def report(request) -> Store:
+    """Where the suites put the numbers the ratio tables are built from."""
+    return request.config.stash[_STORE]
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+class _ByteTokenizer:
+    """Enough of a tokenizer for the suites: text -> byte ids."""
+
+    def __call__(self, text: str, return_tensors: str = "pt"):
+        ids = torch.tensor([list(text.encode("utf-8", errors="replace"))], dtype=torch.long)
+        return type("Enc", (), {"input_ids": ids})()
+
+
+# --- the ratio tables -------------------------------------------------------------------------
+
+
+class Store:
+    """Records from the suites, rendered as markdown at the end of the session."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[dict[str, Any]]] = {"compaction": [], "prefill": [], "layer": [], "decode": []}
+        self.meta: dict[str, Any] = {}
+        self.started = time.time()
+
+    def add(self, suite: str, **record: Any) -> None:
+        self.records[suite].append(record)
+
+    # each table is a list of markdown lines; empty when its suite did not run
+    def compaction_table(self) -> list[str]:
+        rows: dict[tuple, dict[str, dict]] = {}
+        for r in self.records["compaction"]:
+            rows.setdefault((r["dtype"], r["T"], r["keep"]), {})[r["method"]] = r
+        if not rows:
+            return []
+        out = [
+            "| dtype | T | keep | evictkit µs | gather µs | index µs | index_select µs | evictkit GB/s "
+            "| best plain GB/s | evictkit / best plain | within 1.2x |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (dt, T, keep), m in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+            def us(name):
+                return f"{m[name]['min'] * 1e6:.0f}" if name in m else "-"
+
+            plain = [m[n] for n in ("gather", "index", "index_select") if n in m]
+            ek = m.get("evictkit")
+            ratio = ek["min"] / min(p["min"] for p in plain) if ek and plain else float("nan")
+            best = max((p["gbps"] for p in plain), default=float("nan"))
+            out.append(
+                f"| {dt} | {T} | 1/{keep} | {us('evictkit')} | {us('gather')} | {us('index')} | {us('index_select')} "
+                f"| {ek['gbps'] if ek else float('nan'):.1f} | {best:.1f} | {ratio:.2f} | {'yes' if ratio <= 1.2 else 'NO'} |"
+            )
+        return out
+
+    def prefill_table(self) -> list[str]:
+        recs = self.records["prefill"]
+        if not recs:
+            return []
+        layer = {(r["n"], r["policy"]): r for r in self.records["layer"]}
+        out = [
+            "| context | policy | budget | prefill+evict s (min) | ratio to plain | est. ratio from per-layer cost "
+            "| kept / prompt |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n in sorted({r["n"] for r in recs}):
+            group = [r for r in recs if r["n"] == n]
+            plain = min((r["min"] for r in group if r["policy"].startswith("none")), default=float("nan"))
+            for r in group:
+                if r["policy"] == "none-again":
+                    continue
+                est = "-"
+                lr = layer.get((n, r["policy"]))
+                if lr is not None and plain == plain:
+                    per_layer = lr["min"] + (lr.get("compact_s") or 0.0)
+                    est = f"{1 + r['n_layers'] * per_layer / plain:.3f}"
+                kept = f"{r['kept']}/{n}" if r.get("kept") else "-"
+                out.append(
+                    f"| {n} | {r['policy']} | {r.get('budget') or '-'} | {r['min']:.2f} | {r['min'] / plain:.3f} "
+                    f"| {est} | {kept} |"
+                )
+            by = {r["policy"]: r["min"] for r in group}
+            if "restkv" in by and "snapkv" in by:
+                out.append(f"| {n} | restkv / snapkv | | | {by['restkv'] / by['snapkv']:.3f} | | |")
+        return out
+
+    def layer_table(self) -> list[str]:
+        recs = self.records["layer"]
+        if not recs:
+            return []
+        ctxs = sorted({r["n"] for r in recs})
+        out = ["| policy | " + " | ".join(f"{n} ms" for n in ctxs) + " | compaction at largest ms |",
+               "|---|" + "---|" * (len(ctxs) + 1)]
+        for p in sorted({r["policy"] for r in recs}):
+            by = {r["n"]: r for r in recs if r["policy"] == p}
+            cells = [f"{by[n]['min'] * 1e3:.2f}" if n in by else "-" for n in ctxs]
+            last = by.get(ctxs[-1])
+            comp = f"{last['compact_s'] * 1e3:.2f}" if last and last.get("compact_s") else "-"
+            out.append(f"| {p} | " + " | ".join(cells) + f" | {comp} |")
+        return out
+
+    def decode_table(self) -> list[str]:
+        recs = self.records["decode"]
+        if not recs:
+            return []
+        full = next((r for r in recs if r["policy"] == "full"), None)
+
+        def vs_full(r):  # paired with full-cache steps of the same rounds when recorded
+            if r.get("full_median"):
+                return f"{r['median'] / r['full_median']:.2f}"
+            return f"{r['median'] / full['median']:.2f}" if full else "-"
+
+        out = [
+            "| policy | budget | slack | ms/token (median) | ms/token (mean) | vs full | KV after prefill MiB "
+            "| peak KV MiB | saved vs full |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in recs:
+            vs = vs_full(r)
+            saved = f"{1 - r['peak_bytes'] / full['peak_bytes']:.1%}" if full else "-"
+            out.append(
+                f"| {r['policy']} | {r['budget'] or '-'} | {r['slack'] if r['budget'] else '-'} | {r['median'] * 1e3:.1f} "
+                f"| {r['mean'] * 1e3:.1f} | {vs} | {r['prefill_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.1f} | {saved} |"
+            )
+        return out
+
+    def markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads; "
+            f"python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {_version('transformers')}, evictkit {evictkit.__version__}; "
+            f"model {m.get('model', '-')}; {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, "
+            f"{time.time() - self.started:.0f} s.",
+            "",
+        ]
+        for title, table in (
+            (f"Compaction core (min over rounds, {m.get('compaction_threads', '?')} torch thread(s); "
+             "GB/s = (rows read + rows written + indices) / time)", self.compaction_table()),
+            ("Prefill + eviction, end to end (min over rounds; plain = prefill without evictkit)", self.prefill_table()),
+            ("Policy scoring alone, one layer (observe + select, min over rounds)", self.layer_table()),
+            ("Decoding after eviction", self.decode_table()),
+        ):
+            if table:
+                lines += [f"### {title}", "", *table, ""]
+        return "\n".join(lines)
+
+
+_STORE = pytest.StashKey[Store]()
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    store = config.stash.get(_STORE, None)
+    if store is None or not any(store.records.values()):
+        return
+    text = store.markdown()
+    terminalreporter.write_sep("=", "evictkit benchmark ratios")
+    terminalreporter.write_line(text)
+    path = config.getoption("bench_report")
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+        path.with_suffix(".json").write_text(
+            json.dumps({"meta": {**store.meta, "started": store.started}, "records": store.records}, indent=1),
+            encoding="utf-8",
+        )
+        terminalreporter.write_line(f"written: {path} and {path.with_suffix('.json')}")
