@@ -68,3 +68,34 @@ def attention_weights(
         hidden = hidden | ~key_mask[:, :, None, None, :]
     logits = logits.masked_fill(hidden, float("-inf"))
     return torch.softmax(logits, dim=-1).view(B, Hq, w, T)
+
+
+# fp32 elements of one chunk of attention rows [B, H_q, chunk, T]: 64 MiB
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def attention_column_sums(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention each key received, summed over the queries (causal, fp32): [B, H_q, T].
+
+    Same arguments as `attention_weights`; the rows are computed in chunks of queries so a
+    4k-token prefill never holds the whole [B, H_q, q, T] matrix.
+    """
+    B, Hq, q, _ = queries.shape
+    T = keys.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * T))
+    total = torch.zeros(B, Hq, T, dtype=torch.float32, device=keys.device)
+    for start in range(0, q, chunk):
+        rows = attention_weights(
+            queries[:, :, start : start + chunk], keys, query_positions[:, start : start + chunk],
+            key_positions, scaling, softcap, key_mask=key_mask,
+        )
+        total += rows.sum(dim=2)
+    return total

@@ -39,15 +39,13 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.attention import attention_weights
+from evictkit.attention import attention_column_sums
 from evictkit.observation import Observation
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.selection import reduce_gqa, select_topk
 from evictkit.specs.hookspecs import hookimpl
 
 STATE = "h2o"
-# Elements of one chunk of prefill attention rows [B, H_q, chunk, T] (fp32: 64 MiB).
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def _recent_valid(instance: object, attribute: attrs.Attribute, value: object) -> None:
@@ -73,22 +71,8 @@ def accumulated_attention(
     Returns fp32 [B, H_kv, T]: sum over the q queries of the attention each key received
     (0 where the key is later than the query).
     """
-    B, Hq, q, _ = queries.shape
-    Hkv, T = keys.shape[1], keys.shape[2]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * T))
-    total = torch.zeros(B, Hq, T, dtype=torch.float32, device=keys.device)
-    for start in range(0, q, chunk):
-        rows = attention_weights(
-            queries[:, :, start : start + chunk],
-            keys,
-            query_positions[:, start : start + chunk],
-            key_positions,
-            scaling,
-            softcap,
-            key_mask=key_mask,
-        )
-        total += rows.sum(dim=2)
-    return reduce_gqa(total, Hkv, "mean")
+    sums = attention_column_sums(queries, keys, query_positions, key_positions, scaling, softcap, key_mask)
+    return reduce_gqa(sums, keys.shape[1], "mean")
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -30,41 +30,12 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.attention import attention_weights
+from evictkit.attention import attention_column_sums
 from evictkit.observation import Observation
 from evictkit.plugins.snapkv import int_at_least, one_of
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, reduce_gqa
 from evictkit.specs.hookspecs import hookimpl
-
-# Upper bound on the fp32 elements of one chunk of attention rows ([B, H_q, chunk, T]): 64 MiB.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def column_sums(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    scaling: float,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Sum over queries of causal fp32 attention, chunked over queries: [B, H_q, T].
-
-    queries [B, H_q, q, D]; keys [B, H_kv, T, D]; query_positions [B, q]; key_positions [B, H_kv, T].
-    """
-    B, Hq, q, _ = queries.shape
-    T = keys.shape[2]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * T))
-    total = torch.zeros(B, Hq, T, dtype=torch.float32, device=keys.device)
-    for start in range(0, q, chunk):
-        stop = min(q, start + chunk)
-        attn = attention_weights(
-            queries[:, :, start:stop], keys, query_positions[:, start:stop], key_positions, scaling, softcap
-        )
-        total += attn.sum(dim=2)
-    return total
-
 
 @attrs.define(frozen=True, kw_only=True)
 class H2OPrefill(ScorePolicy):
@@ -88,7 +59,7 @@ class H2OPrefill(ScorePolicy):
 
     def score(self, obs: Observation) -> torch.Tensor:
         if obs.phase == "prefill":
-            sums = column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap)
+            sums = attention_column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap)
         else:
             sums = obs.window_attention.sum(dim=2)
         return reduce_gqa(sums, obs.n_kv_heads, self.gqa)

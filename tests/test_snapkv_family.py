@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 import evictkit
-from evictkit.plugins import h2o_prefill as h2o_prefill_mod
+import evictkit.attention
 from evictkit.plugins.h2o_prefill import H2OPrefill
 from evictkit.plugins.pyramidkv import pyramid_budgets
 from evictkit.plugins.snapkv import SnapKV, window_scores
@@ -137,7 +137,7 @@ class _SpyH2O(H2OPrefill):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_h2o_prefill_column_sums_match_eager_attention(arch, monkeypatch):
-    monkeypatch.setattr(h2o_prefill_mod, "_CHUNK_ELEMENTS", 4 * 2 * 48 * 5)  # force chunks of 5 queries
+    monkeypatch.setattr(evictkit.attention, "_CHUNK_ELEMENTS", 4 * 2 * 48 * 5)  # force chunks of 5 queries
     model = tiny_model(arch, layers=2, attn="eager")
     ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
