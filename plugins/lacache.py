@@ -37,7 +37,17 @@ Other deviations: the reference compacts once after a full prefill and then afte
 step; evictkit does the same in phases ("prefill", "decode"), or every `slack + 1` steps with
 slack > 0 (the logic then frees more at once). Constraints the reference leaves to a
 ZeroDivisionError are ValueErrors here: span < L, overlap < span, R >= 1 and
-budget >= sinks + L + Ak (room for at least one ladder block beside the L newest tokens).
+budget >= sinks + L + Bk + floor(R / 2) (room for one whole ladder block beside the L newest
+tokens once the capacity is the budget minus the compensation).
+
+Two departures where the reference's lists break (both only in one-shot compactions of prompts
+many times the budget, never in its token-by-token ppl stream):
+- A start-over that asks for more coarse blocks than lie before the newest L tokens: the
+  reference's tail range comes out empty and drops those tokens; evictkit stops at them (a
+  coarser block if not even one fits) and runs another pass on the result.
+- With t > 1 and Ak > 1 the reference's staircase offset `i mod (Bk' - Ak + 1)` plus the
+  spacing t reaches into the next block (unsorted, repeated slots); evictkit uses
+  `i mod (Bk' - t (Ak - 1))`, which equals the reference's whenever t == 1 or Ak == 1.
 """
 
 from __future__ import annotations
@@ -125,12 +135,24 @@ def ladder_indices(
     """One LaCache compaction of a cache of `length` entries for `layer`.
 
     Returns the kept slots (int64 [K], strictly increasing; all slots when nothing is over
-    capacity) and the state after the step (the same for every layer).
+    capacity) and the state after the step (the same for every layer). One pass of the
+    reference logic, repeated only when a start-over had to stop short of the newest tokens.
     """
+    idx = torch.arange(length)
+    while True:
+        step, state, done = _one_pass(idx.numel(), layer, n_layers, sinks, span, overlap, state)
+        idx = idx[step]
+        if done:
+            return idx, state
+
+
+def _one_pass(
+    length: int, layer: int, n_layers: int, sinks: int, span: int, overlap: int, state: LadderState
+) -> tuple[torch.Tensor, LadderState, bool]:
     shape = ladder_shape(n_layers, span, overlap)
     block, keep, free = shape.block, shape.keep, shape.free
     if length <= state.capacity:
-        return torch.arange(length), state
+        return torch.arange(length), state, True
     capacity = state.capacity if state.compensated else state.capacity + free // 2
     need = length - capacity
     room = capacity - state.cursor - n_layers  # the newest n_layers tokens stay uncompacted
@@ -144,23 +166,43 @@ def ladder_indices(
         ]
     )
     if need <= fits:
-        return first, LadderState(cursor=state.cursor + n_blocks * keep, capacity=capacity, compensated=True)
+        return first, LadderState(cursor=state.cursor + n_blocks * keep, capacity=capacity, compensated=True), True
 
     # Start over: re-compact the whole ladder region from the sinks with a block `times` coarser.
     rest = need - fits
     per_pass = ((capacity - sinks - n_layers) // keep) * free
     times = _ceil_div(rest, per_pass)
     block2 = block + (times - 1) * (block - 1)
-    free2 = block2 - keep
-    n_blocks2 = _ceil_div(rest, free2)
+    n_blocks2 = _ceil_div(rest, block2 - keep)
+    # A prompt many times the capacity, compacted at once, can ask for more blocks than lie
+    # before the newest n_layers tokens; the reference then drops those tokens (its tail range
+    # comes out empty). Stop at them instead and let another pass free the rest.
+    region = first.numel() - n_layers - sinks
+    done = n_blocks2 * block2 <= region
+    if not done:
+        if block2 > region:  # not one coarse block fits: the coarsest block that does
+            times = (region - 1) // (block - 1)
+            if times < 1:
+                raise RuntimeError(
+                    f"lacache cannot compact {length} entries to {capacity}: fewer than one ladder "
+                    f"block ({block}) lies between the sinks and the newest {n_layers} tokens; raise the budget"
+                )
+            block2 = block + (times - 1) * (block - 1)
+        n_blocks2 = region // block2
+    # The reference staircases with layer % (free2 + 1); with times > 1 and keep > 1 a rung
+    # spaced `times` apart then reaches into the next block (unsorted, repeated slots). The
+    # modulus below keeps every rung inside its block and equals the reference's when
+    # times == 1 or keep == 1, the only cases where the reference's lists are sorted.
+    stairs = block2 - times * (keep - 1)
     second = torch.cat(
         [
             torch.arange(sinks),
-            _rungs(sinks, n_blocks2, block2, keep, times, layer % (free2 + 1)),
+            _rungs(sinks, n_blocks2, block2, keep, times, layer % stairs),
             torch.arange(sinks + block2 * n_blocks2, first.numel()),
         ]
     )
-    return first[second], LadderState(cursor=sinks + n_blocks2 * keep, capacity=capacity, compensated=True)
+    after = LadderState(cursor=sinks + n_blocks2 * keep, capacity=capacity, compensated=True)
+    return first[second], after, done
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -195,11 +237,13 @@ class LaCache(Policy):
         # Called for every layer at the start of a sequence, before any eviction: the checks
         # that need the number of layers live here.
         shape = ladder_shape(n_layers, self.span, self.overlap)
-        least = self.sinks + n_layers + shape.keep
+        least = self.sinks + n_layers + shape.block + shape.free // 2
         if budget < least:
             raise ValueError(
                 f"budget={budget} is too small for lacache on a {n_layers}-layer model: it needs "
-                f"budget >= sinks + layers + {shape.keep} = {least} (the newest {n_layers} tokens stay whole)"
+                f"budget >= sinks + layers + block + floor(R/2) = {self.sinks} + {n_layers} + "
+                f"{shape.block} + {shape.free // 2} = {least} (room for one ladder block beside "
+                f"the newest {n_layers} tokens)"
             )
         return budget
 
