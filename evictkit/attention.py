@@ -59,14 +59,15 @@ def attention_weights(
     Hkv, T = keys.shape[1], keys.shape[2]
     g = Hq // Hkv
     q = queries.float().reshape(B, Hkv, g * w, D)
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, Hkv, g*w, T]
+    # in place on the fresh logits: on CPU the out-of-place scale and mask cost more than the matmul
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)  # [B, Hkv, g*w, T]
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
     logits = logits.view(B, Hkv, g, w, T)
     hidden = key_positions[:, :, None, None, :] > query_positions[:, None, None, :, None]
     if key_mask is not None:
         hidden = hidden | ~key_mask[:, :, None, None, :]
-    logits = logits.masked_fill(hidden, float("-inf"))
+    logits.masked_fill_(hidden, float("-inf"))
     return torch.softmax(logits, dim=-1).view(B, Hq, w, T)
 
 
@@ -86,16 +87,21 @@ def attention_column_sums(
     """Attention each key received, summed over the queries (causal, fp32): [B, H_q, T].
 
     Same arguments as `attention_weights`; the rows are computed in chunks of queries so a
-    4k-token prefill never holds the whole [B, H_q, q, T] matrix.
+    4k-token prefill never holds the whole [B, H_q, q, T] matrix. Each chunk only reads the
+    keys up to the last slot any of its queries can see: at prefill (slots in position order)
+    that skips the masked upper triangle, half the work; the skipped columns would add 0.
     """
     B, Hq, q, _ = queries.shape
     T = keys.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * T))
     total = torch.zeros(B, Hq, T, dtype=torch.float32, device=keys.device)
     for start in range(0, q, chunk):
+        qpos = query_positions[:, start : start + chunk]
+        seen = (key_positions <= qpos.max()).reshape(-1, T).any(0).nonzero()
+        n = int(seen[-1]) + 1 if seen.numel() else T
         rows = attention_weights(
-            queries[:, :, start : start + chunk], keys, query_positions[:, start : start + chunk],
-            key_positions, scaling, softcap, key_mask=key_mask,
+            queries[:, :, start : start + chunk], keys[:, :, :n], qpos, key_positions[..., :n],
+            scaling, softcap, key_mask=None if key_mask is None else key_mask[..., :n],
         )
-        total += rows.sum(dim=2)
+        total[..., :n] += rows.sum(dim=2)
     return total
