@@ -254,6 +254,7 @@ class Compression:
             window=needs.window,
             window_buffer=self._roll_window(st, module, hidden, kwargs, new_pos) if needs.window and not prefill else None,
             valid=ragged.valid_mask(st.pad, T),
+            phases=self.phases,
         )
         if needs.window and prefill and "decode" in self.phases:
             st.window = (obs.window_queries, obs.window_positions)

@@ -18,7 +18,9 @@ class Observation:
     Always available: `keys`, `values` [B, H_kv, T, D]; `positions` [B, H_kv, T] (true token
     positions of the cached entries); `state` (per-token side tensors [B, H_kv, T]); `scratch`
     (a per-layer dict for scalars, reset with each new sequence); `phase` ("prefill" for the
-    forward that starts a sequence, "decode" after); `layer_idx`, `n_layers`, `q_len`;
+    forward that starts a sequence, "decode" after); `phases` (the phases in which this
+    compression evicts: a policy can skip work that only a later eviction would use);
+    `layer_idx`, `n_layers`, `q_len`;
     `valid` ([B, H_kv, T] bool, False on the padding slots of a ragged layer, see
     evictkit.ragged; None when every slot is real).
     Lazy: `queries`, `window_queries`, `window_positions`, `window_attention`, `o_proj_weight`.
@@ -42,11 +44,13 @@ class Observation:
         window: int,
         window_buffer: tuple[torch.Tensor, torch.Tensor] | None = None,
         valid: torch.Tensor | None = None,
+        phases: tuple[str, ...] = ("prefill", "decode"),
     ) -> None:
         self.module = module
         self.layer_idx = layer_idx
         self.n_layers = n_layers
         self.phase = phase
+        self.phases = tuple(phases)
         self.keys = keys
         self.values = values
         self.positions = positions

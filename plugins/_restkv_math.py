@@ -226,6 +226,63 @@ def shifted_avg_pool(scores: torch.Tensor, kernel: torch.Tensor, shift: torch.Te
 
 
 # --- the whole scorer -----------------------------------------------------------------------
+def aggregate_scores(
+    a: torch.Tensor, values: torch.Tensor, gram: torch.Tensor | None, indicator: str, eps: float = ODDS_EPS
+) -> torch.Tensor:
+    """Indicator scores from temporally aggregated attention ("after" order).
+
+    a: [B, Hq, P] aggregated attention over the P scored keys; values: [B, Hkv, P, d] those
+    keys' values; gram: [Hq, d, d] (only for "reconstruction"). returns [B, Hq, P].
+    o sums the scored keys' values only (window values excluded), as the reference does.
+    """
+    B, Hq, P = a.shape
+    Hkv = values.shape[1]
+    g = Hq // Hkv
+    vals = values.to(a.dtype)
+    if indicator == "attn":
+        return a
+    if indicator == "attn_vnorm":
+        return (a.view(B, Hkv, g, P) * vals.norm(dim=-1).unsqueeze(2)).view(B, Hq, P)
+    if indicator == "reconstruction":
+        ag = a.view(B, Hkv, g, P)
+        o = torch.matmul(ag, vals)  # [B, Hkv, g, d]
+        return chunked_reconstruction_scores(ag, vals.unsqueeze(2), o, gram.view(Hkv, g, *gram.shape[1:]), eps).view(B, Hq, P)
+    raise ValueError(f"indicator={indicator!r}: must be one of {', '.join(INDICATORS)}")
+
+
+def aws_params(
+    attn: torch.Tensor, budget: int | None, beta: float, k_min: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWS kernel and shift per head ([B, Hq] int64 each) from window attention [B, Hq, w, T];
+    budget None = no drift estimate (t = 0)."""
+    B, Hq, w, T = attn.shape
+    k_top = None if budget is None else min(budget - w, T)
+    if k_top is None or T - k_top < beta:
+        # Two means of k distinct slots in [0, T) differ by at most T - k, so |t| < beta and the
+        # kernel is k_min with no shift whatever the attention: skip the top-k (exact).
+        t = attn.new_zeros((B, Hq), dtype=torch.float64)
+    else:
+        t = aws_drift(attn, k_top)
+    return aws_kernel(t, beta, k_min)
+
+
+def smooth(
+    score: torch.Tensor, spatial: str, k_min: int, aws: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Spatial smoothing of [B, Hq, P] scores: none, fixed avg/max pool of k_min, or the
+    adaptive pool with `aws` = (kernel, shift) per head (None: k_min, no shift)."""
+    if spatial == "none" or score.shape[-1] == 0:
+        return score
+    if spatial in ("avg", "max"):
+        return pool1d(score, k_min, spatial)
+    if spatial != "adaptive":
+        raise ValueError(f"spatial={spatial!r}: must be one of {', '.join(SPATIALS)}")
+    if aws is None:
+        zeros = torch.zeros(score.shape[:-1], dtype=torch.long, device=score.device)
+        aws = (zeros + k_min, zeros)
+    return shifted_avg_pool(score, *aws)
+
+
 def restkv_scores(
     attn: torch.Tensor,
     values: torch.Tensor,
@@ -240,13 +297,15 @@ def restkv_scores(
     temporal: str = "ema",
     spatial: str = "adaptive",
     eps: float = ODDS_EPS,
+    aws_out: dict | None = None,
 ) -> torch.Tensor:
     """ReST-KV scores of the prefix keys, per query head, after spatial smoothing.
 
     attn: [B, Hq, w, T] window attention (softmax over all keys, causal); the last w keys are
     the window's own. values: [B, Hkv, T, d]. gram: [Hq, d, d] (only for "reconstruction").
     budget: entries kept per head, window included (AWS ranks the top budget - w keys);
-    None = AWS without a drift estimate (t = 0).
+    None = AWS without a drift estimate (t = 0). aws_out: if given, receives the adaptive
+    pool's ("kernel", "shift"), [B, Hq] each.
     returns [B, Hq, P], P = T - w; computed in attn's dtype.
     """
     B, Hq, w, T = attn.shape
@@ -255,42 +314,17 @@ def restkv_scores(
     P = T - w
     dt = attn.dtype
     weights = temporal_weights(w, temporal, alpha, dtype=dt, device=attn.device)
-    vals = values[:, :, :P].to(dt)  # [B, Hkv, P, d]
-    prefix = attn[..., :P]
 
     if indicator == "reconstruction" and metric_mode == "before":
         score = reconstruction_scores_per_query(
             attn.reshape(B, Hkv, g, w, T), values.to(dt), gram.view(Hkv, g, *gram.shape[1:]), P, weights, eps
         ).reshape(B, Hq, P)
     else:
-        a = aggregate(prefix, weights)  # [B, Hq, P]
-        if indicator == "attn":
-            score = a
-        elif indicator == "attn_vnorm":
-            vnorm = vals.norm(dim=-1)  # [B, Hkv, P]
-            score = (a.view(B, Hkv, g, P) * vnorm.unsqueeze(2)).view(B, Hq, P)
-        elif indicator == "reconstruction":
-            # o over prefix values only (window values excluded), as the reference does
-            ag = a.view(B, Hkv, g, P)
-            o = torch.matmul(ag, vals)  # [B, Hkv, g, d]
-            score = chunked_reconstruction_scores(
-                ag, vals.unsqueeze(2), o, gram.view(Hkv, g, *gram.shape[1:]), eps
-            ).view(B, Hq, P)
-        else:
-            raise ValueError(f"indicator={indicator!r}: must be one of {', '.join(INDICATORS)}")
+        score = aggregate_scores(aggregate(attn[..., :P], weights), values[:, :, :P], gram, indicator, eps)
 
-    if spatial == "none" or P == 0:
-        return score
-    if spatial in ("avg", "max"):
-        return pool1d(score, k_min, spatial)
-    if spatial != "adaptive":
-        raise ValueError(f"spatial={spatial!r}: must be one of {', '.join(SPATIALS)}")
-    k_top = None if budget is None else min(budget - w, T)
-    if k_top is None or T - k_top < beta:
-        # Two means of k distinct slots in [0, T) differ by at most T - k, so |t| < beta and the
-        # kernel is k_min with no shift whatever the attention: skip the top-k (exact).
-        t = attn.new_zeros((B, Hq), dtype=torch.float64)
-    else:
-        t = aws_drift(attn, k_top)
-    kernel, shift = aws_kernel(t, beta, k_min)
-    return shifted_avg_pool(score, kernel, shift)
+    aws = None
+    if spatial == "adaptive" and P > 0:
+        aws = aws_params(attn, budget, beta, k_min)
+        if aws_out is not None:
+            aws_out.update(kernel=aws[0], shift=aws[1])
+    return smooth(score, spatial, k_min, aws)

@@ -17,7 +17,8 @@ half of the window. The top scores fill the budget.
 Defaults (the released scripts: `--use_wo --use_ema --alpha 0.3 --metric_mode after --pooling
 adaptive --scale 2000 --kernel_sizes 5`, window 32): window=32, alpha=0.3, beta=2000,
 k_min=5, metric_mode="after", indicator="reconstruction", temporal="ema",
-spatial="adaptive", gqa="mean". Phases: prefill only, as in the paper and the code.
+spatial="adaptive", gqa="mean", decode="carried". Phases: prefill only, as in the paper and
+the code.
 
 Switches (the paper's ablations): indicator attn | attn_vnorm | reconstruction;
 temporal none (newest query) | mean | ema | inv_ema; spatial none | avg | max (fixed kernel
@@ -43,9 +44,18 @@ Deviations from the reference implementation:
   uses the base budget, which is the same unless a per-layer schedule is applied).
 - Kept entries stay in their original order; ties go to the more recent token (shared
   selection). Without a budget (`score(obs)` alone), AWS has no drift estimate and uses t = 0.
-- Decode: off by default as in the paper. With `phase="both"` the same scoring runs on the
-  rolling window of the newest `window` queries at each decode-time eviction (the EMA is
-  recomputed over that window, not carried across steps).
+- Decode (beyond the paper, which only evicts at the end of prefill; off by default): with
+  `evictkit.compress(..., phase="both"|"decode")`, `decode="carried"` (default) keeps the
+  temporal aggregate of every query seen so far as per-token side tensors "restkv_a<i>" (one
+  [B, H_kv, T] tensor per query head i of a KV group), compacted with K/V: at prefill it is
+  the window's EMA over all keys, and each decode query updates it by the same recursion
+  (s <- alpha A_t + (1 - alpha) s; "mean" keeps a running mean, "none" the newest row), which
+  costs one attention row per step. A decode-time eviction scores the slots outside the
+  newest `window` from it, and AWS reuses the kernel and shift each head got at the prefill
+  eviction (k_min, centred, if there was none). `decode="window"` instead re-scores from
+  scratch on the rolling window of the newest `window` queries, the EMA recomputed over that
+  window. metric_mode="before" and temporal="inv_ema" have no O(T) per-step recursion, so
+  they always use the window at decode.
 
 The o of the default "after" mode sums prefix values only (window values excluded, and `a`
 over the prefix does not sum to 1), exactly as the code; "before" uses the full output of each
@@ -60,13 +70,20 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
+from collections.abc import Mapping
+
+from evictkit.attention import attention_weights
 from evictkit.plugins._restkv_math import (
     INDICATORS,
     METRIC_MODES,
     SPATIALS,
     TEMPORALS,
+    aggregate,
+    aggregate_scores,
     head_grams,
     restkv_scores,
+    smooth,
+    temporal_weights,
 )
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, reduce_gqa, select_topk
@@ -104,6 +121,14 @@ def _one_of(choices: tuple[str, ...]):
     return check
 
 
+DECODE_MODES = ("carried", "window")
+#: side tensors of the carried aggregate: "restkv_a0" .. "restkv_a<g-1>", one per query head of a group
+STATE = "restkv_a"
+#: scratch keys: AWS (kernel, shift) of the prefill eviction; number of queries in a running mean
+AWS = "restkv_aws"
+COUNT = "restkv_n"
+
+
 @attrs.define(frozen=True, kw_only=True)
 class RestKV(ScorePolicy):
     """ReST-KV scoring (see the module docstring); parameters are the released defaults."""
@@ -121,9 +146,15 @@ class RestKV(ScorePolicy):
     temporal: str = attrs.field(default="ema", validator=_one_of(TEMPORALS))
     spatial: str = attrs.field(default="adaptive", validator=_one_of(SPATIALS))
     gqa: str = attrs.field(default="mean", validator=_one_of(GQA_REDUCTIONS))
+    decode: str = attrs.field(default="carried", validator=_one_of(DECODE_MODES))
+
+    @property
+    def carries(self) -> bool:
+        """Whether decode-time evictions score from the carried aggregate (see the docstring)."""
+        return self.decode == "carried" and self.metric_mode == "after" and self.temporal != "inv_ema"
 
     def needs(self) -> Needs:
-        return Needs(window=self.window)
+        return Needs(window=self.window, queries=self.carries)
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)
@@ -146,12 +177,47 @@ class RestKV(ScorePolicy):
         obs.scratch["restkv_gram"] = (key, gram)
         return gram
 
+    def observe(self, obs: Observation) -> Mapping[str, torch.Tensor]:
+        """The carried temporal aggregate [B, H_q, T] as g side tensors [B, H_kv, T] (only when
+        this compression evicts at decode and the mode carries)."""
+        if not self.carries or "decode" not in obs.phases:
+            return {}
+        B, Hkv, T = obs.positions.shape
+        g = obs.n_heads // Hkv
+        with torch.no_grad():
+            if obs.phase == "prefill":
+                attn = obs.window_attention  # [B, Hq, w, T]
+                w = attn.shape[2]
+                a = aggregate(attn, temporal_weights(w, self.temporal, float(self.alpha), device=attn.device))
+                obs.scratch[COUNT] = w
+            else:
+                a = torch.stack([obs.state[f"{STATE}{i}"] for i in range(g)], dim=2).view(B, Hkv * g, T)
+                rows = attention_weights(
+                    obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap,
+                    key_mask=obs.valid,
+                )  # [B, Hq, q, T], oldest query first
+                n = obs.scratch.get(COUNT, 0)
+                for t in range(rows.shape[2]):
+                    n += 1
+                    if self.temporal == "ema":
+                        a = a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1 else rows[:, :, t]
+                    elif self.temporal == "mean":
+                        a = a + (rows[:, :, t] - a) / n
+                    else:  # "none": the newest query only
+                        a = rows[:, :, t]
+                obs.scratch[COUNT] = n
+        a = a.view(B, Hkv, g, T)
+        return {f"{STATE}{i}": a[:, :, i].contiguous() for i in range(g)}
+
     def score(self, obs: Observation, budget: int | None = None) -> torch.Tensor:
-        """[B, H_kv, T] fp32 scores; the newest w = obs.window_attention rows' slots get the
-        largest finite float (they are protected anyway). `budget` feeds AWS's drift estimate."""
+        """[B, H_kv, T] fp32 scores; the newest w slots (the window) get the largest finite float
+        (they are protected anyway). `budget` feeds AWS's drift estimate."""
+        if obs.phase == "decode" and self.carries and f"{STATE}0" in obs.state:
+            return self._carried_score(obs)
         attn = obs.window_attention  # [B, Hq, w, T] fp32
         w = attn.shape[2]
         gram = self._gram(obs) if self.indicator == "reconstruction" else None
+        aws: dict = {}
         with torch.no_grad():
             per_head = restkv_scores(
                 attn,
@@ -165,10 +231,28 @@ class RestKV(ScorePolicy):
                 indicator=self.indicator,
                 temporal=self.temporal,
                 spatial=self.spatial,
+                aws_out=aws,
             )  # [B, Hq, P]
-            prefix = reduce_gqa(per_head, obs.n_kv_heads, self.gqa)
-            top = torch.full_like(prefix[..., :1], torch.finfo(prefix.dtype).max).expand(*prefix.shape[:-1], w)
-            return torch.cat([prefix, top], dim=-1)
+        if aws and obs.phase == "prefill":
+            obs.scratch[AWS] = (aws["kernel"], aws["shift"])
+        return self._with_window(reduce_gqa(per_head, obs.n_kv_heads, self.gqa), w)
+
+    def _carried_score(self, obs: Observation) -> torch.Tensor:
+        B, Hkv, T = obs.positions.shape
+        g = obs.n_heads // Hkv
+        w = min(self.window, T)
+        P = T - w
+        a = torch.stack([obs.state[f"{STATE}{i}"] for i in range(g)], dim=2).view(B, Hkv * g, T)
+        gram = self._gram(obs) if self.indicator == "reconstruction" else None
+        with torch.no_grad():
+            per_head = aggregate_scores(a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator)
+            per_head = smooth(per_head, self.spatial, self.k_min, obs.scratch.get(AWS))
+        return self._with_window(reduce_gqa(per_head, Hkv, self.gqa), w)
+
+    @staticmethod
+    def _with_window(prefix: torch.Tensor, w: int) -> torch.Tensor:
+        top = torch.full_like(prefix[..., :1], torch.finfo(prefix.dtype).max).expand(*prefix.shape[:-1], w)
+        return torch.cat([prefix, top], dim=-1)
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor:
         return select_topk(self.score(obs, budget), budget, sinks=0, window=self.window, policy=self.name)

@@ -266,6 +266,7 @@ def _drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool) -> list
             module=module, layer_idx=layer, n_layers=case.n_layers, phase=phase, keys=keys, values=values,
             positions=positions, state=state, scratch=scratch, hidden_states=hidden, position_embeddings=(cos, sin),
             query_positions=qpos, window=needs.window, window_buffer=buffer, valid=ragged.valid_mask(pad, T),
+            phases=phases,
         )
         if needs.window and prefill and "decode" in phases:
             window = (obs.window_queries, obs.window_positions)

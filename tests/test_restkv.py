@@ -416,7 +416,8 @@ def test_scoring_never_materialises_the_projection(metric_mode):
     values = torch.randn(1, Hkv, L, d, generator=gen)
     weight = torch.randn(hidden, Hq * d, generator=gen) / 32
     obs = types.SimpleNamespace(
-        window_attention=attn, values=values, o_proj_weight=weight, n_heads=Hq, n_kv_heads=Hkv, scratch={}
+        window_attention=attn, values=values, o_proj_weight=weight, n_heads=Hq, n_kv_heads=Hkv, scratch={},
+        phase="prefill",
     )
     policy = RestKV(window=W, metric_mode=metric_mode, beta=100.0)  # small beta: AWS top-k runs
     scores = [None]
@@ -428,6 +429,101 @@ def test_scoring_never_materialises_the_projection(metric_mode):
     assert peak <= bound, f"peak {peak} B > bound {bound} B"
     naive_peak, _ = _allocations(lambda: torch.einsum("bhld,chd->bhlc", values, weight.view(hidden, Hkv, 2, d)[:, :, 0]))
     assert naive_peak >= projection / 2  # the method does see a projection-sized tensor
+
+
+# --- 7b. decode-time eviction: the carried aggregate -------------------------------------------
+def _layer_inputs(model, ids):
+    """Each attention module's (hidden_states, cos, sin) over a full forward of `ids`."""
+    from evictkit.models import attention_modules
+
+    grabbed = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args, kwargs, li=li: grabbed.__setitem__(li, (kwargs["hidden_states"], *kwargs["position_embeddings"])),
+            with_kwargs=True,
+        )
+        for li, m in enumerate(attention_modules(model))
+    ]
+    try:
+        with torch.no_grad():
+            full = _cache(model(ids, use_cache=True))
+    finally:
+        for h in hooks:
+            h.remove()
+    return grabbed, full
+
+
+@pytest.mark.parametrize("temporal", ["ema", "mean", "none"])
+def test_carried_aggregate_equals_the_aggregate_over_every_query(temporal):
+    """Without decode evictions (budget above the final length), the carried side tensors after
+    N decoded tokens equal the temporal aggregate over the w window queries and the N decode
+    queries, each query's attention recomputed from scratch over the final full cache."""
+    from evictkit.attention import attention_weights, project_queries
+    from evictkit.models import attention_modules
+
+    model = tiny_model("qwen2")  # GQA: 2 query heads per KV head
+    ids, w, new = _prompt(30), 8, 6
+    with torch.no_grad(), evictkit.compress(model, "restkv", budget=64, window=w, temporal=temporal, phase="both") as run:
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        states = {li: dict(st.state) for li, st in run._layers.items()}
+    seq = out[:, :-1]  # the last token was sampled but never forwarded
+    grabbed, full = _layer_inputs(model, seq)
+    T = seq.shape[1]
+    n = w + new - 1
+    weights = M.temporal_weights(n, temporal, 0.3, dtype=torch.float64)
+    for li, module in enumerate(attention_modules(model)):
+        hidden, cos, sin = grabbed[li]
+        q = project_queries(module, hidden[:, T - n :], cos[:, T - n :], sin[:, T - n :])
+        keys = full.layers[li].keys
+        pos = torch.arange(T).expand(1, keys.shape[1], T)
+        rows = attention_weights(q, keys, torch.arange(T - n, T)[None], pos, module.scaling)  # [1, Hq, n, T]
+        want = M.aggregate(rows.double(), weights)  # [1, Hq, T]
+        Hkv = keys.shape[1]
+        got = torch.stack([states[li][f"restkv_a{i}"] for i in range(want.shape[1] // Hkv)], dim=2)
+        torch.testing.assert_close(got.reshape(want.shape).double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("decode", ["carried", "window"])
+@pytest.mark.parametrize("indicator, temporal, spatial", COMBOS[::3] + [("reconstruction", "ema", "adaptive")])
+def test_decode_phase_laws(decode, indicator, temporal, spatial):
+    """phase="both": every layer stays at the budget through decode evictions, the window and
+    order are kept, every kept key is one of the sequence's, two runs agree."""
+    model = tiny_model("qwen2")
+    ids, budget, window, new = _prompt(40), 24, 8, 6
+    params = dict(indicator=indicator, temporal=temporal, spatial=spatial, window=window, decode=decode)
+
+    def run_once():
+        with torch.no_grad(), evictkit.compress(model, "restkv", budget=budget, phase="both", **params) as run:
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 return_dict_in_generate=True)
+            kept = {li: st.positions.clone() for li, st in run._layers.items()}
+        return run, out, kept
+
+    run, out, kept = run_once()
+    _, out2, kept2 = run_once()
+    assert torch.equal(out.sequences, out2.sequences)
+    assert run.stats.sizes() == [budget] * len(kept)
+    assert all(s.evictions == new for s in run.stats.layers)  # prefill + every decode step but the last
+    T = ids.shape[1] + new - 1
+    for li, pos in kept.items():
+        assert torch.equal(pos, kept2[li])
+        assert bool((pos[..., 1:] > pos[..., :-1]).all())
+        assert bool((pos[..., -window:] == torch.arange(T - window, T)).all())
+
+
+def test_carried_and_window_decode_differ_and_carried_reuses_prefill_aws():
+    model = tiny_model("llama")
+    ids = _prompt(40)
+    kept = {}
+    for decode in ("carried", "window"):
+        with torch.no_grad(), evictkit.compress(model, "restkv", budget=20, window=4, beta=1.0, phase="both",
+                                                 decode=decode) as run:
+            model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            kept[decode] = torch.cat([st.positions for st in run._layers.values()])
+            if decode == "carried":
+                kernel, shift = run._layers[0].scratch["restkv_aws"]
+                assert kernel.shape == shift.shape == (1, 4) and bool((kernel >= 5).all())
+    assert not torch.equal(kept["carried"], kept["window"])
 
 
 # --- 8. validation, precision, contract ------------------------------------------------------
@@ -448,6 +544,7 @@ def test_scoring_never_materialises_the_projection(metric_mode):
         ("indicator", "random"),
         ("temporal", "inv-ema"),
         ("spatial", "avgpool"),
+        ("decode", "ema"),
         ("gqa", "sum"),
     ],
 )
@@ -463,7 +560,11 @@ def test_defaults_and_contract():
     assert (p.window, p.alpha, p.beta, p.k_min) == (32, 0.3, 2000, 5)
     assert (p.metric_mode, p.indicator, p.temporal, p.spatial, p.gqa) == ("after", "reconstruction", "ema", "adaptive", "mean")
     assert p.phases == ("prefill",)
-    assert p.needs() == evictkit.Needs(window=32)
+    assert p.decode == "carried" and p.carries
+    assert p.needs() == evictkit.Needs(window=32, queries=True)
+    assert not evictkit.policy("restkv", temporal="inv_ema").carries
+    assert not evictkit.policy("restkv", metric_mode="before").carries
+    assert not evictkit.policy("restkv", decode="window").carries
     assert p.protected() == (0, 32)
 
 
@@ -512,6 +613,7 @@ def test_score_without_budget():
         n_heads=4,
         n_kv_heads=2,
         scratch={},
+        phase="prefill",
     )
     s = RestKV(window=8).score(obs)
     assert s.shape == (1, 2, 50) and torch.isfinite(s).all()
