@@ -260,7 +260,8 @@ def section_exactness(report: list[str], device: str, dry: bool) -> None:
                         failures.append(f"{label}: {name} B={B} H={H} T={T} D={D} K={K}")
     elapsed = time.perf_counter() - t0
     probe = torch.zeros(1, 1, 1, 1, device=device)
-    lines = [f"Backend chosen by the dispatcher on {device}: `{backend_for(probe)}`. "
+    lines = [f"Backend chosen by the dispatcher on {device} for a large compaction: `{backend_for(probe)}` "
+             "(small ones go to torch, see the bandwidth table). "
              f"{sum(c[1] for c in counts.values())} kernel cases in {elapsed:.1f} s.{stopped}", "",
              "| check | bit-exact / cases |", "|---|---|"]
     lines += [f"| Triton kernel, {k} | {v[0]}/{v[1]} |" for k, v in counts.items()]
@@ -273,7 +274,7 @@ def section_exactness(report: list[str], device: str, dry: bool) -> None:
 def section_bandwidth(report: list[str], device: str, dry: bool) -> None:
     import torch
 
-    from evictkit.kernels import compact_torch
+    from evictkit.kernels import backend_for, compact, compact_torch
     from evictkit.kernels.compact_triton import compact_triton
 
     timer = Timer(device)
@@ -283,9 +284,10 @@ def section_bandwidth(report: list[str], device: str, dry: bool) -> None:
     batch = 1 if dry else 10
     lines = [f"[B, H, T, D] = [{B}, {H}, T, {D}]; GB/s = (rows read + rows written + int64 indices) / time per call, "
              f"median of {reps} samples of {batch} back-to-back calls (CUDA events). 'Triton 1-call µs' is one call "
-             "with launch and sync, as seen from the host.",
-             "", "| dtype | T | keep | Triton µs | Triton 1-call µs | gather 1-call µs | Triton GB/s | gather GB/s "
-             "| compact_torch GB/s | D2D copy GB/s | Triton / copy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "with launch and sync, as seen from the host; 'compact()' is the dispatcher, which picks the backend by kept bytes.",
+             "", "| dtype | T | keep | Triton µs | Triton 1-call µs | gather 1-call µs | compact() 1-call µs | compact() picks "
+             "| Triton GB/s | gather GB/s | compact_torch GB/s | D2D copy GB/s | Triton / copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for dtype in (torch.bfloat16, torch.float32):
         for T in Ts:
             x = torch.randn(B, H, T, D, device=device, dtype=torch.float32).to(dtype)
@@ -304,11 +306,12 @@ def section_bandwidth(report: list[str], device: str, dry: bool) -> None:
                 }
                 for name, fn in fns.items():
                     res[name] = timer.median(fn, warmup=1 if dry else 5, reps=reps, batch=batch)
-                lat = {k: timer.latency(fns[k], warmup=1, reps=3 if dry else 20) for k in ("triton", "gather")}
+                fns["auto"] = lambda: compact(x, idx)
+                lat = {k: timer.latency(fns[k], warmup=1, reps=3 if dry else 20) for k in ("triton", "gather", "auto")}
                 gb = {k: moved / v / 1e9 for k, v in res.items()}
                 lines.append(
                     f"| {str(dtype).removeprefix('torch.')} | {T} | 1/{keep} | {res['triton'] * 1e6:.1f} "
-                    f"| {lat['triton'] * 1e6:.1f} | {lat['gather'] * 1e6:.1f} "
+                    f"| {lat['triton'] * 1e6:.1f} | {lat['gather'] * 1e6:.1f} | {lat['auto'] * 1e6:.1f} | {backend_for(x, K)} "
                     f"| {gb['triton']:.1f} | {gb['gather']:.1f} | {gb['torch']:.1f} | {gb['copy']:.1f} "
                     f"| {gb['triton'] / gb['copy']:.2f} |"
                 )
@@ -408,19 +411,23 @@ def section_decode(report: list[str], device: str, dry: bool) -> None:
     n, budget, steps = (256, 64, 3) if dry else (8192, 1024, 32)
     ids = torch.randint(3, model.config.vocab_size, (1, n), device=device)
     names = sorted(k for k, c in evictkit.policies().items() if "decode" in c.phases)
-    cases = [("full", 0)] + [(k, sl) for k in names for sl in (0, 16)]
+    cases = [("full", 0, {}, None)] + [(k, sl, {}, None) for k in names for sl in (0, 16)]
+    # ReST-KV is prefill-only by default; its decode-time eviction, both scoring modes
+    cases += [("restkv", 0, {"decode": mode}, "both") for mode in ("carried", "window")]
     lines = [f"Same model, {n}-token prompt, budget {budget}, {steps} greedy steps after 2 warm-up steps; "
              "ms/token = median step time with a device sync per step.", "",
              "| policy | slack | ms/token | vs full | note |", "|---|---|---|---|---|"]
     full = None
     t0 = time.perf_counter()
-    for name, slack in cases:
+    for name, slack, params, phase in cases:
+        label = name + "".join(f" {k}={v}" for k, v in params.items()) + (f" (phase={phase})" if phase else "")
         if not dry and time.perf_counter() - t0 > CAP_S["decode"]:
-            lines.append(f"| {name} | {slack} | - | - | skipped: the {CAP_S['decode']:.0f} s cap was reached |")
+            lines.append(f"| {label} | {slack} | - | - | skipped: the {CAP_S['decode']:.0f} s cap was reached |")
             continue
         try:
+            extra = {"phase": phase} if phase else {}
             ctx = contextlib.nullcontext() if name == "full" else evictkit.compress(
-                model, evictkit.policy(name), budget=budget, slack=slack)
+                model, evictkit.policy(name, **params), budget=budget, slack=slack, **extra)
             times = []
             with ctx, torch.inference_mode():
                 out = model(ids, use_cache=True, logits_to_keep=1)
@@ -437,10 +444,10 @@ def section_decode(report: list[str], device: str, dry: bool) -> None:
                         times.append(time.perf_counter() - t)
             ms = statistics.median(times) * 1e3
             full = ms if name == "full" else full
-            lines.append(f"| {name} | {slack if name != 'full' else '-'} | {ms:.2f} | "
-                         f"{ms / full:.2f} | |" if full else f"| {name} | {slack} | {ms:.2f} | - | |")
+            lines.append(f"| {label} | {slack if name != 'full' else '-'} | {ms:.2f} | "
+                         f"{ms / full:.2f} | |" if full else f"| {label} | {slack} | {ms:.2f} | - | |")
         except Exception as exc:
-            lines.append(f"| {name} | {slack} | - | - | {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |")
+            lines.append(f"| {label} | {slack} | - | - | {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |")
     report += ["## Decoding on CUDA", "", *lines, ""]
 
 

@@ -1,7 +1,8 @@
 """Compaction kernels: gather the kept rows of K, V and side tensors.
 
 `compact(x, idx)` is what every policy's eviction ends in. It dispatches to the Triton
-kernel on CUDA and to the torch fallback elsewhere; `EVICTKIT_COMPACT_BACKEND=triton|torch`
+kernel on CUDA when the kept bytes are large enough for it to beat torch.gather (see
+`compact.TRITON_MIN_BYTES`) and to the torch path otherwise; `EVICTKIT_COMPACT_BACKEND=triton|torch`
 forces one (`auto` is the default).
 """
 

@@ -95,6 +95,19 @@ def test_dispatcher_backend_choice(monkeypatch):
         backend_for(x)
 
 
+def test_triton_pays_only_for_large_compactions():
+    from evictkit.kernels.compact import triton_pays
+
+    meta = dict(device="meta")
+    # bf16 [1, 8, T, 128]: 8 MiB kept (T=16k, 1/4) stays on torch, 16 MiB (1/2) goes to Triton
+    assert not triton_pays(torch.empty(1, 8, 16384, 128, dtype=torch.bfloat16, **meta), 4096)
+    assert triton_pays(torch.empty(1, 8, 16384, 128, dtype=torch.bfloat16, **meta), 8192)
+    # fp32: gather is twice as fast, the crossover is higher (64 MiB torch, 128 MiB Triton)
+    assert not triton_pays(torch.empty(1, 8, 65536, 128, **meta), 16384)
+    assert triton_pays(torch.empty(1, 8, 65536, 128, **meta), 32768)
+    assert not triton_pays(torch.empty(1, 8, 65536, **meta), 32768)  # side tensors: tiny rows
+
+
 def test_dispatcher_forced_triton_matches_torch(monkeypatch, compact_triton):
     monkeypatch.setenv("EVICTKIT_COMPACT_BACKEND", "triton")
     x, idx = random_case(1, 2, 33, 24, 9, torch.bfloat16, 3)
