@@ -81,6 +81,26 @@ def test_different_config_is_refused_without_force(model, tmp_path):
     assert len(_rows(out)) == 4
 
 
+def test_adding_samples_tasks_policies_or_budgets_extends_the_run(model, tmp_path):
+    out = tmp_path / "run"
+    base = {"tasks": "ruler:niah_single_2", "policies": "streaming_llm", "budgets": "48"}
+    assert _run(model, out, cfg=base)["ran"] == 1
+    first = _rows(out)[0]
+    wider = {"tasks": "ruler:niah_single_2,niah", "policies": "streaming_llm,snapkv:window=8", "budgets": "48,96",
+             "samples": 2}
+    # (2 niah_single_2 samples + 1 niah grid cell) x 2 policies x 2 budgets, but the row already there
+    assert _run(model, out, cfg=wider)["ran"] == 3 * 2 * 2 - 1
+    rows = _rows(out)
+    assert rows[0] == first and len(rows) == 12
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["config"]["samples"] == 2 and meta["extended"][0]["from"]["budgets"] == [48]
+    assert _run(model, out, cfg=wider)["ran"] == 0  # the widened run now resumes as itself
+    with pytest.raises(ValueError, match="differs in: length"):
+        _run(model, out, cfg={**wider, "length": 600})
+    with pytest.raises(ValueError, match="differs in: samples"):  # fewer samples: not a widening
+        _run(model, out, cfg={**wider, "samples": 1})
+
+
 def test_non_empty_foreign_dir_is_refused(model, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):

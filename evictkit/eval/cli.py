@@ -18,7 +18,8 @@ before the question is seen (query-agnostic); --query-aware puts the question in
 
 Writes into --out: results.jsonl (one line per sample x variant), summary.md, summary.csv,
 plots/*.png and config.json. Rerunning with the same --out resumes (finished samples are
-skipped); a different configuration there is refused unless --force.
+skipped); a rerun that only adds samples, tasks, policies or budgets extends that run (only
+the new rows run); any other change there is refused unless --force.
 """
 
 EPILOG = """\

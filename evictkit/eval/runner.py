@@ -202,10 +202,29 @@ def build_variants(config: EvalConfig) -> list[Variant]:
 
 # --- the output folder ------------------------------------------------------------------------
 
-def check_out_dir(out: Path, config: EvalConfig, force: bool) -> bool:
-    """Raise ValueError when `out` holds something else (unless force). Returns True to resume."""
-    if not out.exists():
+#: settings a rerun may widen: results are keyed by (task, sample, variant), so rows already in
+#: --out stay valid when samples, tasks, policies or budgets are only added
+GROWABLE = ("samples", "tasks", "policies", "budgets")
+
+
+def _widens(old: dict, new: dict) -> bool:
+    """Whether `new` differs from `old` only by adding samples, tasks, policies or budgets."""
+    diff = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if not diff or not diff <= set(GROWABLE):
         return False
+    if new["samples"] < old["samples"]:
+        return False
+    as_set = {"tasks": lambda v: set(v), "budgets": lambda v: set(v),
+              "policies": lambda v: {json.dumps(p, sort_keys=True) for p in v}}
+    return all(as_set[k](old[k]) <= as_set[k](new[k]) for k in as_set)
+
+
+def check_out_dir(out: Path, config: EvalConfig, force: bool) -> str:
+    """How to use `out`: "new" (start there), "resume" (same configuration) or "extend" (the
+    configuration adds samples, tasks, policies or budgets to the one there). Raises ValueError
+    when `out` holds something else, unless force ("new": its results are discarded)."""
+    if not out.exists():
+        return "new"
     if not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     cfg = out / CONFIG
@@ -216,19 +235,22 @@ def check_out_dir(out: Path, config: EvalConfig, force: bool) -> bool:
             old = None
         new = config.fingerprint()
         if old == new:
-            return True
+            return "resume"
+        if old is not None and _widens(old, new):
+            return "extend"
         if not force:
             if old is None:
                 raise ValueError(f"--out {out}: {CONFIG} is unreadable; pass --force to start over there")
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(
                 f"--out {out} holds results of a different configuration (differs in: {', '.join(diff)}); "
-                "use another --out, or --force to discard them"
+                "use another --out, --force to discard them, or only add samples, tasks, policies or budgets "
+                "to extend that run"
             )
-        return False
+        return "new"
     if any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} is not empty and holds no evictkit eval run; use another --out, or --force")
-    return False
+    return "new"
 
 
 def _clear(out: Path) -> None:
@@ -334,7 +356,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
     """
     out = Path(out)
     variants = build_variants(config)
-    resume = check_out_dir(out, config, force)
+    mode = check_out_dir(out, config, force)
     if model is None:
         import evictkit
 
@@ -356,7 +378,13 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
                     max_new_tokens=config.max_new_tokens)
 
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if mode == "extend":
+        meta = json.loads((out / CONFIG).read_text())
+        meta.setdefault("extended", []).append({"from": meta["config"], "command": list(command) if command is not None
+                                                else list(sys.argv), "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        meta["config"] = config.fingerprint()
+        (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if mode == "new":
         _clear(out)
         meta = {
             "config": config.fingerprint(),
