@@ -1,0 +1,99 @@
+"""Where one layer's ReST-KV scoring spends its time, next to SnapKV's, piece by piece.
+
+Synthetic window attention and values of one layer (no model): the same tensors feed both
+scorers, so the table isolates the scoring itself. Each piece is timed alone (median of
+repeated calls, with a device sync on CUDA), then the whole ReST-KV step runs under
+torch.profiler and its top operators are printed.
+
+    .venv/bin/python benchmarks/profile_scoring.py                # CPU, one thread
+    python benchmarks/profile_scoring.py --device cuda --heads 12 --kv-heads 4 --dim 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, device: str, reps: int) -> float:
+    """Median seconds of one call (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evictkit.attention import attention_weights
+    from evictkit.plugins import _restkv_math as M
+    from evictkit.selection import pool1d, reduce_gqa, select_topk
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lengths", default="4096,16384")
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev, Hq, Hkv, d, w = args.device, args.heads, args.kv_heads, args.dim, args.window
+    gen = torch.Generator().manual_seed(0)
+    for T in (int(x) for x in args.lengths.split(",")):
+        budget = T // 4
+        q = torch.randn(1, Hq, w, d, generator=gen).to(dev)
+        k = torch.randn(1, Hkv, T, d, generator=gen).to(dev)
+        v = torch.randn(1, Hkv, T, d, generator=gen).to(dev)
+        gram = M.head_grams(torch.randn(args.hidden, Hq * d, generator=gen).to(dev) / args.hidden**0.5, Hq)
+        qpos = torch.arange(T - w, T, device=dev)[None]
+        kpos = torch.arange(T, device=dev).expand(1, Hkv, T)
+        attn = attention_weights(q, k, qpos, kpos, d**-0.5)
+        P = T - w
+        weights = M.temporal_weights(w, "ema", 0.3, device=dev)
+        a = M.aggregate(attn[..., :P], weights)
+        score = M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction")
+        aws = M.aws_params(attn, budget, 2000.0, 5)
+        smoothed = M.smooth(score, "adaptive", 5, aws)
+        pieces = {
+            "window attention (both)": lambda: attention_weights(q, k, qpos, kpos, d**-0.5),
+            "snapkv: mean + max pool 7 + GQA mean": lambda: reduce_gqa(pool1d(attn[..., :P].mean(2), 7, "max"), Hkv, "mean"),
+            "restkv: EMA aggregate": lambda: M.aggregate(attn[..., :P], weights),
+            "restkv: reconstruction indicator": lambda: M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction"),
+            "restkv: AWS drift (top-k) + kernel": lambda: M.aws_params(attn, budget, 2000.0, 5),
+            "restkv: AWS pool": lambda: M.smooth(score, "adaptive", 5, aws),
+            "restkv: GQA mean": lambda: reduce_gqa(smoothed, Hkv, "mean"),
+            "select_topk (both)": lambda: select_topk(reduce_gqa(smoothed, Hkv, "mean"), budget, window=w),
+            "restkv: restkv_scores whole": lambda: M.restkv_scores(attn, v, gram, budget=budget),
+        }
+        print(f"\n## T={T}, budget={budget}, Hq={Hq}, Hkv={Hkv}, d={d}, W={w}, device={dev}\n")
+        print("| piece | ms |\n|---|---|")
+        with torch.inference_mode():
+            for name, fn in pieces.items():
+                print(f"| {name} | {timed(fn, dev, args.reps) * 1e3:.3f} |")
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(5):
+                    M.restkv_scores(attn, v, gram, budget=budget)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        print("\n```\n" + prof.key_averages().table(sort_by=key, row_limit=15) + "\n```")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
