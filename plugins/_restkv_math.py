@@ -208,21 +208,23 @@ def shifted_avg_pool(scores: torch.Tensor, kernel: torch.Tensor, shift: torch.Te
     [i + shift - k//2, i + shift + k//2]). scores [..., n]; kernel, shift [...] ints -> [..., n].
 
     Equals F.pad(s, (k//2 - shift, k//2 + shift), mode="replicate") then avg_pool1d(k, stride 1),
-    the reference's per-head loop; rows sharing (k, shift) are pooled together.
+    the reference's per-head loop, for every row at once: the window sum is a difference of a
+    float64 running sum over the in-range part, plus the edge value times the number of window
+    slots beyond each edge (replicate padding). No grouping by (k, shift), so no host round
+    trip on GPUs; also right for |shift| > k//2.
     """
     lead, n = scores.shape[:-1], scores.shape[-1]
-    flat = scores.reshape(-1, n)
-    ks, sh = kernel.reshape(-1), shift.reshape(-1)
-    out = torch.empty_like(flat)
-    pairs = torch.stack([ks, sh], dim=1)
-    for pair in torch.unique(pairs, dim=0).tolist():
-        k, s = int(pair[0]), int(pair[1])
-        rows = ((ks == k) & (sh == s)).nonzero().squeeze(1)
-        # clamped gather = replicate padding, and also right for |shift| > k//2 (negative pads)
-        idx = (torch.arange(n + k - 1, device=flat.device) + (s - k // 2)).clamp_(0, n - 1)
-        padded = flat.index_select(0, rows).index_select(1, idx)
-        out[rows] = F.avg_pool1d(padded.unsqueeze(1), k, stride=1).squeeze(1)
-    return out.view(*lead, n)
+    x = scores.reshape(-1, n).double()
+    dev = x.device
+    half = (kernel.reshape(-1, 1) // 2).to(dev)
+    centre = torch.arange(n, device=dev).view(1, n) + shift.reshape(-1, 1).to(dev)
+    first, last = centre - half, centre + half  # [R, n] window bounds, inclusive
+    run = F.pad(x.cumsum(-1), (1, 0))  # run[:, j] = sum of x[:, :j]
+    inner = run.gather(1, (last + 1).clamp(0, n)) - run.gather(1, first.clamp(0, n))
+    below = (last.clamp(max=-1) - first + 1).clamp_(min=0)  # window slots left of the row
+    above = (last - first.clamp(min=n) + 1).clamp_(min=0)  # and right of it
+    total = inner + below * x[:, :1] + above * x[:, -1:]
+    return (total / kernel.reshape(-1, 1).to(dev)).to(scores.dtype).view(*lead, n)
 
 
 # --- the whole scorer -----------------------------------------------------------------------

@@ -184,6 +184,25 @@ def test_shifted_pool_equals_reference_loop():
             torch.testing.assert_close(got[b, h], want)
 
 
+def test_shifted_pool_brute_force_any_shift_and_fp32_range():
+    """Windows reaching past either edge, |shift| > k//2 (the window off the row entirely), and
+    fp32 scores spanning 12 orders of magnitude: the mean of s[clamp(j)] computed slot by slot."""
+    gen = torch.Generator().manual_seed(5)
+    n = 23
+    s = torch.rand(3, 4, n, generator=gen) * torch.logspace(-6, 6, n)
+    k = torch.randint(0, 8, (3, 4), generator=gen) * 2 + 1
+    shift = torch.randint(-40, 41, (3, 4), generator=gen)
+    got = M.shifted_avg_pool(s, k, shift)
+    assert got.dtype == torch.float32
+    for b in range(3):
+        for h in range(4):
+            kk, sh = int(k[b, h]), int(shift[b, h])
+            for i in range(n):
+                j = torch.arange(i + sh - kk // 2, i + sh + kk // 2 + 1).clamp(0, n - 1)
+                want = s[b, h].double()[j].mean().float()
+                torch.testing.assert_close(got[b, h, i], want, rtol=1e-6, atol=0)
+
+
 def test_aws_drift_hand_computed():
     T = 10
     attn = torch.zeros(5, T)
