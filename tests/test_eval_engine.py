@@ -52,6 +52,9 @@ def _cases():
     streaming = evictkit.policies().get("streaming_llm")
     if streaming is not None and "positions" in params_of(streaming):
         cases.append(("streaming_llm", {"positions": "shift"}))  # the paper's position shift
+    lacache = evictkit.policies().get("lacache")
+    if lacache is not None and "positions" in params_of(lacache):
+        cases.append(("lacache", {"positions": "shift"}))  # the reference's position handling
     return cases
 
 
