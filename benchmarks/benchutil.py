@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from evictkit.eval.engine import cache_bytes  # noqa: F401  (re-exported for the decode suite)
+
 # --- timing ---------------------------------------------------------------------------------
 
 
@@ -105,22 +107,6 @@ def prompt_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     if ids.shape[1] < n_tokens:
         raise RuntimeError(f"could not build a {n_tokens}-token prompt")
     return ids
-
-
-# --- caches ---------------------------------------------------------------------------------
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by the K and V tensors of every layer of a transformers Cache."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-# --- one layer's Observation ----------------------------------------------------------------
 
 
 def layer_inputs(model, input_ids: torch.Tensor, layer_idx: int) -> dict[str, Any]:

