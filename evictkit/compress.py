@@ -37,7 +37,7 @@ class _LayerState:
     """Per-sequence state of one layer; reset when a new sequence starts."""
 
     positions: torch.Tensor | None = None  # [B, H_kv, T] true positions of cached entries
-    state: dict[str, torch.Tensor] = attrs.field(factory=dict)  # policy side tensors [B, H_kv, T]
+    state: dict[str, torch.Tensor] = attrs.field(factory=dict)  # policy side tensors [B, H_kv, T(, E)]
     scratch: dict[str, Any] = attrs.field(factory=dict)
     window: tuple[torch.Tensor, torch.Tensor] | None = None  # rolling (queries, positions) for decode
     seen: int = 0
@@ -233,7 +233,7 @@ class Compression:
             [st.positions, new_pos.unsqueeze(1).expand(B, Hkv, q)], dim=-1
         )
         for name, t in st.state.items():
-            st.state[name] = torch.cat([t, t.new_zeros(B, Hkv, q)], dim=-1)
+            st.state[name] = torch.cat([t, t.new_zeros(B, Hkv, q, *t.shape[3:])], dim=2)
         st.seen += q
 
         runs = phase in self.phases
@@ -260,10 +260,10 @@ class Compression:
             st.window = (obs.window_queries, obs.window_positions)
 
         for name, t in (self.policy.observe(obs) or {}).items():
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, Hkv, T):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or tuple(t.shape[:3]) != (B, Hkv, T):
                 raise ValueError(
                     f"policy {self.policy.name!r}: observe() must return [B, H_kv, T] = {(B, Hkv, T)} "
-                    f"tensors, got {name!r} with shape {getattr(t, 'shape', None)}"
+                    f"or [B, H_kv, T, E] tensors, got {name!r} with shape {getattr(t, 'shape', None)}"
                 )
             st.state[name] = t
 

@@ -16,7 +16,7 @@ class Observation:
     T cached entries including this forward's, D head dim, q tokens in this forward).
 
     Always available: `keys`, `values` [B, H_kv, T, D]; `positions` [B, H_kv, T] (true token
-    positions of the cached entries); `state` (per-token side tensors [B, H_kv, T]); `scratch`
+    positions of the cached entries); `state` (per-token side tensors [B, H_kv, T] or [B, H_kv, T, E]); `scratch`
     (a per-layer dict for scalars, reset with each new sequence); `phase` ("prefill" for the
     forward that starts a sequence, "decode" after); `phases` (the phases in which this
     compression evicts: a policy can skip work that only a later eviction would use);

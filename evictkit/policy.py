@@ -88,7 +88,8 @@ class Policy:
     def observe(self, obs: Observation) -> Mapping[str, torch.Tensor]:
         """Called after every forward of every layer, eviction or not.
 
-        Return per-token state tensors `[B, H_kv, T]` (the whole current cache) to store;
+        Return per-token state tensors `[B, H_kv, T]` or `[B, H_kv, T, E]` (E values per entry,
+        e.g. one per query head of a GQA group; the whole current cache) to store;
         `obs.state[name]` holds the previous values, with the new tokens' slots set to 0.
         """
         return {}

@@ -46,8 +46,8 @@ Deviations from the reference implementation:
   selection). Without a budget (`score(obs)` alone), AWS has no drift estimate and uses t = 0.
 - Decode (beyond the paper, which only evicts at the end of prefill; off by default): with
   `evictkit.compress(..., phase="both"|"decode")`, `decode="carried"` (default) keeps the
-  temporal aggregate of every query seen so far as per-token side tensors "restkv_a<i>" (one
-  [B, H_kv, T] tensor per query head i of a KV group), compacted with K/V: at prefill it is
+  temporal aggregate of every query seen so far as the per-token side tensor "restkv_a"
+  ([B, H_kv, T, g], one value per query head of a KV group), compacted with K/V: at prefill it is
   the window's EMA over all keys, and each decode query updates it by the same recursion
   (s <- alpha A_t + (1 - alpha) s; "mean" keeps a running mean, "none" the newest row), which
   costs one attention row per step. A decode-time eviction scores the slots outside the
@@ -122,7 +122,7 @@ def _one_of(choices: tuple[str, ...]):
 
 
 DECODE_MODES = ("carried", "window")
-#: side tensors of the carried aggregate: "restkv_a0" .. "restkv_a<g-1>", one per query head of a group
+#: side tensor of the carried aggregate, [B, H_kv, T, g]: one value per query head of a KV group
 STATE = "restkv_a"
 #: scratch keys: AWS (kernel, shift) of the prefill eviction; number of queries in a running mean
 AWS = "restkv_aws"
@@ -178,12 +178,11 @@ class RestKV(ScorePolicy):
         return gram
 
     def observe(self, obs: Observation) -> Mapping[str, torch.Tensor]:
-        """The carried temporal aggregate [B, H_q, T] as g side tensors [B, H_kv, T] (only when
-        this compression evicts at decode and the mode carries)."""
+        """The carried temporal aggregate as the side tensor [B, H_kv, T, g] (only when this
+        compression evicts at decode and the mode carries)."""
         if not self.carries or "decode" not in obs.phases:
             return {}
         B, Hkv, T = obs.positions.shape
-        g = obs.n_heads // Hkv
         with torch.no_grad():
             if obs.phase == "prefill":
                 attn = obs.window_attention  # [B, Hq, w, T]
@@ -191,7 +190,7 @@ class RestKV(ScorePolicy):
                 a = aggregate(attn, temporal_weights(w, self.temporal, float(self.alpha), device=attn.device))
                 obs.scratch[COUNT] = w
             else:
-                a = torch.stack([obs.state[f"{STATE}{i}"] for i in range(g)], dim=2).view(B, Hkv * g, T)
+                a = self._carried(obs)
                 rows = attention_weights(
                     obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap,
                     key_mask=obs.valid,
@@ -206,13 +205,18 @@ class RestKV(ScorePolicy):
                     else:  # "none": the newest query only
                         a = rows[:, :, t]
                 obs.scratch[COUNT] = n
-        a = a.view(B, Hkv, g, T)
-        return {f"{STATE}{i}": a[:, :, i].contiguous() for i in range(g)}
+        return {STATE: a.view(B, Hkv, -1, T).transpose(2, 3)}
+
+    @staticmethod
+    def _carried(obs: Observation) -> torch.Tensor:
+        """The carried aggregate as [B, H_q, T] (query heads in order)."""
+        B, Hkv, T, g = obs.state[STATE].shape
+        return obs.state[STATE].transpose(2, 3).reshape(B, Hkv * g, T)
 
     def score(self, obs: Observation, budget: int | None = None) -> torch.Tensor:
         """[B, H_kv, T] fp32 scores; the newest w slots (the window) get the largest finite float
         (they are protected anyway). `budget` feeds AWS's drift estimate."""
-        if obs.phase == "decode" and self.carries and f"{STATE}0" in obs.state:
+        if obs.phase == "decode" and self.carries and STATE in obs.state:
             return self._carried_score(obs)
         attn = obs.window_attention  # [B, Hq, w, T] fp32
         w = attn.shape[2]
@@ -238,11 +242,10 @@ class RestKV(ScorePolicy):
         return self._with_window(reduce_gqa(per_head, obs.n_kv_heads, self.gqa), w)
 
     def _carried_score(self, obs: Observation) -> torch.Tensor:
-        B, Hkv, T = obs.positions.shape
-        g = obs.n_heads // Hkv
+        Hkv, T = obs.positions.shape[1:]
         w = min(self.window, T)
         P = T - w
-        a = torch.stack([obs.state[f"{STATE}{i}"] for i in range(g)], dim=2).view(B, Hkv * g, T)
+        a = self._carried(obs)
         gram = self._gram(obs) if self.indicator == "reconstruction" else None
         with torch.no_grad():
             per_head = aggregate_scores(a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator)

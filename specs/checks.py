@@ -252,7 +252,7 @@ def _drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool) -> list
             values = torch.cat([values, data.values[:, :, span]], dim=2)
             positions = torch.cat([positions, new_pos], dim=-1)
         for name in list(state):
-            state[name] = torch.cat([state[name], state[name].new_zeros(B, H, q)], dim=-1)
+            state[name] = torch.cat([state[name], state[name].new_zeros(B, H, q, *state[name].shape[3:])], dim=2)
         seen += q
         hidden = data.hidden[:, span]
         cos, sin = rope(hidden, qpos)
@@ -275,9 +275,9 @@ def _drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool) -> list
         if not isinstance(new_state, Mapping):
             raise ctx.fail(f"observe() returned {type(new_state).__name__}; it must return a mapping of tensors")
         for name, t in new_state.items():
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, H, T):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or tuple(t.shape[:3]) != (B, H, T):
                 raise ctx.fail(f"observe() at step {i} returned {name!r} with shape {tuple(getattr(t, 'shape', ()))}; "
-                               f"side tensors must be [B, H_kv, T] = {(B, H, T)}")
+                               f"side tensors must be [B, H_kv, T] or [B, H_kv, T, E] with [B, H_kv, T] = {(B, H, T)}")
             if case.finite and t.is_floating_point() and bool(torch.isnan(t).any()):
                 raise ctx.fail(f"observe() at step {i} returned NaN in side tensor {name!r} on finite inputs")
             state[name] = t

@@ -234,3 +234,49 @@ def test_multi_token_forward_after_eviction_is_causal():
                               for i in range(chunk.shape[1])], dim=1)
 
     assert torch.allclose(run(False), run(True), atol=1e-5)
+
+
+def _side_tensor_policy(shape_of):
+    """A streaming-window policy whose observe() stores each entry's true position in a side
+    tensor shaped by `shape_of(positions)` (new slots arrive zero-filled from the core)."""
+    import attrs
+
+    from evictkit.policy import Policy
+    from evictkit.selection import select_topk
+
+    @attrs.define(frozen=True, kw_only=True)
+    class Tagged(Policy):
+        name = "tagged"
+        phases = ("prefill", "decode")
+
+        def observe(self, obs):
+            prev = obs.state.get("tag")
+            tag = shape_of(obs.positions.float())
+            if prev is not None:  # old slots hold what the core compacted for them, new ones 0
+                old = prev.shape[2] - obs.q_len
+                assert torch.equal(prev[:, :, :old], tag[:, :, :old]) and not prev[:, :, old:].any()
+            return {"tag": tag}
+
+        def select(self, obs, budget):
+            return select_topk(obs.positions.float(), budget)
+
+    return Tagged()
+
+
+def test_side_tensors_with_a_trailing_dim_are_compacted_with_the_cache():
+    model = tiny_model("qwen2")
+    policy = _side_tensor_policy(lambda p: torch.stack([p, -p], dim=-1))  # [B, H_kv, T, 2]
+    with evictkit.compress(model, policy, budget=16) as run:
+        greedy(model, prompt(), n=5)
+    for st in run._layers.values():
+        tag = st.state["tag"]
+        assert tag.shape[-1] == 2 and tag.shape[2] == st.positions.shape[-1] == 16
+        assert torch.equal(tag[..., 0], st.positions.float()) and torch.equal(tag[..., 1], -st.positions.float())
+
+
+def test_side_tensor_of_a_wrong_shape_is_refused():
+    model = tiny_model("llama")
+    policy = _side_tensor_policy(lambda p: p[..., None, None])  # [B, H_kv, T, 1, 1]
+    with pytest.raises(ValueError, match=r"observe\(\) must return \[B, H_kv, T\]"):
+        with evictkit.compress(model, policy, budget=16):
+            model(prompt())

@@ -498,7 +498,8 @@ def test_carried_aggregate_equals_the_aggregate_over_every_query(temporal):
         rows = attention_weights(q, keys, torch.arange(T - n, T)[None], pos, module.scaling)  # [1, Hq, n, T]
         want = M.aggregate(rows.double(), weights)  # [1, Hq, T]
         Hkv = keys.shape[1]
-        got = torch.stack([states[li][f"restkv_a{i}"] for i in range(want.shape[1] // Hkv)], dim=2)
+        got = states[li]["restkv_a"].transpose(2, 3)  # [B, H_kv, g, T]: query heads in order
+        assert got.shape[2] == want.shape[1] // Hkv
         torch.testing.assert_close(got.reshape(want.shape).double(), want, rtol=1e-4, atol=1e-6)
 
 
