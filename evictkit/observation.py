@@ -100,6 +100,9 @@ class Observation:
     @cached_property
     def queries(self) -> torch.Tensor:
         """Post-RoPE queries of this forward, [B, H_q, q, D]."""
+        buffer = self._window_buffer
+        if buffer is not None and buffer[0].shape[2] >= self.q_len:
+            return buffer[0][:, :, -self.q_len :]  # the core's rolling window already projected them
         return self._project(0)
 
     @cached_property
