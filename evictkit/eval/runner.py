@@ -214,8 +214,7 @@ def _widens(old: dict, new: dict) -> bool:
         return False
     if new["samples"] < old["samples"]:
         return False
-    as_set = {"tasks": lambda v: set(v), "budgets": lambda v: set(v),
-              "policies": lambda v: {json.dumps(p, sort_keys=True) for p in v}}
+    as_set = {"tasks": set, "budgets": set, "policies": lambda v: {json.dumps(p, sort_keys=True) for p in v}}
     return all(as_set[k](old[k]) <= as_set[k](new[k]) for k in as_set)
 
 
