@@ -12,6 +12,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import evictkit
 from evictkit.plugins import _restkv_math as M
@@ -215,6 +217,62 @@ def test_aws_drift_hand_computed():
     assert float(M.aws_drift(attn, 2)) == pytest.approx(3 - 8.25)
     assert float(M.aws_drift(attn[:4], 2)) == pytest.approx((2 + 3 + 2 + 5) / 4 - (0 + 1 + 8 + 9) / 4)
     assert float(M.aws_drift(attn[:1], 2)) == 0.0  # one query: no halves
+
+
+def _drifting_attention(data, lead=(2, 3)):
+    """Random window attention [*lead, w, T] whose front queries lean to early keys and rear
+    ones to late keys by a random amount (drifts anywhere in +-T), sometimes with many ties."""
+    w = data.draw(st.integers(1, 9), label="w")
+    T = data.draw(st.integers(20, 400), label="T")
+    k = data.draw(st.integers(1, T), label="k")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    lean = data.draw(st.floats(-8.0, 8.0), label="lean")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(*lead, w, T, generator=gen)
+    ramp = torch.linspace(0.0, lean, T)
+    x[..., : w // 2, :] *= torch.exp(-ramp)
+    x[..., w // 2 :, :] *= torch.exp(ramp)
+    if data.draw(st.booleans(), label="ties"):
+        x = (x * 4).round() / 4
+    return x, k
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_drift_bounds_contain_the_exact_drift(data):
+    attn, k = _drifting_attention(data)
+    exact = M.aws_drift(attn, k)
+    lo, hi = M.aws_drift_bounds(attn, k)
+    assert (lo <= exact + 1e-9).all() and (exact <= hi + 1e-9).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_aws_params_equal_the_exact_top_k(data):
+    """The bound-then-verify path gives the kernel and shift of the exact drift, for betas that
+    put steps anywhere in the drift's range (including right at the bounds)."""
+    attn, k = _drifting_attention(data)
+    T, w = attn.shape[-1], attn.shape[-2]
+    beta = data.draw(st.integers(1, max(1, T - k)), label="beta")
+    want = M.aws_kernel(M.aws_drift(attn, k), float(beta), 5)
+    got = M.aws_params(attn, k + w, float(beta), 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_aws_params_falls_back_when_the_bounds_straddle_a_step(monkeypatch):
+    """A drift sitting on a step of beta cannot be settled by the bounds: the exact top-k runs."""
+    attn = torch.zeros(1, 1, 2, 100)
+    attn[0, 0, 0, 60:70] = 1.0  # front query: top-10 at 60..69, mean 64.5
+    attn[0, 0, 1, 10:20] = 1.0  # rear query: 10..19, mean 14.5 -> t = 50
+    calls = []
+    real = M.aws_drift
+    monkeypatch.setattr(M, "aws_drift", lambda a, k: calls.append(a.shape) or real(a, k))
+    kernel, shift = M.aws_params(attn, 12, 50.0, 5)  # budget 12, w 2: k = 10; t / beta = 1 exactly
+    assert calls == [(1, 2, 100)]  # one head, re-run exactly
+    assert (int(kernel), int(shift)) == (5, 1)
+    calls.clear()
+    kernel, shift = M.aws_params(attn, 12, 80.0, 5)  # t = 50 inside (-80, 80): settled by the bounds
+    assert calls == [] and (int(kernel), int(shift)) == (5, 0)
 
 
 # --- 5. the whole scorer against a plain re-implementation of the released code --------------
