@@ -18,6 +18,9 @@ import time
 import torch
 
 
+FLOOR = "floor: the indicator's (o - v) G matmul alone"
+
+
 def timed(fn, device: str, reps: int) -> float:
     """Median seconds of one call (after 3 warm-up calls)."""
     for _ in range(3):
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         score = M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction")
         aws = M.aws_params(attn, budget, 2000.0, 5)
         smoothed = M.smooth(score, "adaptive", 5, aws)
+        # the one matmul the indicator cannot avoid: (o - v_j) G_h for every prefix key and
+        # query head, H_q P d^2 multiply-adds (the window's Q K^T is H_q W T d)
+        g = Hq // Hkv
+        x = (v[:, :, None, :P] - torch.randn(1, Hkv, g, 1, d, generator=gen).to(dev)).contiguous()
+        gram_g = gram.view(Hkv, g, d, d)
         pieces = {
             "window attention (both)": lambda: attention_weights(q, k, qpos, kpos, d**-0.5),
             "snapkv: mean + max pool 7 + GQA mean": lambda: reduce_gqa(pool1d(attn[..., :P].mean(2), 7, "max"), Hkv, "mean"),
@@ -78,12 +86,22 @@ def main(argv: list[str] | None = None) -> int:
             "restkv: GQA mean": lambda: reduce_gqa(smoothed, Hkv, "mean"),
             "select_topk (both)": lambda: select_topk(reduce_gqa(smoothed, Hkv, "mean"), budget, window=w),
             "restkv: restkv_scores whole": lambda: M.restkv_scores(attn, v, gram, budget=budget),
+            FLOOR: lambda: torch.matmul(x, gram_g),
         }
         print(f"\n## T={T}, budget={budget}, Hq={Hq}, Hkv={Hkv}, d={d}, W={w}, device={dev}\n")
         print("| piece | ms |\n|---|---|")
         with torch.inference_mode():
-            for name, fn in pieces.items():
-                print(f"| {name} | {timed(fn, dev, args.reps) * 1e3:.3f} |")
+            ms = {name: timed(fn, dev, args.reps) * 1e3 for name, fn in pieces.items()}
+            for name, t in ms.items():
+                print(f"| {name} | {t:.3f} |")
+            shared = ms["window attention (both)"] + ms["select_topk (both)"]
+            snap = shared + ms["snapkv: mean + max pool 7 + GQA mean"]
+            print(
+                f"\nScoring ratio ReST-KV / SnapKV from these pieces: "
+                f"{(shared + ms['restkv: restkv_scores whole'] + ms['restkv: GQA mean']) / snap:.2f}; "
+                f"floor with the indicator's matmul alone: "
+                f"{(shared + ms[FLOOR]) / snap:.2f}"
+            )
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
             with torch.profiler.profile(activities=acts) as prof:
                 for _ in range(5):
