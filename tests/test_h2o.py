@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from generation import generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 
 import evictkit
@@ -18,7 +19,7 @@ PROMPT, NEW = 24, 12
 
 
 def _ids(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+    return prompt_ids(n, seed)
 
 
 # --- the hand computation -----------------------------------------------------------------
@@ -83,34 +84,14 @@ def test_default_recent_is_half_the_budget():
 
 
 # --- against transformers' eager attention ------------------------------------------------
-def _peaky(model):
-    """Random init gives near-uniform attention, where accumulation alone ranks the oldest
-    tokens first; sharper q/k projections make the selection depend on the attention."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    return model
-
-
 def _run(model, ids, new=NEW, **compress):
-    snaps: list[dict[int, dict[str, torch.Tensor]]] = []
-    with evictkit.compress(model, "h2o", **compress) as run:
-        handle = model.register_forward_hook(lambda *_: snaps.append(
-            {li: {"positions": st.positions.clone(), **{k: v.clone() for k, v in st.state.items()}}
-             for li, st in run._layers.items()}))
-        try:
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
-        finally:
-            handle.remove()
-    return out, snaps, run
+    return generate_with_snapshots(model, ids, "h2o", new, state=True, **compress)
 
 
 def test_score_is_the_eager_attention_column_sum():
     """Without eviction the score is the column sum of the full causal attention matrix over
     every query so far, averaged over each KV head's query heads."""
-    model = _peaky(tiny_model("llama", attn="eager"))
+    model = sharpen_attention(tiny_model("llama", attn="eager"))
     ids = _ids(12)
     out, snaps, _ = _run(model, ids, new=6, budget=64)
     full = model(out.sequences[:, :-1], output_attentions=True)
@@ -121,7 +102,7 @@ def test_score_is_the_eager_attention_column_sum():
 
 
 def test_prefill_keeps_recent_plus_the_heaviest():
-    model = _peaky(tiny_model("qwen2", attn="eager"))
+    model = sharpen_attention(tiny_model("qwen2", attn="eager"))
     ids = _ids()
     budget, recent = 10, 4
     _, snaps, _ = _run(model, ids, new=1, budget=budget, recent=recent)
@@ -139,7 +120,7 @@ def test_prefill_keeps_recent_plus_the_heaviest():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("slack", [0, 4])
 def test_laws(arch, slack):
-    model = _peaky(tiny_model(arch))
+    model = sharpen_attention(tiny_model(arch))
     budget, recent = 12, 5
     ids = _ids()
     out, snaps, run = _run(model, ids, budget=budget, slack=slack, recent=recent)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from generation import generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 
 import evictkit
@@ -175,21 +176,11 @@ PARAMS = dict(span=3, overlap=0, sinks=2)  # Bk=3, Ak=1, R=2: compensation 1, ca
 
 
 def _ids(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+    return prompt_ids(n, seed)
 
 
 def _run(model, ids, new=NEW, **compress):
-    snaps: list[dict[int, torch.Tensor]] = []
-    with evictkit.compress(model, "lacache", **compress) as run:
-        handle = model.register_forward_hook(
-            lambda *_: snaps.append({li: st.positions.clone() for li, st in run._layers.items()})
-        )
-        try:
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
-        finally:
-            handle.remove()
-    return out, snaps, run
+    return generate_with_snapshots(model, ids, "lacache", new, **compress)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

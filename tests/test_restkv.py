@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import evictkit
 from evictkit.plugins import _restkv_math as M
 from evictkit.plugins.restkv import RestKV
+from generation import prompt_ids
 from models import tiny_model
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -339,10 +340,6 @@ def test_drift_skip_is_exact():
 
 
 # --- 6. the cache laws on tiny models, every ablation switch ---------------------------------
-def _prompt(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 def _cache(out):
     return getattr(out, "cache", None) or out.past_key_values
 
@@ -350,7 +347,7 @@ def _cache(out):
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_run(request):
     model = tiny_model(request.param)
-    ids = _prompt(40)
+    ids = prompt_ids(40)
     with torch.no_grad():
         full = _cache(model(ids, use_cache=True))
     return model, ids, [(layer.keys.clone(), layer.values.clone()) for layer in full.layers]
@@ -406,7 +403,7 @@ def test_laws_other_switches(arch_run, params):
 
 def test_default_parameters_reach_the_cache(arch_run):
     model, ids, full = arch_run
-    long_ids = _prompt(80, seed=1)
+    long_ids = prompt_ids(80, seed=1)
     with torch.no_grad():
         ref = _cache(model(long_ids, use_cache=True))
     run, cache = _run(model, long_ids, 48)  # window=32 default
@@ -418,7 +415,7 @@ def test_default_parameters_reach_the_cache(arch_run):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_op_when_prompt_fits(arch):
     model = tiny_model(arch)
-    ids = _prompt(20)
+    ids = prompt_ids(20)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=6, do_sample=False)
         full = _cache(model(ids, use_cache=True))
@@ -434,7 +431,7 @@ def test_no_op_when_prompt_fits(arch):
 
 def test_generate_and_decode_phase():
     model = tiny_model("llama")
-    ids = _prompt(40)
+    ids = prompt_ids(40)
     with torch.no_grad(), evictkit.compress(model, "restkv", budget=24, window=8) as run:
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == 45
@@ -539,7 +536,7 @@ def test_carried_aggregate_equals_the_aggregate_over_every_query(temporal):
     from evictkit.models import attention_modules
 
     model = tiny_model("qwen2")  # GQA: 2 query heads per KV head
-    ids, w, new = _prompt(30), 8, 6
+    ids, w, new = prompt_ids(30), 8, 6
     with torch.no_grad(), evictkit.compress(model, "restkv", budget=64, window=w, temporal=temporal, phase="both") as run:
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         states = {li: dict(st.state) for li, st in run._layers.items()}
@@ -567,7 +564,7 @@ def test_decode_phase_laws(decode, indicator, temporal, spatial):
     """phase="both": every layer stays at the budget through decode evictions, the window and
     order are kept, every kept key is one of the sequence's, two runs agree."""
     model = tiny_model("qwen2")
-    ids, budget, window, new = _prompt(40), 24, 8, 6
+    ids, budget, window, new = prompt_ids(40), 24, 8, 6
     params = dict(indicator=indicator, temporal=temporal, spatial=spatial, window=window, decode=decode)
 
     def run_once():
@@ -591,7 +588,7 @@ def test_decode_phase_laws(decode, indicator, temporal, spatial):
 
 def test_carried_and_window_decode_differ_and_carried_reuses_prefill_aws():
     model = tiny_model("llama")
-    ids = _prompt(40)
+    ids = prompt_ids(40)
     kept = {}
     for decode in ("carried", "window"):
         with torch.no_grad(), evictkit.compress(model, "restkv", budget=20, window=4, beta=1.0, phase="both",
@@ -653,7 +650,7 @@ def test_budget_not_above_window_is_refused():
             evictkit.compress(model, "restkv", budget=budget, window=8)
     with pytest.raises(ValueError, match="window"), torch.no_grad():
         with evictkit.compress(model, "restkv", budget=0.1, window=8):  # 10% of 40 = 4 <= window
-            model(_prompt(40), use_cache=True)
+            model(prompt_ids(40), use_cache=True)
 
 
 class _Spy(RestKV):
@@ -671,7 +668,7 @@ class _Spy(RestKV):
 @pytest.mark.parametrize("metric_mode", ["after", "before"])
 def test_low_precision_models_give_finite_scores(dtype, metric_mode):
     model = tiny_model("qwen2", dtype=dtype)
-    ids = _prompt(40)
+    ids = prompt_ids(40)
     _Spy.seen = []
     with torch.no_grad(), evictkit.compress(model, _Spy(window=8, metric_mode=metric_mode), budget=24) as run:
         cache = _cache(model(ids, use_cache=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -14,21 +15,12 @@ PROMPT, NEW = 24, 10
 
 
 def _ids(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+    return prompt_ids(n, seed)
 
 
 def _generate(model, ids, new=NEW, **compress):
     """Greedy tokens, per-step logits, and the true positions each layer held after each forward."""
-    snaps: list[dict[int, torch.Tensor]] = []
-    with evictkit.compress(model, "streaming_llm", **compress) as run:
-        handle = model.register_forward_hook(
-            lambda *_: snaps.append({li: st.positions.clone() for li, st in run._layers.items()})
-        )
-        try:
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-        finally:
-            handle.remove()
+    out, snaps, _ = generate_with_snapshots(model, ids, "streaming_llm", new, **compress)
     return out.sequences, torch.stack(out.logits), snaps
 
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from generation import generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 
 import evictkit
@@ -17,7 +18,7 @@ PROMPT, NEW = 24, 12
 
 
 def _ids(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+    return prompt_ids(n, seed)
 
 
 def _toy(n_kv_heads: int) -> Observation:
@@ -69,32 +70,13 @@ def test_head_wise_with_one_group_is_layer_wise():
 
 
 # --- through the core ---------------------------------------------------------------------
-def _peaky(model):
-    """Sharper q/k projections than the random init, so the selection depends on attention."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    return model
-
-
 def _run(model, ids, new=NEW, **compress):
-    snaps: list[dict[int, torch.Tensor]] = []
-    with evictkit.compress(model, "tova", **compress) as run:
-        handle = model.register_forward_hook(
-            lambda *_: snaps.append({li: st.positions.clone() for li, st in run._layers.items()})
-        )
-        try:
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
-        finally:
-            handle.remove()
-    return out, snaps, run
+    return generate_with_snapshots(model, ids, "tova", new, **compress)
 
 
 @pytest.mark.parametrize("head_wise", [False, True])
 def test_prefill_keeps_the_top_of_the_last_row(head_wise):
-    model = _peaky(tiny_model("llama", attn="eager"))
+    model = sharpen_attention(tiny_model("llama", attn="eager"))
     ids, budget = _ids(), 9
     _, snaps, _ = _run(model, ids, new=1, budget=budget, head_wise=head_wise)
     full = model(ids, output_attentions=True)
@@ -113,7 +95,7 @@ def test_prefill_keeps_the_top_of_the_last_row(head_wise):
     [(a, s, False) for a in ("llama", "qwen2", "mistral") for s in (0, 4)] + [("qwen2", 0, True), ("llama", 4, True)],
 )
 def test_laws(arch, slack, head_wise):
-    model = _peaky(tiny_model(arch))
+    model = sharpen_attention(tiny_model(arch))
     budget, ids = 12, _ids()
     out, snaps, run = _run(model, ids, budget=budget, slack=slack, head_wise=head_wise)
     assert len(snaps) == NEW

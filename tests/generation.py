@@ -1,0 +1,48 @@
+"""Shared helpers for the policy tests that generate through `evictkit.compress` on tiny models."""
+
+from __future__ import annotations
+
+import torch
+
+import evictkit
+
+
+def prompt_ids(n: int, seed: int = 0) -> torch.Tensor:
+    """[1, n] random token ids in [3, 128), reproducible by seed."""
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def sharpen_attention(model, factor: float = 8.0):
+    """Scale every layer's q/k projections in place. Random init gives near-uniform attention,
+    where score-based policies rank by position alone; sharper logits make the selection depend
+    on the attention. Returns the model."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    return model
+
+
+def generate_with_snapshots(model, ids, policy, new: int, *, state: bool = False, **compress):
+    """Greedy `generate` of `new` tokens under `evictkit.compress(model, policy, **compress)`.
+
+    returns (generate output with logits, snapshots, run): one snapshot per forward of what each
+    layer holds afterwards, {layer: positions [B, H_kv, T]} or, with state=True,
+    {layer: {"positions": ..., **side tensors}}.
+    """
+    def snap(*_):
+        if state:
+            snaps.append({li: {"positions": st.positions.clone(), **{k: v.clone() for k, v in st.state.items()}}
+                          for li, st in run._layers.items()})
+        else:
+            snaps.append({li: st.positions.clone() for li, st in run._layers.items()})
+
+    snaps: list[dict] = []
+    with evictkit.compress(model, policy, **compress) as run:
+        handle = model.register_forward_hook(snap)
+        try:
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        finally:
+            handle.remove()
+    return out, snaps, run
