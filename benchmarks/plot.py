@@ -24,6 +24,22 @@ def style(i: int) -> dict:
     return {"marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}", "ls": "-" if i < 10 else "--"}
 
 
+def plot_series(ax, series: dict[str, list[tuple[float, float]]]) -> None:
+    """One line per named series of (x, y) points, in name order, each drawn sorted by x."""
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, **style(i))
+
+
+def finish(fig, ax, path: Path, written: list[str]) -> None:
+    """Grid, legend, save, remember the file name."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    written.append(path.name)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
@@ -46,16 +62,10 @@ def main() -> int:
         by = defaultdict(list)
         for r in rec["layer"]:
             by[r["policy"]].append((r["n"], r["min"] * 1e3))
-        for i, (p, pts) in enumerate(sorted(by.items())):
-            pts.sort()
-            ax.plot([x for x, _ in pts], [y for _, y in pts], label=p, **style(i))
+        plot_series(ax, by)
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per layer (min)",
                title=f"Policy scoring cost per layer at prefill ({model}, CPU)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "policy_cost_vs_context.png", dpi=110)
-        written.append("policy_cost_vs_context.png")
+        finish(fig, ax, out / "policy_cost_vs_context.png", written)
 
     if rec.get("prefill"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -67,17 +77,11 @@ def main() -> int:
         for r in rec["prefill"]:
             if not r["policy"].startswith("none") and r["n"] in plain:
                 by[r["policy"]].append((r["n"], r["min"] / plain[r["n"]]))
-        for i, (p, pts) in enumerate(sorted(by.items())):
-            pts.sort()
-            ax.plot([x for x, _ in pts], [y for _, y in pts], label=p, **style(i))
+        plot_series(ax, by)
         ax.axhline(1.03, color="grey", ls="--", lw=1, label="1.03x target")
         ax.set(xscale="log", xlabel="context length (tokens)", ylabel="time / plain prefill",
                title=f"Prefill + eviction vs plain prefill ({model}, CPU, budget = context/4)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "prefill_ratio_vs_context.png", dpi=110)
-        written.append("prefill_ratio_vs_context.png")
+        finish(fig, ax, out / "prefill_ratio_vs_context.png", written)
 
     if rec.get("compaction"):
         dtypes = sorted({r["dtype"] for r in rec["compaction"]})
@@ -88,9 +92,7 @@ def main() -> int:
             for r in rec["compaction"]:
                 if r["dtype"] == dt and r["keep"] == keep:
                     by[r["method"]].append((r["T"], r["gbps"]))
-            for i, (m, pts) in enumerate(sorted(by.items())):
-                pts.sort()
-                ax.plot([x for x, _ in pts], [y for _, y in pts], label=m, **style(i))
+            plot_series(ax, by)
             ax.set(xscale="log", xlabel="T (tokens)", title=f"{dt}, keep 1/{keep}")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("GB/s (read + write + indices)")
