@@ -75,6 +75,25 @@ def attention_weights(
 _CHUNK_ELEMENTS = 1 << 24
 
 
+def _visible_key_counts(query_positions: torch.Tensor, key_positions: torch.Tensor, chunk: int) -> list[int]:
+    """For each chunk of `chunk` queries, 1 + the last slot that any of its queries can see
+    (T if none can), all chunks in one host round trip.
+
+    The suffix minimum of the key positions (over batch and heads) is non-decreasing, and slot
+    j or a later one is visible to position x exactly when that minimum at j is <= x, so a
+    sorted search finds the last visible slot whatever order the slots are in.
+    """
+    T = key_positions.shape[-1]
+    first_seen = key_positions.reshape(-1, T).amin(0).flip(0).cummin(0).values.flip(0)  # [T]
+    qmax = query_positions.amax(0)  # [q]
+    pad = -qmax.shape[0] % chunk
+    if pad:
+        qmax = torch.cat([qmax, qmax[-1:].expand(pad)])
+    qmax = qmax.view(-1, chunk).amax(1).to(first_seen.dtype)
+    n = torch.searchsorted(first_seen.contiguous(), qmax, right=True)
+    return torch.where(n == 0, T, n).tolist()
+
+
 def attention_column_sums(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -95,10 +114,8 @@ def attention_column_sums(
     T = keys.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * T))
     total = torch.zeros(B, Hq, T, dtype=torch.float32, device=keys.device)
-    for start in range(0, q, chunk):
+    for start, n in zip(range(0, q, chunk), _visible_key_counts(query_positions, key_positions, chunk)):
         qpos = query_positions[:, start : start + chunk]
-        seen = (key_positions <= qpos.max()).reshape(-1, T).any(0).nonzero()
-        n = int(seen[-1]) + 1 if seen.numel() else T
         rows = attention_weights(
             queries[:, :, start : start + chunk], keys[:, :, :n], qpos, key_positions[..., :n],
             scaling, softcap, key_mask=None if key_mask is None else key_mask[..., :n],
