@@ -18,10 +18,16 @@ masked out of attention (evictkit.ragged), so the memory saved is that of the lo
 layer total is exactly `H_kv * min(T, budget)` real entries.
 
 Defaults: scorer="snapkv" (window=32, kernel=7, pool="max", as the reference), alpha=0.2 (the
-reference's LongBench `--floor_alpha 0.2`), window=32. Prefill only, as the reference.
+reference's LongBench `--floor_alpha 0.2`), window=32, normalize=False, skip=0,
+pyram_mode=False, pyram_beta=20 (the reference's defaults). Prefill only, as the reference.
 Parameters: `scorer` (a registered ScorePolicy name that takes `window`), `alpha` in [0, 1]
 (fraction of B every head is guaranteed; 1 = uniform SnapKV), `window`, `scorer_options`
-(extra parameters of the scorer, e.g. {"kernel": 5}).
+(extra parameters of the scorer, e.g. {"kernel": 5}), and the reference's options:
+- `normalize`: before the global top-k, weigh each head's scores by the share of its score mass
+  that its own top B hold (heads whose attention is concentrated count for more);
+- `skip`: layers below this index get uniform caps (B per head, plain scorer selection);
+- `pyram_mode`: PyramidKV's per-layer budgets (`pyramidkv.pyramid_budgets`, slope
+  `pyram_beta`) before the per-head allocation.
 
 Deviations from the reference:
 - Caps: the reference rounds `n_h (1 - alpha) + floor(alpha B)` per head, so the total is only
@@ -36,7 +42,8 @@ Deviations from the reference:
   work (the reference asserts B = 1).
 - Kept indices ascending within each head (the reference keeps descending score order); ties
   go to the more recent key, then to the lower head, deterministically.
-- `normalize`, `skip` and `pyram_mode` of the reference are not implemented.
+- `pyram_mode` uses evictkit's PyramidKV schedule (exact linear ramp, per-layer budgets summing
+  to exactly L * budget; see plugins/pyramidkv.py) where the reference floors the step.
 """
 
 from __future__ import annotations
@@ -111,6 +118,20 @@ def _check_alpha(_inst: object, attr: attrs.Attribute, value: object) -> None:
         )
 
 
+def _check_bool(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attr.name}={value!r}: must be True or False")
+
+
+def mass_share_weights(scores: torch.Tensor, candidate: torch.Tensor, per_head: int) -> torch.Tensor:
+    """AdaKV's `normalize`: per head, (sum of its top `per_head` candidate scores) / (sum of all
+    its candidate scores); [B, H, T] scores and mask -> [B, H, 1]. 1 where a head has no mass."""
+    vals = scores.masked_fill(~candidate, 0.0)
+    top = vals.topk(min(per_head, vals.shape[-1]), dim=-1).values.sum(-1, keepdim=True)
+    total = vals.sum(-1, keepdim=True)
+    return torch.where(total > 0, top / total.clamp_min(torch.finfo(total.dtype).tiny), torch.ones_like(total))
+
+
 @attrs.define(frozen=True, kw_only=True)
 class AdaKV(ScorePolicy):
     """Adaptive per-head budgets on top of a window scorer (default SnapKV); ragged heads."""
@@ -123,6 +144,10 @@ class AdaKV(ScorePolicy):
     alpha: float = attrs.field(default=0.2, validator=_check_alpha)
     window: int = attrs.field(default=32, validator=int_at_least(1))
     scorer_options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_as_options)
+    normalize: bool = attrs.field(default=False, validator=_check_bool)
+    skip: int = attrs.field(default=0, validator=int_at_least(0))
+    pyram_mode: bool = attrs.field(default=False, validator=_check_bool)
+    pyram_beta: int = attrs.field(default=20, validator=int_at_least(1))
     _base: ScorePolicy = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
@@ -153,6 +178,14 @@ class AdaKV(ScorePolicy):
     def score(self, obs: Observation) -> torch.Tensor:
         return self._base.score(obs)
 
+    def layer_budget(self, budget: int, layer_idx: int, n_layers: int, length: int) -> int:
+        if not self.pyram_mode:
+            return budget
+        from evictkit.plugins.pyramidkv import pyramid_budgets
+
+        sinks, window = self.protected()
+        return pyramid_budgets(budget, sinks + window, n_layers, length, self.pyram_beta)[layer_idx]
+
     def select(self, obs: Observation, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ragged selection: (idx [B, H_kv, K] right-aligned per head, counts [B, H_kv])."""
         scores = self.score(obs).float()
@@ -168,13 +201,17 @@ class AdaKV(ScorePolicy):
         per_head = budget - sinks - window
 
         masked = scores.masked_fill(~candidate, float("-inf"))
-        # Global top-k over the layer: flattened newest-first, heads interleaved, so a stable sort
-        # breaks ties toward the more recent key, then the lower head.
-        flat = masked.flip(-1).transpose(1, 2).reshape(B, T * H)
-        top = torch.argsort(flat, dim=-1, descending=True, stable=True)[:, : H * per_head]
-        counts = torch.zeros(B, H, dtype=torch.long, device=scores.device).scatter_add_(
-            -1, top % H, torch.ones_like(top)
-        )
+        if obs.layer_idx < self.skip:  # the reference's uniform lower layers
+            counts = torch.full((B, H), per_head, dtype=torch.long, device=scores.device)
+        else:
+            weighted = masked * mass_share_weights(scores, candidate, per_head) if self.normalize else masked
+            # Global top-k over the layer: flattened newest-first, heads interleaved, so a stable
+            # sort breaks ties toward the more recent key, then the lower head.
+            flat = weighted.flip(-1).transpose(1, 2).reshape(B, T * H)
+            top = torch.argsort(flat, dim=-1, descending=True, stable=True)[:, : H * per_head]
+            counts = torch.zeros(B, H, dtype=torch.long, device=scores.device).scatter_add_(
+                -1, top % H, torch.ones_like(top)
+            )
         caps = allocate_head_budgets(counts, per_head, self.alpha, limit=candidate.sum(-1))
 
         order = torch.argsort(masked.flip(-1), dim=-1, descending=True, stable=True)

@@ -13,7 +13,8 @@ from transformers import DynamicCache
 import evictkit
 from evictkit import ragged
 from evictkit.models import attention_modules
-from evictkit.plugins.adakv import AdaKV, allocate_head_budgets
+from evictkit.plugins.adakv import AdaKV, allocate_head_budgets, mass_share_weights
+from evictkit.plugins.pyramidkv import pyramid_budgets
 
 sys.path.insert(0, str(Path(__file__).parent))
 from models import tiny_model  # noqa: E402
@@ -55,6 +56,57 @@ def test_allocation_sums_and_floor(seed):
     assert bool((caps <= L).all())
     exact = floor_cap + counts * (per_head - floor_cap) / per_head
     assert bool(((caps - exact).abs() < 1).all())
+
+
+# --- the reference's options: normalize, skip, pyram_mode ---------------------------------------
+
+# Two heads, four evictable slots and one window slot each. Head 0 is concentrated (its top 2 hold
+# 0.70 of 0.72), head 1 flat but higher (top 2: 0.69 of 1.34).
+_SCORES = torch.tensor([[[0.40, 0.30, 0.01, 0.01, 9.0], [0.35, 0.34, 0.33, 0.32, 9.0]]])
+
+
+def _select_on(scores, policy, monkeypatch, layer_idx=0):
+    monkeypatch.setattr(AdaKV, "score", lambda self, obs: scores)
+    obs = type("Obs", (), {"valid": None, "layer_idx": layer_idx})()
+    return policy.select(obs, 3)  # budget 3 = window 1 + B = 2 per head, 4 picks in the layer
+
+
+def test_normalize_by_hand(monkeypatch):
+    candidate = torch.tensor([[[True] * 4 + [False]] * 2])
+    weights = mass_share_weights(_SCORES, candidate, 2)
+    torch.testing.assert_close(weights.flatten(), torch.tensor([0.70 / 0.72, 0.69 / 1.34]))
+    # plain: the global top 4 are 0.40 (head 0), 0.35, 0.34, 0.33 (head 1) -> caps 1, 3
+    _, kept = _select_on(_SCORES, AdaKV(window=1, alpha=0.0), monkeypatch)
+    assert kept.tolist() == [[1 + 1, 3 + 1]]
+    # weighted: 0.389, 0.292 (head 0) beat 0.180, 0.175 (head 1) -> caps 2, 2
+    idx, kept = _select_on(_SCORES, AdaKV(window=1, alpha=0.0, normalize=True), monkeypatch)
+    assert kept.tolist() == [[3, 3]]
+    assert idx.tolist() == [[[0, 1, 4], [0, 1, 4]]]
+
+
+def test_skip_gives_lower_layers_uniform_caps(monkeypatch):
+    policy = AdaKV(window=1, alpha=0.0, skip=1)
+    assert _select_on(_SCORES, policy, monkeypatch, layer_idx=0)[1].tolist() == [[3, 3]]
+    assert _select_on(_SCORES, policy, monkeypatch, layer_idx=1)[1].tolist() == [[2, 4]]
+
+
+def test_skip_layers_keep_what_snapkv_keeps():
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    _, ada, _ = _prefill(model, ids, AdaKV(window=4, alpha=0.0, skip=1), 16)
+    _, snap, _ = _prefill(model, ids, evictkit.policy("snapkv", window=4), 16)
+    assert [len(k) for k in _kept_sets(ada, 0)] == [16, 16]
+    assert all(torch.equal(a, b) for a, b in zip(_kept_sets(ada, 0), _kept_sets(snap, 0)))
+    assert len({len(k) for k in _kept_sets(ada, 1)}) > 1  # layer 1 still adapts
+
+
+def test_pyram_mode_takes_pyramidkv_layer_budgets():
+    model = tiny_model("qwen2", layers=4)
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1))
+    _, run, _ = _prefill(model, ids, AdaKV(window=4, alpha=0.2, pyram_mode=True, pyram_beta=20), 16)
+    want = pyramid_budgets(16, 4, 4, 64, 20)
+    assert len(set(want)) > 1
+    assert [s.entries for s in run.stats.layers] == [2 * b for b in want]
 
 
 # --- ragged storage -----------------------------------------------------------------------------
@@ -278,6 +330,10 @@ def test_generate_with_ragged_cache_runs_and_uses_true_positions():
         (dict(scorer="adakv"), "scorer"),
         (dict(scorer_options={"kernel": 4}), "kernel"),
         (dict(scorer_options={"window": 4}), "window"),
+        (dict(normalize="yes"), "normalize"),
+        (dict(skip=-1), "skip"),
+        (dict(pyram_mode=1), "pyram_mode"),
+        (dict(pyram_beta=0), "pyram_beta"),
     ],
 )
 def test_bad_parameters(params, param):
