@@ -2,7 +2,7 @@
 
 Synthetic window attention and values of one layer (no model): the same tensors feed both
 scorers, so the table isolates the scoring itself. Each piece is timed alone (median of
-repeated calls, with a device sync on CUDA), then the whole ReST-KV step runs under
+repeated calls, the pieces taking turns, with a device sync on CUDA), then the whole ReST-KV step runs under
 torch.profiler and its top operators are printed.
 
     .venv/bin/python benchmarks/profile_scoring.py                # CPU, one thread
@@ -21,20 +21,24 @@ import torch
 FLOOR = "floor: the indicator's (o - v) G matmul alone"
 
 
-def timed(fn, device: str, reps: int) -> float:
-    """Median seconds of one call (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    out = []
+def timed_round_robin(pieces: dict, device: str, reps: int) -> dict[str, float]:
+    """Median seconds of one call of each piece, after 3 warm-up calls. The pieces take turns
+    call by call, so a change in the machine's load hits all of them alike and their ratios
+    stay comparable on a shared host."""
+    for fn in pieces.values():
+        for _ in range(3):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in pieces}
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for name, fn in pieces.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         # the one matmul the indicator cannot avoid: (o - v_j) G_h for every prefix key and
         # query head, H_q P d^2 multiply-adds (the window's Q K^T is H_q W T d)
         g = Hq // Hkv
-        x = (v[:, :, None, :P] - torch.randn(1, Hkv, g, 1, d, generator=gen).to(dev)).contiguous()
+        # (in the same cache-sized key chunks as the indicator: one [.., P, d] operand at 16k
+        # keys runs slower than the chunked indicator whole)
+        step = M.key_chunk(Hq * d, torch.device(dev))
+        o_rand = torch.randn(1, Hkv, g, 1, d, generator=gen).to(dev)
+        xs = [(v[:, :, None, i : i + step] - o_rand).contiguous() for i in range(0, P, step)]
         gram_g = gram.view(Hkv, g, d, d)
         pieces = {
             "window attention (both)": lambda: attention_weights(q, k, qpos, kpos, d**-0.5),
@@ -86,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             "restkv: GQA mean": lambda: reduce_gqa(smoothed, Hkv, "mean"),
             "select_topk (both)": lambda: select_topk(reduce_gqa(smoothed, Hkv, "mean"), budget, window=w),
             "restkv: restkv_scores whole": lambda: M.restkv_scores(attn, v, gram, budget=budget),
-            FLOOR: lambda: torch.matmul(x, gram_g),
+            FLOOR: lambda: [torch.matmul(x, gram_g) for x in xs],
         }
         print(f"\n## T={T}, budget={budget}, Hq={Hq}, Hkv={Hkv}, d={d}, W={w}, device={dev}\n")
         print("| piece | ms |\n|---|---|")
         with torch.inference_mode():
-            ms = {name: timed(fn, dev, args.reps) * 1e3 for name, fn in pieces.items()}
+            ms = {name: t * 1e3 for name, t in timed_round_robin(pieces, dev, args.reps).items()}
             for name, t in ms.items():
                 print(f"| {name} | {t:.3f} |")
             shared = ms["window attention (both)"] + ms["select_topk (both)"]
