@@ -46,3 +46,15 @@ def generate_with_snapshots(model, ids, policy, new: int, *, state: bool = False
         finally:
             handle.remove()
     return out, snaps, run
+
+
+def assert_generation_unchanged(model, ids, policy, new: int, **compress) -> None:
+    """The no-op law through `generate`: under `compress(**compress)` (a budget that holds every
+    token) the tokens and every step's logits equal plain generation bit for bit, and no layer
+    evicted."""
+    plain = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+    out, _, run = generate_with_snapshots(model, ids, policy, new, **compress)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert torch.equal(torch.stack(out.logits), torch.stack(plain.logits))
+    assert all(s.evictions == 0 for s in run.stats.layers)

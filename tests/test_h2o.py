@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from generation import generate_with_snapshots, prompt_ids, sharpen_attention
+from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 
 import evictkit
@@ -143,13 +143,7 @@ def test_laws(arch, slack):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_no_op_when_the_budget_holds_everything(arch):
     model = tiny_model(arch)
-    ids = _ids()
-    plain = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                           output_logits=True, return_dict_in_generate=True)
-    out, _, run = _run(model, ids, budget=PROMPT + NEW)
-    assert torch.equal(out.sequences, plain.sequences)
-    assert torch.equal(torch.stack(out.logits), torch.stack(plain.logits))
-    assert all(s.evictions == 0 for s in run.stats.layers)
+    assert_generation_unchanged(model, _ids(), "h2o", NEW, budget=PROMPT + NEW)
 
 
 def test_bad_parameters_name_themselves():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from generation import generate_with_snapshots, prompt_ids, sharpen_attention
+from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 
 import evictkit
@@ -227,13 +227,7 @@ def test_shift_positions():
 
 def test_no_op_when_the_budget_holds_everything():
     model = tiny_model("mistral", layers=LAYERS)
-    ids = _ids()
-    plain = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                           output_logits=True, return_dict_in_generate=True)
-    out, _, run = _run(model, ids, budget=PROMPT + NEW, **PARAMS)
-    assert torch.equal(out.sequences, plain.sequences)
-    assert torch.equal(torch.stack(out.logits), torch.stack(plain.logits))
-    assert all(s.evictions == 0 for s in run.stats.layers)
+    assert_generation_unchanged(model, _ids(), "lacache", NEW, budget=PROMPT + NEW, **PARAMS)
 
 
 def test_bad_parameters_name_themselves():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generation import generate_with_snapshots, prompt_ids, sharpen_attention
+from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -49,12 +49,7 @@ def test_slack_bounds_the_size():
 @pytest.mark.parametrize("positions", ["absolute", "shift"])
 def test_no_op_when_the_budget_holds_everything(positions):
     model = tiny_model("qwen2")
-    ids = _ids()
-    plain = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True)
-    tokens, logits, _ = _generate(model, ids, budget=PROMPT + NEW, positions=positions)
-    assert torch.equal(tokens, plain.sequences)
-    assert torch.equal(logits, torch.stack(plain.logits))
+    assert_generation_unchanged(model, _ids(), "streaming_llm", NEW, budget=PROMPT + NEW, positions=positions)
 
 
 def test_shift_gives_new_tokens_the_cache_length():
