@@ -18,61 +18,49 @@ import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "evictkit-example-policy"
 
-BROKEN_IMPORT = {
-    "pyproject.toml": """
+def _one_module_package(dist: str, entry: str, module_text: str) -> dict[str, str]:
+    """Files of an installable one-module plugin distribution `dist` whose module registers
+    under the `evictkit` entry point `entry`."""
+    module = dist.replace("-", "_")
+    pyproject = f"""
         [build-system]
         requires = ["setuptools>=69"]
         build-backend = "setuptools.build_meta"
 
         [project]
-        name = "evictkit-broken-import"
+        name = "{dist}"
         version = "0.0.1"
 
         [project.entry-points.evictkit]
-        broken_import = "evictkit_broken_import"
+        {entry} = "{module}"
 
         [tool.setuptools]
-        py-modules = ["evictkit_broken_import"]
-    """,
-    "evictkit_broken_import.py": """
-        raise RuntimeError("this plugin is broken on purpose")
-    """,
-}
-
-DUPLICATE = {
-    "pyproject.toml": """
-        [build-system]
-        requires = ["setuptools>=69"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "evictkit-duplicate-name"
-        version = "0.0.1"
-
-        [project.entry-points.evictkit]
-        impostor = "evictkit_duplicate_name"
-
-        [tool.setuptools]
-        py-modules = ["evictkit_duplicate_name"]
-    """,
-    "evictkit_duplicate_name.py": """
-        from typing import ClassVar
-
-        import attrs
-
-        import evictkit
+        py-modules = ["{module}"]
+    """
+    return {"pyproject.toml": pyproject, f"{module}.py": module_text}
 
 
-        @attrs.define(frozen=True, kw_only=True)
-        class Impostor(evictkit.Policy):
-            name: ClassVar[str] = "streaming_llm"  # taken by a built-in
+BROKEN_IMPORT = _one_module_package("evictkit-broken-import", "broken_import", """
+    raise RuntimeError("this plugin is broken on purpose")
+""")
+
+DUPLICATE = _one_module_package("evictkit-duplicate-name", "impostor", """
+    from typing import ClassVar
+
+    import attrs
+
+    import evictkit
 
 
-        @evictkit.hookimpl
-        def evictkit_register_policies(register):
-            register(Impostor)
-    """,
-}
+    @attrs.define(frozen=True, kw_only=True)
+    class Impostor(evictkit.Policy):
+        name: ClassVar[str] = "streaming_llm"  # taken by a built-in
+
+
+    @evictkit.hookimpl
+    def evictkit_register_policies(register):
+        register(Impostor)
+""")
 
 
 def _write_package(root: Path, files: dict[str, str]) -> Path:
