@@ -27,6 +27,10 @@ import evictkit
 # --- sizes ------------------------------------------------------------------------------------
 
 
+#: the report's name for test_restkv_indicator_matmul's records (suite 2)
+FLOOR_POLICY = "restkv: indicator matmul only"
+
+
 @attrs.frozen
 class Sizes:
     # compaction core: [B, H_kv, T, D] in each dtype, keeping each fraction
@@ -130,6 +134,8 @@ def pytest_generate_tests(metafunc):
     if "layer_case" in names:
         cases = [(n, p) for p in prefill_policies() if p != "full" for n in s.layer_ctx]
         metafunc.parametrize("layer_case", cases, ids=[f"{p}-{n}" for n, p in cases])
+    if "layer_n" in names:
+        metafunc.parametrize("layer_n", s.layer_ctx)
     if "decode_case" in names:
         cases = [("full", 0, 0)]
         for p in decode_policies():
@@ -282,6 +288,17 @@ class Store:
             last = by.get(ctxs[-1])
             comp = f"{last['compact_s'] * 1e3:.2f}" if last and last.get("compact_s") else "-"
             out.append(f"| {p} | " + " | ".join(cells) + f" | {comp} |")
+        ms = {(r["policy"], r["n"]): r["min"] for r in recs}
+
+        def ratio_row(label: str, top) -> None:
+            cells = [f"{top(n) / ms[('snapkv', n)]:.2f}" if ("snapkv", n) in ms and top(n) is not None else "-" for n in ctxs]
+            if any(c != "-" for c in cells):
+                out.append(f"| {label} | " + " | ".join(cells) + " | |")
+
+        ratio_row("restkv / snapkv", lambda n: ms.get(("restkv", n)))
+        floor = FLOOR_POLICY
+        ratio_row("(snapkv + indicator matmul) / snapkv",
+                  lambda n: ms[("snapkv", n)] + ms[(floor, n)] if (floor, n) in ms and ("snapkv", n) in ms else None)
         return out
 
     def decode_table(self) -> list[str]:

@@ -5,6 +5,9 @@
   ("none", measured first and again last in each context group; the baseline is the faster of
   the two). `full` is the hooks with no eviction. Budget: a quarter of the prompt.
   Targets: within 1.03x of plain at 4k; ReST-KV within 1.03x of SnapKV.
+- `test_restkv_indicator_matmul`: the one matmul ReST-KV's indicator cannot avoid, alone, on the
+  same layer; with SnapKV's scoring beside it, it bounds how close ReST-KV's scoring can get to
+  SnapKV's (the report prints both ratios).
 - `test_layer_scoring`: the policy's own work for one layer (observe + select) on that layer's
   real shapes, without a prefill around it, at 1k..8k. Multiplied by the layer count it gives a
   low-noise estimate of the end-to-end overhead (the "est. ratio" column), since a 3% difference
@@ -87,3 +90,36 @@ def test_layer_scoring(benchmark, sizes, report, model_and_tokenizer, layer_case
     t = run_timed(benchmark, score)
     benchmark.extra_info.update(compact_s=compact_s)
     report.add("layer", n=n, policy=name, budget=budget, compact_s=compact_s, **t)
+
+
+@pytest.mark.benchmark(group="layer", max_time=1.0, min_rounds=3)
+def test_restkv_indicator_matmul(benchmark, sizes, report, model_and_tokenizer, layer_n):
+    """`(o_h - v_j) G_h` for every prefix key j and query head h, the `H_q P d^2` multiply-adds
+    of ReST-KV's reconstruction indicator, on the middle layer's real values and o_proj, in the
+    indicator's own key chunks, into preallocated outputs: nothing else of the method."""
+    from conftest import FLOOR_POLICY
+    from evictkit.plugins import _restkv_math as M
+
+    n = layer_n
+    model, tok = model_and_tokenizer
+    li = model.config.num_hidden_layers // 2
+    inputs = layer_inputs(model, prompt_ids(tok, n), li)
+    values = inputs["values"].float()
+    B, Hkv, T, d = values.shape
+    Hq = model.config.num_attention_heads
+    g, P = Hq // Hkv, T - 32
+    gram = M.head_grams(inputs["module"].o_proj.weight.detach(), Hq).view(Hkv, g, d, d)
+    # one output vector per query head (any will do: the cost is the same)
+    o = values[:, :, None, :P].mean(-2, keepdim=True).expand(B, Hkv, g, 1, d)
+    step = M.key_chunk(B * Hq * d, values.device)
+    xs = [(o - values[:, :, None, i : i + step]).contiguous() for i in range(0, P, step)]
+    ys = [torch.empty_like(x) for x in xs]
+
+    def matmul_only():
+        with torch.inference_mode():
+            for x, y in zip(xs, ys):
+                torch.matmul(x, gram, out=y)
+
+    benchmark.group = f"layer scoring {n} tokens"
+    t = run_timed(benchmark, matmul_only)
+    report.add("layer", n=n, policy=FLOOR_POLICY, budget=None, compact_s=None, **t)
