@@ -37,10 +37,10 @@ Deviations from the reference implementation:
 - AWS shift is t/beta truncated toward zero. The code's `floor(t/beta) + 1` for t <= 0 gives
   shift +1 at t = 0 exactly (e.g. every window query's top keys are the same sinks) and an
   off-by-one at exact negative multiples of beta; both are artefacts of the branch for
-  negative t, so evictkit does not reproduce them (`_restkv_math.aws_kernel(reference_edge=True)`
+  negative t, so evictkit does not reproduce them (`_restkv_aws.aws_kernel(reference_edge=True)`
   has the code's rule). A topk replaces the full argsort, and on CPU it runs only for heads
   whose drift a cheaper bound cannot place within one step of beta (same result; see
-  `_restkv_math.aws_params`); an odd window skips its middle query in the drift (the code
+  `_restkv_aws.aws_params`); an odd window skips its middle query in the drift (the code
   requires an even window).
 - AWS ranks the top (budget - window) keys with the budget this layer gets (the code always
   uses the base budget, which is the same unless a per-layer schedule is applied).

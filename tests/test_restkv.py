@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evictkit
+from evictkit.plugins import _restkv_aws as AWS
 from evictkit.plugins import _restkv_math as M
 from evictkit.plugins.restkv import RestKV
 from generation import prompt_ids
@@ -267,7 +268,7 @@ def test_aws_params_falls_back_when_the_bounds_straddle_a_step(monkeypatch):
     attn[0, 0, 1, 10:20] = 1.0  # rear query: 10..19, mean 14.5 -> t = 50
     calls = []
     real = M.aws_drift
-    monkeypatch.setattr(M, "aws_drift", lambda a, k: calls.append(a.shape) or real(a, k))
+    monkeypatch.setattr(AWS, "aws_drift", lambda a, k: calls.append(a.shape) or real(a, k))
     kernel, shift = M.aws_params(attn, 12, 50.0, 5)  # budget 12, w 2: k = 10; t / beta = 1 exactly
     assert calls == [(1, 2, 100)]  # one head, re-run exactly
     assert (int(kernel), int(shift)) == (5, 1)
