@@ -5,6 +5,7 @@ import torch
 from models import ARCHS, tiny_model
 
 import evictkit
+from evictkit.eval.engine import cache_kwarg
 
 PROMPT = 48
 
@@ -88,7 +89,7 @@ def test_hand_written_decode_loop_gets_true_positions_without_position_ids():
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             for step in range(4):
                 kwargs = {"position_ids": torch.tensor([[PROMPT + step]])} if pass_positions else {}
-                out = model(nxt, past_key_values=cache, use_cache=True, **kwargs)
+                out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True, **kwargs)
                 cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 logits.append(out.logits)
         return torch.cat(logits)
@@ -229,8 +230,8 @@ def test_multi_token_forward_after_eviction_is_causal():
         with evictkit.compress(model, "random", budget=12):
             cache = model(ids, use_cache=True).past_key_values
             if not one_by_one:
-                return model(chunk, past_key_values=cache, use_cache=True).logits
-            return torch.cat([model(chunk[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+                return model(chunk, **{cache_kwarg(model): cache}, use_cache=True).logits
+            return torch.cat([model(chunk[:, i : i + 1], **{cache_kwarg(model): cache}, use_cache=True).logits
                               for i in range(chunk.shape[1])], dim=1)
 
     assert torch.allclose(run(False), run(True), atol=1e-5)
