@@ -54,12 +54,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"policies": rows, "failures": failures}, indent=2))
         return 0
-    print(f"{'name':<15} {'package':<22} {'phases':<16} {'needs':<22} parameters")
+    table = [("name", "package", "phases", "needs", "parameters")]
     for r in rows:
-        needs = r["needs"] or {}
-        need_text = ", ".join(f"{k}={v}" for k, v in needs.items() if v) or "-"
+        needs = ", ".join(f"{k}={v}" for k, v in (r["needs"] or {}).items() if v) or "-"
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-        print(f"{r['name']:<15} {r['package']:<22} {','.join(r['phases']) or '-':<16} {need_text:<22} {params}")
+        table.append((r["name"], r["package"], ",".join(r["phases"]) or "-", needs, params))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]  # the last column runs on
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
     for f in failures:
         print(f"FAILED  {f}", file=sys.stderr)
     return 0

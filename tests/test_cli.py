@@ -20,6 +20,11 @@ def test_list_table(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "streaming_llm" in out and "sinks=4" in out
+    lines = out.splitlines()
+    # columns line up: every row's parameters start where the header's do
+    start = lines[0].index("parameters")
+    for line in lines[1:]:
+        assert line[start - 2 : start] == "  " and line[start] != " ", line
 
 
 def test_generate_with_unknown_policy_fails_before_loading_the_model(capsys):
