@@ -190,7 +190,7 @@ def _cases(dry: bool):
             yield B, H, T, D, K
 
 
-CAP_S = {"exact": 90.0, "prefill": 90.0, "decode": 40.0}  # per-section time caps on the GPU (the whole check: < 5 min)
+CAP_S = {"exact": 90.0, "prefill": 90.0, "scoring": 30.0, "decode": 40.0}  # per-section time caps on the GPU (the whole check: < 5 min)
 
 
 def section_exactness(report: list[str], device: str, dry: bool) -> None:
@@ -399,6 +399,42 @@ def section_prefill(report: list[str], device: str, dry: bool) -> None:
     report += ["## Prefill + eviction on CUDA", "", *lines, ""]
 
 
+def section_scoring(report: list[str], device: str, dry: bool) -> None:
+    """ReST-KV's scoring against SnapKV's on one layer, piece by piece (profile_scoring.py's
+    pieces on synthetic tensors): the ratio the issue targets (1.5x) and its floor, SnapKV plus
+    the indicator's unavoidable matmul alone. Also both ways of getting the AWS drift, to see
+    whether the CPU's bound-then-verify path would pay on this device."""
+    import torch
+
+    from profile_scoring import FLOOR, WHOLE, ratios, scoring_pieces
+
+    timer = Timer(device)
+    shapes = [(9, 3, 64, 576, 256)] if dry else [
+        (9, 3, 64, 576, 4096), (9, 3, 64, 576, 16384), (32, 8, 128, 4096, 32768)]
+    lines = ["Synthetic window attention and values (benchmarks/profile_scoring.py), fp32 scores, W = 32, "
+             "budget = T / 4; median ms per call (CUDA events, 10 back-to-back calls per sample).", "",
+             "| Hq / Hkv / d, T | window attention | SnapKV rest | select | restkv_scores | indicator matmul alone "
+             "| drift: exact top-k | drift: bounds | ReST-KV / SnapKV | (SnapKV + matmul) / SnapKV |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for Hq, Hkv, d, hidden, T in shapes:
+        if not dry and time.perf_counter() - t0 > CAP_S["scoring"]:
+            lines.append(f"| {Hq} / {Hkv} / {d}, {T} | skipped: the {CAP_S['scoring']:.0f} s cap was reached |")
+            continue
+        pieces, _ = scoring_pieces(T, Hq, Hkv, d, hidden, 32, device, gen)
+        with torch.inference_mode():
+            ms = {name: timer.median(fn, warmup=2, reps=1 if dry else 10, batch=1 if dry else 10) * 1e3
+                  for name, fn in pieces.items()}
+        ratio, floor = ratios(ms)
+        lines.append(
+            f"| {Hq} / {Hkv} / {d}, {T} | {ms['window attention (both)']:.3f} "
+            f"| {ms['snapkv: mean + max pool 7 + GQA mean']:.3f} | {ms['select_topk (both)']:.3f} "
+            f"| {ms[WHOLE]:.3f} | {ms[FLOOR]:.3f} | {ms['restkv: AWS drift, exact top-k']:.3f} "
+            f"| {ms['restkv: AWS drift, bounds only']:.3f} | {ratio:.2f} | {floor:.2f} |")
+    report += ["## ReST-KV scoring vs SnapKV's, one layer", "", *lines, ""]
+
+
 def section_decode(report: list[str], device: str, dry: bool) -> None:
     """ms per decoded token after a prompt, full cache vs each decode-phase policy at slack 0 / 16."""
     import contextlib
@@ -456,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on CPU, Triton interpreted")
     ap.add_argument("--out", default=None, help="report path (default $OUT/gpu_check.md or ./gpu_check.md)")
     ap.add_argument("--layout", default=None, help="where to lay out evictkit if it is not importable")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: exact,bandwidth,prefill,decode")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: exact,bandwidth,prefill,scoring,decode")
     args = ap.parse_args(argv)
     dry = args.cpu_dry_run
     if dry:
@@ -509,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         run("Bandwidth", section_bandwidth, device, dry)
     if "prefill" not in skip:
         run("Prefill policies", section_prefill, device, dry)
+    if "scoring" not in skip:
+        run("ReST-KV scoring", section_scoring, device, dry)
     if "decode" not in skip:
         run("Decode policies", section_decode, device, dry)
     report += ["## Sections", "", "| section | result | s |", "|---|---|---|", *status,

@@ -19,6 +19,10 @@ import torch
 
 
 FLOOR = "floor: the indicator's (o - v) G matmul alone"
+SNAP_REST = "snapkv: mean + max pool 7 + GQA mean"
+SELECT = "select_topk (both)"
+GQA = "restkv: GQA mean"
+WHOLE = "restkv: restkv_scores whole"
 
 
 def timed_round_robin(pieces: dict, device: str, reps: int) -> dict[str, float]:
@@ -41,10 +45,62 @@ def timed_round_robin(pieces: dict, device: str, reps: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in out.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def scoring_pieces(T: int, Hq: int, Hkv: int, d: int, hidden: int, w: int, dev: str, gen: torch.Generator):
+    """Synthetic window attention and values of one layer, and a callable per piece of both
+    scorers on them (budget T // 4). Returns (pieces, restkv_scores_args)."""
     from evictkit.attention import attention_weights
     from evictkit.plugins import _restkv_math as M
     from evictkit.selection import pool1d, reduce_gqa, select_topk
+
+    budget = T // 4
+    q = torch.randn(1, Hq, w, d, generator=gen).to(dev)
+    k = torch.randn(1, Hkv, T, d, generator=gen).to(dev)
+    v = torch.randn(1, Hkv, T, d, generator=gen).to(dev)
+    gram = M.head_grams(torch.randn(hidden, Hq * d, generator=gen).to(dev) / hidden**0.5, Hq)
+    qpos = torch.arange(T - w, T, device=dev)[None]
+    kpos = torch.arange(T, device=dev).expand(1, Hkv, T)
+    attn = attention_weights(q, k, qpos, kpos, d**-0.5)
+    P = T - w
+    weights = M.temporal_weights(w, "ema", 0.3, device=dev)
+    a = M.aggregate(attn[..., :P], weights)
+    score = M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction")
+    aws = M.aws_params(attn, budget, 2000.0, 5)
+    smoothed = M.smooth(score, "adaptive", 5, aws)
+    # the one matmul the indicator cannot avoid: (o - v_j) G_h for every prefix key and query
+    # head, H_q P d^2 multiply-adds (the window's Q K^T is H_q W T d), in the indicator's own
+    # key chunks (one [.., P, d] operand at 16k keys runs slower than the chunked indicator)
+    g = Hq // Hkv
+    step = M.key_chunk(Hq * d, torch.device(dev))
+    o_rand = torch.randn(1, Hkv, g, 1, d, generator=gen).to(dev)
+    xs = [(v[:, :, None, i : i + step] - o_rand).contiguous() for i in range(0, P, step)]
+    ys = [torch.empty_like(x) for x in xs]  # written in place: no allocation is timed
+    gram_g = gram.view(Hkv, g, d, d)
+    pieces = {
+        "window attention (both)": lambda: attention_weights(q, k, qpos, kpos, d**-0.5),
+        SNAP_REST: lambda: reduce_gqa(pool1d(attn[..., :P].mean(2), 7, "max"), Hkv, "mean"),
+        "restkv: EMA aggregate": lambda: M.aggregate(attn[..., :P], weights),
+        "restkv: reconstruction indicator": lambda: M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction"),
+        "restkv: AWS kernel and shift (as used)": lambda: M.aws_params(attn, budget, 2000.0, 5),
+        "restkv: AWS drift, exact top-k": lambda: M.aws_drift(attn, budget - w),
+        "restkv: AWS drift, bounds only": lambda: M.aws_drift_bounds(attn, budget - w),
+        "restkv: AWS pool": lambda: M.smooth(score, "adaptive", 5, aws),
+        GQA: lambda: reduce_gqa(smoothed, Hkv, "mean"),
+        SELECT: lambda: select_topk(reduce_gqa(smoothed, Hkv, "mean"), budget, window=w),
+        WHOLE: lambda: M.restkv_scores(attn, v, gram, budget=budget),
+        FLOOR: lambda: [torch.matmul(x, gram_g, out=y) for x, y in zip(xs, ys)],
+    }
+    return pieces, (attn, v, gram, budget)
+
+
+def ratios(ms: dict[str, float]) -> tuple[float, float]:
+    """(ReST-KV / SnapKV scoring, (SnapKV + the indicator's matmul) / SnapKV) from piece times."""
+    shared = ms["window attention (both)"] + ms[SELECT]
+    snap = shared + ms[SNAP_REST]
+    return (shared + ms[WHOLE] + ms[GQA]) / snap, (snap + ms[FLOOR]) / snap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evictkit.plugins import _restkv_math as M
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -61,56 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     dev, Hq, Hkv, d, w = args.device, args.heads, args.kv_heads, args.dim, args.window
     gen = torch.Generator().manual_seed(0)
     for T in (int(x) for x in args.lengths.split(",")):
-        budget = T // 4
-        q = torch.randn(1, Hq, w, d, generator=gen).to(dev)
-        k = torch.randn(1, Hkv, T, d, generator=gen).to(dev)
-        v = torch.randn(1, Hkv, T, d, generator=gen).to(dev)
-        gram = M.head_grams(torch.randn(args.hidden, Hq * d, generator=gen).to(dev) / args.hidden**0.5, Hq)
-        qpos = torch.arange(T - w, T, device=dev)[None]
-        kpos = torch.arange(T, device=dev).expand(1, Hkv, T)
-        attn = attention_weights(q, k, qpos, kpos, d**-0.5)
-        P = T - w
-        weights = M.temporal_weights(w, "ema", 0.3, device=dev)
-        a = M.aggregate(attn[..., :P], weights)
-        score = M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction")
-        aws = M.aws_params(attn, budget, 2000.0, 5)
-        smoothed = M.smooth(score, "adaptive", 5, aws)
-        # the one matmul the indicator cannot avoid: (o - v_j) G_h for every prefix key and
-        # query head, H_q P d^2 multiply-adds (the window's Q K^T is H_q W T d)
-        g = Hq // Hkv
-        # (in the same cache-sized key chunks as the indicator: one [.., P, d] operand at 16k
-        # keys runs slower than the chunked indicator whole)
-        step = M.key_chunk(Hq * d, torch.device(dev))
-        o_rand = torch.randn(1, Hkv, g, 1, d, generator=gen).to(dev)
-        xs = [(v[:, :, None, i : i + step] - o_rand).contiguous() for i in range(0, P, step)]
-        ys = [torch.empty_like(x) for x in xs]  # written in place: no allocation is timed
-        gram_g = gram.view(Hkv, g, d, d)
-        pieces = {
-            "window attention (both)": lambda: attention_weights(q, k, qpos, kpos, d**-0.5),
-            "snapkv: mean + max pool 7 + GQA mean": lambda: reduce_gqa(pool1d(attn[..., :P].mean(2), 7, "max"), Hkv, "mean"),
-            "restkv: EMA aggregate": lambda: M.aggregate(attn[..., :P], weights),
-            "restkv: reconstruction indicator": lambda: M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction"),
-            "restkv: AWS drift (top-k) + kernel": lambda: M.aws_params(attn, budget, 2000.0, 5),
-            "restkv: AWS pool": lambda: M.smooth(score, "adaptive", 5, aws),
-            "restkv: GQA mean": lambda: reduce_gqa(smoothed, Hkv, "mean"),
-            "select_topk (both)": lambda: select_topk(reduce_gqa(smoothed, Hkv, "mean"), budget, window=w),
-            "restkv: restkv_scores whole": lambda: M.restkv_scores(attn, v, gram, budget=budget),
-            FLOOR: lambda: [torch.matmul(x, gram_g, out=y) for x, y in zip(xs, ys)],
-        }
+        pieces, (attn, v, gram, budget) = scoring_pieces(T, Hq, Hkv, d, args.hidden, w, dev, gen)
         print(f"\n## T={T}, budget={budget}, Hq={Hq}, Hkv={Hkv}, d={d}, W={w}, device={dev}\n")
         print("| piece | ms |\n|---|---|")
         with torch.inference_mode():
             ms = {name: t * 1e3 for name, t in timed_round_robin(pieces, dev, args.reps).items()}
             for name, t in ms.items():
                 print(f"| {name} | {t:.3f} |")
-            shared = ms["window attention (both)"] + ms["select_topk (both)"]
-            snap = shared + ms["snapkv: mean + max pool 7 + GQA mean"]
-            print(
-                f"\nScoring ratio ReST-KV / SnapKV from these pieces: "
-                f"{(shared + ms['restkv: restkv_scores whole'] + ms['restkv: GQA mean']) / snap:.2f}; "
-                f"floor with the indicator's matmul alone: "
-                f"{(shared + ms[FLOOR]) / snap:.2f}"
-            )
+            ratio, floor = ratios(ms)
+            print(f"\nScoring ratio ReST-KV / SnapKV from these pieces: {ratio:.2f}; "
+                  f"SnapKV plus the indicator's matmul alone: {floor:.2f}")
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
             with torch.profiler.profile(activities=acts) as prof:
                 for _ in range(5):
