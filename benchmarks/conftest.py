@@ -113,8 +113,17 @@ def prefill_policies() -> list[str]:
     return ["full", *sorted(n for n in names if n != "full")]
 
 
+#: decode cases beyond the registered decode-phase policies: name -> (policy, its parameters,
+#: compress() options). ReST-KV evicts at prefill only unless asked (phase="both").
+DECODE_VARIANTS = {
+    "restkv decode=carried": ("restkv", {"decode": "carried"}, {"phase": "both"}),
+    "restkv decode=window": ("restkv", {"decode": "window"}, {"phase": "both"}),
+}
+
+
 def decode_policies() -> list[str]:
-    return sorted(n for n, cls in evictkit.policies().items() if "decode" in cls.phases)
+    own = sorted(n for n, cls in evictkit.policies().items() if "decode" in cls.phases)
+    return own + [v for v, (base, _, _) in DECODE_VARIANTS.items() if base in evictkit.policies()]
 
 
 def pytest_generate_tests(metafunc):

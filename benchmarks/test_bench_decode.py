@@ -1,7 +1,8 @@
 """Suite 3: decoding after eviction, on SmolLM2-135M (CPU, fp32).
 
 A 4k-token prompt is prefilled (untimed) under each decode-phase policy
-(streaming_llm, h2o, tova, lacache: whatever is registered with a "decode" phase) at budgets 128
+(streaming_llm, h2o, tova, lacache: whatever is registered with a "decode" phase, plus ReST-KV
+forced to evict at decode too, `phase="both"`, with its carried and its window decode modes) at budgets 128
 and 512 with slack 0 (evict every step, as the papers) and 16 (evict once the cache is 16 over
 budget: amortised compaction), and once with the full cache for the whole module. Then
 single-token decode steps are timed, each continuing its sequence; before each step one step on
@@ -16,7 +17,6 @@ changes.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import statistics
 import time
 
@@ -25,6 +25,8 @@ import torch
 
 import evictkit
 from benchutil import cache_bytes, prompt_ids, run_timed
+from conftest import DECODE_VARIANTS
+from evictkit.eval.engine import cache_kwarg
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +47,13 @@ def test_decode(benchmark, sizes, report, model_and_tokenizer, full_cache, decod
     if name == "full":
         comp = None
     else:
+        base, params, options = DECODE_VARIANTS.get(name, (name, {}, {}))
         try:
-            comp = evictkit.compress(model, evictkit.policy(name), budget=budget, slack=slack)
+            comp = evictkit.compress(model, evictkit.policy(base, **params), budget=budget, slack=slack, **options)
             comp.schedule(sizes.decode_ctx)
         except ValueError as exc:
             pytest.skip(f"{name} at budget {budget}: {exc}")
-
-    # transformers renamed `past_key_values` to `cache` in 5.24
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = cache_kwarg(model)
 
     def step_on(st: dict) -> None:
         with torch.inference_mode():
