@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from evictkit.eval import scoring
-from evictkit.eval.tasks import TASKS, make_sample, parse_tasks, zeta
+from evictkit.eval.ruler import zeta
+from evictkit.eval.tasks import TASKS, make_sample, parse_tasks
 from evictkit.eval.tokenizer import ByteTokenizer, Codec
 
 BYTES = Codec(ByteTokenizer())
