@@ -15,17 +15,8 @@ import torch
 from evictkit.budget import resolve_budget
 from evictkit.policy import Policy
 from evictkit.specs.cases import ModelCase
-from evictkit.specs.checks import (
-    LawContext,
-    _first_bad_row,
-    _gather,
-    _row,
-    budget_problem,
-    describe,
-    min_valid_budget,
-    order_problem,
-    protection_problem,
-)
+from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
+from evictkit.specs.subject import LawContext, describe, min_valid_budget
 
 
 class _Recorder(Policy):

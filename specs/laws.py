@@ -29,7 +29,7 @@ from hypothesis.errors import FlakyFailure
 
 from evictkit.specs import checks, endtoend
 from evictkit.specs.cases import FINITE_STYLES, STYLES
-from evictkit.specs.checks import LawViolation, Subject, as_subject, min_valid_budget
+from evictkit.specs.subject import LawViolation, Subject, as_subject, min_valid_budget
 from evictkit.specs.strategies import Limits, cases, edge_cases, edge_model_cases, model_cases
 
 PROFILE_ENV = "EVICTKIT_HYPOTHESIS_PROFILE"

@@ -12,7 +12,8 @@ from evictkit.policy import Policy, ScorePolicy
 from evictkit.selection import select_topk
 from evictkit.specs import LawViolation, check_law
 from evictkit.specs.cases import Case
-from evictkit.specs.checks import LawContext, as_subject, drive
+from evictkit.specs.driver import drive
+from evictkit.specs.subject import LawContext, as_subject
 
 
 def _recency(obs) -> torch.Tensor:
