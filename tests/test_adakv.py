@@ -17,6 +17,7 @@ from evictkit.plugins.adakv import AdaKV, allocate_head_budgets, mass_share_weig
 from evictkit.plugins.pyramidkv import pyramid_budgets
 
 sys.path.insert(0, str(Path(__file__).parent))
+from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -296,13 +297,7 @@ def test_decode_laws(arch, phase, slack):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_noop(arch):
     model = tiny_model(arch, layers=2)
-    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        full = model.generate(ids, max_new_tokens=8, do_sample=False)
-        with evictkit.compress(model, "adakv", budget=28, window=4, phase="both") as run:
-            out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(out, full)
-    assert all(s.evictions == 0 for s in run.stats.layers)
+    assert_generation_unchanged(model, prompt_ids(20, seed=5), "adakv", 8, budget=28, window=4, phase="both")
 
 
 def test_generate_with_ragged_cache_runs_and_uses_true_positions():

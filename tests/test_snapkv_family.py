@@ -18,6 +18,7 @@ from evictkit.plugins.pyramidkv import pyramid_budgets
 from evictkit.plugins.snapkv import SnapKV, window_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
+from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -233,13 +234,7 @@ def test_decode_laws(arch, name, params, phase, slack):
 @pytest.mark.parametrize("name,params", _policies())
 def test_noop_when_budget_covers_everything(arch, name, params):
     model = tiny_model(arch, layers=4)
-    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        full = model.generate(ids, max_new_tokens=8, do_sample=False)
-        with evictkit.compress(model, name, budget=28, phase="both", **params) as run:
-            out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(out, full)
-    assert all(s.evictions == 0 for s in run.stats.layers)
+    assert_generation_unchanged(model, prompt_ids(20, seed=4), name, 8, budget=28, phase="both", **params)
 
 
 def test_eviction_changes_generation():
