@@ -131,6 +131,39 @@ def chunked_reconstruction_scores(
     return out
 
 
+def value_gram_norms(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """||W_O^h v_j||^2 = v_j^T G_h v_j for every key and query head of its group:
+    values [B, Hkv, n, d], gram [Hkv, g, d, d] -> [B, Hkv, g, n] (keys in chunks, CHUNK_ELEMS).
+
+    It depends on the key and the layer only, so a decode-time scorer can keep it per token."""
+    B, Hkv, n, d = values.shape
+    g = gram.shape[1]
+    out = values.new_empty(B, Hkv, g, n)
+    step = key_chunk(B * Hkv * g * d, values.device)
+    for start in range(0, n, step):
+        v = values[:, :, None, start : start + step]  # [B, Hkv, 1, c, d]
+        out[..., start : start + step] = torch.matmul(v, gram).mul_(v).sum(-1)
+    return out
+
+
+def reconstruction_scores_cached(
+    a: torch.Tensor, values: torch.Tensor, gram: torch.Tensor, vgv: torch.Tensor, eps: float = ODDS_EPS
+) -> torch.Tensor:
+    """`reconstruction_scores` from cached `value_gram_norms`, in O(H P d) instead of O(H P d^2):
+    ||W(o - v_j)||^2 = o^T G o - 2 (G o).v_j + v_j^T G v_j.
+
+    a: [B, Hkv, g, P] aggregated attention; values [B, Hkv, P, d]; gram [Hkv, g, d, d];
+    vgv: [B, Hkv, g, P]. returns [B, Hkv, g, P]. Equal to the direct form up to fp32
+    cancellation where o is close to v_j (relative ~1e-7 of ||W v_j||^2, clamped at 0).
+    """
+    o = torch.matmul(a, values)  # [B, Hkv, g, d]
+    go = torch.matmul(o.unsqueeze(-2), gram).squeeze(-2)  # [B, Hkv, g, d]
+    oo = (go * o).sum(-1, keepdim=True)  # [B, Hkv, g, 1]
+    cross = torch.matmul(go, values.transpose(-1, -2))  # [B, Hkv, g, P]
+    sq = (oo - 2.0 * cross).add_(vgv).clamp_min_(0)
+    return odds_ratio(a, eps).mul_(sq.sqrt_())
+
+
 def reconstruction_scores_per_query(
     attn: torch.Tensor,
     values: torch.Tensor,

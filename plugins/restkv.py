@@ -83,9 +83,11 @@ from evictkit.plugins._restkv_math import (
     aggregate,
     aggregate_scores,
     head_grams,
+    reconstruction_scores_cached,
     restkv_scores,
     smooth,
     temporal_weights,
+    value_gram_norms,
 )
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, reduce_gqa, select_topk
@@ -126,6 +128,9 @@ def _one_of(choices: tuple[str, ...]):
 DECODE_MODES = ("carried", "window")
 #: side tensor of the carried aggregate, [B, H_kv, T, g]: one value per query head of a KV group
 STATE = "restkv_a"
+#: side tensor of ||W_O^h v_j||^2 per key and query head, [B, H_kv, T, g]: the part of the
+#: indicator that does not change between decode steps (carried mode, reconstruction only)
+VALUE_NORMS = "restkv_vgv"
 #: scratch keys: AWS (kernel, shift) of the prefill eviction; number of queries in a running mean
 AWS = "restkv_aws"
 COUNT = "restkv_n"
@@ -181,10 +186,14 @@ class RestKV(ScorePolicy):
 
     def observe(self, obs: Observation) -> Mapping[str, torch.Tensor]:
         """The carried temporal aggregate as the side tensor [B, H_kv, T, g] (only when this
-        compression evicts at decode and the mode carries)."""
+        compression evicts at decode and the mode carries), and for the reconstruction
+        indicator each key's ||W_O^h v_j||^2 beside it (computed once per token)."""
         if not self.carries or "decode" not in obs.phases:
             return {}
         B, Hkv, T = obs.positions.shape
+        out: dict[str, torch.Tensor] = {}
+        if self.indicator == "reconstruction":
+            out[VALUE_NORMS] = self._value_norms(obs)
         with torch.no_grad():
             if obs.phase == "prefill":
                 attn = obs.window_attention  # [B, Hq, w, T]
@@ -207,7 +216,21 @@ class RestKV(ScorePolicy):
                     else:  # "none": the newest query only
                         a = rows[:, :, t]
                 obs.scratch[COUNT] = n
-        return {STATE: a.view(B, Hkv, -1, T).transpose(2, 3)}
+        out[STATE] = a.view(B, Hkv, -1, T).transpose(2, 3)
+        return out
+
+    def _value_norms(self, obs: Observation) -> torch.Tensor:
+        """[B, H_kv, T, g]: the stored norms, with the slots of this forward's new tokens filled."""
+        gram = self._gram(obs)
+        Hkv = obs.n_kv_heads
+        gram = gram.view(Hkv, -1, *gram.shape[1:])
+        T = obs.positions.shape[-1]
+        new = T if obs.phase == "prefill" or VALUE_NORMS not in obs.state else min(obs.q_len, T)
+        with torch.no_grad():
+            fresh = value_gram_norms(obs.values[:, :, T - new :].float(), gram).transpose(2, 3)  # [B, Hkv, new, g]
+        if new == T:
+            return fresh
+        return torch.cat([obs.state[VALUE_NORMS][:, :, : T - new], fresh], dim=2)
 
     @staticmethod
     def _carried(obs: Observation) -> torch.Tensor:
@@ -250,7 +273,14 @@ class RestKV(ScorePolicy):
         a = self._carried(obs)
         gram = self._gram(obs) if self.indicator == "reconstruction" else None
         with torch.no_grad():
-            per_head = aggregate_scores(a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator)
+            if VALUE_NORMS in obs.state:  # reconstruction, with each key's v^T G v kept since it arrived
+                B, g = a.shape[0], a.shape[1] // Hkv
+                per_head = reconstruction_scores_cached(
+                    a[..., :P].float().view(B, Hkv, g, P), obs.values[:, :, :P].float(),
+                    gram.view(Hkv, g, *gram.shape[1:]), obs.state[VALUE_NORMS][:, :, :P].transpose(2, 3),
+                ).view(B, Hkv * g, P)
+            else:
+                per_head = aggregate_scores(a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator)
             per_head = smooth(per_head, self.spatial, self.k_min, obs.scratch.get(AWS))
         return self._with_window(reduce_gqa(per_head, Hkv, self.gqa), w)
 

@@ -587,6 +587,64 @@ def test_decode_phase_laws(decode, indicator, temporal, spatial):
         assert bool((pos[..., -window:] == torch.arange(T - window, T)).all())
 
 
+def test_cached_value_norms_give_the_direct_reconstruction_scores():
+    gen = torch.Generator().manual_seed(11)
+    B, Hkv, g, P, d = 2, 3, 2, 37, 8
+    values = torch.randn(B, Hkv, P, d, generator=gen, dtype=torch.float64)
+    gram = M.head_grams(torch.randn(20, Hkv * g * d, generator=gen, dtype=torch.float64), Hkv * g, dtype=torch.float64)
+    gram = gram.view(Hkv, g, d, d)
+    a = torch.softmax(torch.randn(B, Hkv, g, P, generator=gen, dtype=torch.float64) * 3, -1)
+    vgv = M.value_gram_norms(values, gram)
+    brute = torch.einsum("bkpd,kgde,bkpe->bkgp", values, gram, values)
+    torch.testing.assert_close(vgv, brute, rtol=1e-12, atol=1e-12)
+    direct = M.reconstruction_scores(a, values.unsqueeze(2), torch.matmul(a, values), gram)
+    cached = M.reconstruction_scores_cached(a, values, gram, vgv)
+    torch.testing.assert_close(cached, direct, rtol=1e-9, atol=1e-12)
+    # fp32, as the policy runs it: equal to the direct form up to rounding
+    cached32 = M.reconstruction_scores_cached(a.float(), values.float(), gram.float(), vgv.float())
+    torch.testing.assert_close(cached32.double(), direct, rtol=1e-4, atol=1e-6)
+
+
+def test_carried_value_norms_match_the_final_cache_and_keep_decode_selections():
+    """The per-token ||W_O v||^2 side tensor equals a recomputation over the cache it sits in,
+    after prefill and decode evictions, and decode-time selections are the ones the direct
+    (uncached) indicator makes."""
+    from evictkit.models import attention_modules
+    from evictkit.plugins import restkv as R
+
+    model = tiny_model("qwen2")  # GQA: 2 query heads per KV head
+    ids = prompt_ids(40)
+
+    def run_once():
+        with torch.no_grad(), evictkit.compress(model, "restkv", budget=20, window=4, phase="both") as run:
+            out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 return_dict_in_generate=True)
+            return _cache(out), {li: (st.positions.clone(), dict(st.state)) for li, st in run._layers.items()}
+
+    cache, cached = run_once()
+    for li, module in enumerate(attention_modules(model)):
+        positions, state = cached[li]
+        assert positions.shape[-1] <= 20  # decode evictions happened
+        gram = R.head_grams(module.o_proj.weight.detach(), model.config.num_attention_heads)
+        gram = gram.view(model.config.num_key_value_heads, -1, *gram.shape[1:])
+        want = M.value_gram_norms(cache.layers[li].values.float(), gram).transpose(2, 3)
+        torch.testing.assert_close(state[R.VALUE_NORMS], want, rtol=1e-5, atol=1e-6)
+    # the same run without the cached norms: the direct indicator picks the same entries
+    real_observe = R.RestKV.observe
+
+    def observe_without_norms(self, obs):
+        out = dict(real_observe(self, obs))
+        out.pop(R.VALUE_NORMS, None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R.RestKV, "observe", observe_without_norms)
+        _, direct = run_once()
+    assert all(R.VALUE_NORMS not in direct[li][1] for li in direct)
+    for li in cached:
+        assert torch.equal(cached[li][0], direct[li][0])
+
+
 def test_carried_and_window_decode_differ_and_carried_reuses_prefill_aws():
     model = tiny_model("llama")
     ids = prompt_ids(40)
