@@ -54,7 +54,10 @@ Deviations from the reference implementation:
   (s <- alpha A_t + (1 - alpha) s; "mean" keeps a running mean, "none" the newest row), which
   costs one attention row per step. A decode-time eviction scores the slots outside the
   newest `window` from it, and AWS reuses the kernel and shift each head got at the prefill
-  eviction (k_min, centred, if there was none). `decode="window"` instead re-scores from
+  eviction (k_min, centred, if there was none). With the reconstruction indicator each key's
+  ||W_O^h v_j||^2 is kept beside it ("restkv_vgv", same shape, computed once per token), so a
+  re-score costs O(H P d), through o^T G o - 2 (G o).v_j + v_j^T G v_j, instead of
+  O(H P d^2). `decode="window"` instead re-scores from
   scratch on the rolling window of the newest `window` queries, the EMA recomputed over that
   window. metric_mode="before" and temporal="inv_ema" have no O(T) per-step recursion, so
   they always use the window at decode.
