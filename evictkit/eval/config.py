@@ -80,24 +80,25 @@ def parse_budgets(text: str) -> list[int | float]:
     return out
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
+def _number_list(text: str, what: str, cast: type, kind: str, ok, rule: str) -> tuple:
+    """`1,2,3` -> (1, 2, 3) via `cast`; ValueError naming `what` when an item is not a `kind`
+    or the list is empty or fails `ok` (described by `rule`)."""
     try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
+        vals = tuple(cast(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"{what}={text!r}: must be comma-separated integers") from None
-    if not vals or min(vals) < 1:
-        raise ValueError(f"{what}={text!r}: must be comma-separated integers >= 1")
+        raise ValueError(f"{what}={text!r}: must be comma-separated {kind}") from None
+    if not vals or not ok(vals):
+        raise ValueError(f"{what}={text!r}: must be {rule}")
     return vals
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    return _number_list(text, what, int, "integers", lambda v: min(v) >= 1, "comma-separated integers >= 1")
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{what}={text!r}: must be comma-separated numbers") from None
-    if not vals or min(vals) < 0 or max(vals) > 100:
-        raise ValueError(f"{what}={text!r}: must be percentages in [0, 100]")
-    return vals
+    return _number_list(text, what, float, "numbers", lambda v: 0 <= min(v) and max(v) <= 100,
+                        "percentages in [0, 100]")
 
 
 # --- configuration ----------------------------------------------------------------------------
