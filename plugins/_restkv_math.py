@@ -192,7 +192,7 @@ def reconstruction_scores_per_query(
     for start in range(0, n_prefix, step):
         stop = min(start + step, n_prefix)
         v = values[:, :, start:stop]  # [B, Hkv, c, d]
-        vv = (torch.matmul(v.unsqueeze(2), gram) * v.unsqueeze(2)).sum(-1)  # [B, Hkv, g, c]
+        vv = value_gram_norms(v, gram)  # [B, Hkv, g, c]
         cross = torch.matmul(go.reshape(B, Hkv, g * w, d), v.transpose(-1, -2)).view(B, Hkv, g, w, -1)
         sq = (oo - 2.0 * cross).add_(vv.unsqueeze(-2)).clamp_min_(0)
         chunk = odds_ratio(attn[..., start:stop], eps).mul_(sq.sqrt_())
@@ -202,12 +202,19 @@ def reconstruction_scores_per_query(
 
 # --- the whole scorer -----------------------------------------------------------------------
 def aggregate_scores(
-    a: torch.Tensor, values: torch.Tensor, gram: torch.Tensor | None, indicator: str, eps: float = ODDS_EPS
+    a: torch.Tensor,
+    values: torch.Tensor,
+    gram: torch.Tensor | None,
+    indicator: str,
+    eps: float = ODDS_EPS,
+    value_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indicator scores from temporally aggregated attention ("after" order).
 
     a: [B, Hq, P] aggregated attention over the P scored keys; values: [B, Hkv, P, d] those
-    keys' values; gram: [Hq, d, d] (only for "reconstruction"). returns [B, Hq, P].
+    keys' values; gram: [Hq, d, d] (only for "reconstruction"); value_norms: optionally those
+    keys' `value_gram_norms` [B, Hkv, g, P], kept from earlier calls: the reconstruction then
+    takes the O(H P d) expanded form. returns [B, Hq, P].
     o sums the scored keys' values only (window values excluded), as the reference does.
     """
     B, Hq, P = a.shape
@@ -219,9 +226,11 @@ def aggregate_scores(
     if indicator == "attn_vnorm":
         return (a.view(B, Hkv, g, P) * vals.norm(dim=-1).unsqueeze(2)).view(B, Hq, P)
     if indicator == "reconstruction":
-        ag = a.view(B, Hkv, g, P)
+        ag, grams = a.view(B, Hkv, g, P), gram.view(Hkv, g, *gram.shape[1:])
+        if value_norms is not None:
+            return reconstruction_scores_cached(ag, vals, grams, value_norms.to(a.dtype), eps).view(B, Hq, P)
         o = torch.matmul(ag, vals)  # [B, Hkv, g, d]
-        return chunked_reconstruction_scores(ag, vals.unsqueeze(2), o, gram.view(Hkv, g, *gram.shape[1:]), eps).view(B, Hq, P)
+        return chunked_reconstruction_scores(ag, vals.unsqueeze(2), o, grams, eps).view(B, Hq, P)
     raise ValueError(f"indicator={indicator!r}: must be one of {', '.join(INDICATORS)}")
 
 

@@ -56,7 +56,8 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
-from evictkit.plugins.snapkv import int_at_least
+from evictkit.plugins.pyramidkv import pyramid_budgets
+from evictkit.plugins.snapkv import a_bool, int_at_least
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.specs.hookspecs import hookimpl
 
@@ -118,11 +119,6 @@ def _check_alpha(_inst: object, attr: attrs.Attribute, value: object) -> None:
         )
 
 
-def _check_bool(_inst: object, attr: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{attr.name}={value!r}: must be True or False")
-
-
 def mass_share_weights(scores: torch.Tensor, candidate: torch.Tensor, per_head: int) -> torch.Tensor:
     """AdaKV's `normalize`: per head, (sum of its top `per_head` candidate scores) / (sum of all
     its candidate scores); [B, H, T] scores and mask -> [B, H, 1]. 1 where a head has no mass."""
@@ -144,9 +140,9 @@ class AdaKV(ScorePolicy):
     alpha: float = attrs.field(default=0.2, validator=_check_alpha)
     window: int = attrs.field(default=32, validator=int_at_least(1))
     scorer_options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_as_options)
-    normalize: bool = attrs.field(default=False, validator=_check_bool)
+    normalize: bool = attrs.field(default=False, validator=a_bool)
     skip: int = attrs.field(default=0, validator=int_at_least(0))
-    pyram_mode: bool = attrs.field(default=False, validator=_check_bool)
+    pyram_mode: bool = attrs.field(default=False, validator=a_bool)
     pyram_beta: int = attrs.field(default=20, validator=int_at_least(1))
     _base: ScorePolicy = attrs.field(init=False, repr=False, eq=False)
 
@@ -181,8 +177,6 @@ class AdaKV(ScorePolicy):
     def layer_budget(self, budget: int, layer_idx: int, n_layers: int, length: int) -> int:
         if not self.pyram_mode:
             return budget
-        from evictkit.plugins.pyramidkv import pyramid_budgets
-
         sinks, window = self.protected()
         return pyramid_budgets(budget, sinks + window, n_layers, length, self.pyram_beta)[layer_idx]
 

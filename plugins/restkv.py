@@ -86,28 +86,15 @@ from evictkit.plugins._restkv_math import (
     aggregate,
     aggregate_scores,
     head_grams,
-    reconstruction_scores_cached,
     restkv_scores,
     smooth,
     temporal_weights,
     value_gram_norms,
 )
+from evictkit.plugins.snapkv import int_at_least, odd_kernel, one_of
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, reduce_gqa, select_topk
 from evictkit.specs.hookspecs import hookimpl
-
-
-def _int_at_least(lo: int):
-    def check(inst, attr, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{attr.name}={value!r}: must be an int >= {lo}")
-
-    return check
-
-
-def _odd_int(inst, attr, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{attr.name}={value!r}: must be a positive odd int (1, 3, 5, ...)")
 
 
 def _alpha(inst, attr, value):
@@ -118,14 +105,6 @@ def _alpha(inst, attr, value):
 def _positive(inst, attr, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{attr.name}={value!r}: must be a number > 0")
-
-
-def _one_of(choices: tuple[str, ...]):
-    def check(inst, attr, value):
-        if value not in choices:
-            raise ValueError(f"{attr.name}={value!r}: must be one of {', '.join(repr(c) for c in choices)}")
-
-    return check
 
 
 DECODE_MODES = ("carried", "window")
@@ -147,16 +126,16 @@ class RestKV(ScorePolicy):
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "output-reconstruction score + EMA + adaptive smoothing (ReST-KV)"
 
-    window: int = attrs.field(default=32, validator=_int_at_least(1))
+    window: int = attrs.field(default=32, validator=int_at_least(1))
     alpha: float = attrs.field(default=0.3, validator=_alpha)
     beta: float = attrs.field(default=2000, validator=_positive)
-    k_min: int = attrs.field(default=5, validator=_odd_int)
-    metric_mode: str = attrs.field(default="after", validator=_one_of(METRIC_MODES))
-    indicator: str = attrs.field(default="reconstruction", validator=_one_of(INDICATORS))
-    temporal: str = attrs.field(default="ema", validator=_one_of(TEMPORALS))
-    spatial: str = attrs.field(default="adaptive", validator=_one_of(SPATIALS))
-    gqa: str = attrs.field(default="mean", validator=_one_of(GQA_REDUCTIONS))
-    decode: str = attrs.field(default="carried", validator=_one_of(DECODE_MODES))
+    k_min: int = attrs.field(default=5, validator=odd_kernel)
+    metric_mode: str = attrs.field(default="after", validator=one_of(METRIC_MODES))
+    indicator: str = attrs.field(default="reconstruction", validator=one_of(INDICATORS))
+    temporal: str = attrs.field(default="ema", validator=one_of(TEMPORALS))
+    spatial: str = attrs.field(default="adaptive", validator=one_of(SPATIALS))
+    gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))
+    decode: str = attrs.field(default="carried", validator=one_of(DECODE_MODES))
 
     @property
     def carries(self) -> bool:
@@ -223,17 +202,19 @@ class RestKV(ScorePolicy):
         return out
 
     def _value_norms(self, obs: Observation) -> torch.Tensor:
-        """[B, H_kv, T, g]: the stored norms, with the slots of this forward's new tokens filled."""
+        """[B, H_kv, T, g]: the stored norms, with the slots of this forward's new tokens filled
+        (the core hands them over zeroed, in a tensor of this forward's own)."""
         gram = self._gram(obs)
-        Hkv = obs.n_kv_heads
-        gram = gram.view(Hkv, -1, *gram.shape[1:])
+        gram = gram.view(obs.n_kv_heads, -1, *gram.shape[1:])
         T = obs.positions.shape[-1]
-        new = T if obs.phase == "prefill" or VALUE_NORMS not in obs.state else min(obs.q_len, T)
+        stored = None if obs.phase == "prefill" else obs.state.get(VALUE_NORMS)
+        new = T if stored is None else min(obs.q_len, T)
         with torch.no_grad():
             fresh = value_gram_norms(obs.values[:, :, T - new :].float(), gram).transpose(2, 3)  # [B, Hkv, new, g]
-        if new == T:
+        if stored is None:
             return fresh
-        return torch.cat([obs.state[VALUE_NORMS][:, :, : T - new], fresh], dim=2)
+        stored[:, :, T - new :] = fresh
+        return stored
 
     @staticmethod
     def _carried(obs: Observation) -> torch.Tensor:
@@ -276,14 +257,11 @@ class RestKV(ScorePolicy):
         a = self._carried(obs)
         gram = self._gram(obs) if self.indicator == "reconstruction" else None
         with torch.no_grad():
-            if VALUE_NORMS in obs.state:  # reconstruction, with each key's v^T G v kept since it arrived
-                B, g = a.shape[0], a.shape[1] // Hkv
-                per_head = reconstruction_scores_cached(
-                    a[..., :P].float().view(B, Hkv, g, P), obs.values[:, :, :P].float(),
-                    gram.view(Hkv, g, *gram.shape[1:]), obs.state[VALUE_NORMS][:, :, :P].transpose(2, 3),
-                ).view(B, Hkv * g, P)
-            else:
-                per_head = aggregate_scores(a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator)
+            norms = obs.state.get(VALUE_NORMS)  # each key's v^T G v, kept since it arrived
+            per_head = aggregate_scores(
+                a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator,
+                value_norms=None if norms is None else norms[:, :, :P].transpose(2, 3),
+            )
             per_head = smooth(per_head, self.spatial, self.k_min, obs.scratch.get(AWS))
         return self._with_window(reduce_gqa(per_head, Hkv, self.gqa), w)
 

@@ -42,7 +42,7 @@ from evictkit.selection import GQA_REDUCTIONS, POOLS, pool1d, reduce_gqa
 from evictkit.specs.hookspecs import hookimpl
 
 
-# --- validators shared by the SnapKV family (pyramidkv, adakv, h2o_prefill import them) ---------
+# --- validators shared by the built-in policies (pyramidkv, adakv, h2o_prefill, tova, restkv) --
 def int_at_least(lo: int):
     """attrs validator: an int (not bool) >= lo, else ValueError naming the parameter."""
 
@@ -51,6 +51,12 @@ def int_at_least(lo: int):
             raise ValueError(f"{attr.name}={value!r}: must be an int >= {lo}")
 
     return check
+
+
+def a_bool(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    """attrs validator: True or False only (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{attr.name}={value!r}: must be True or False")
 
 
 def odd_kernel(_inst: object, attr: attrs.Attribute, value: object) -> None:

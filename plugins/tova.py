@@ -30,14 +30,10 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
+from evictkit.plugins.snapkv import a_bool
 from evictkit.policy import Needs, ScorePolicy
 from evictkit.selection import reduce_gqa
 from evictkit.specs.hookspecs import hookimpl
-
-
-def _bool_valid(instance: object, attribute: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{attribute.name}={value!r}: must be True or False")
 
 
 def last_query_scores(attention: torch.Tensor, n_kv_heads: int, head_wise: bool) -> torch.Tensor:
@@ -61,7 +57,7 @@ class TOVA(ScorePolicy):
     summary: ClassVar[str] = "last query's attention, averaged over heads, every step"
     may_evict_newest: ClassVar[bool] = True
 
-    head_wise: bool = attrs.field(default=False, validator=_bool_valid)
+    head_wise: bool = attrs.field(default=False, validator=a_bool)
 
     def needs(self) -> Needs:
         return Needs(window=1)
