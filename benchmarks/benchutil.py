@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from evictkit.eval.engine import cache_bytes  # noqa: F401  (re-exported for the decode suite)
-
 # --- timing ---------------------------------------------------------------------------------
 
 
@@ -222,3 +220,29 @@ def moved_bytes(x: torch.Tensor, idx: torch.Tensor) -> int:
     """Bytes a compaction reads and writes: K rows read + K rows written + the indices."""
     row = x.shape[-1] * x.element_size() if x.dim() == 4 else x.element_size()
     return 2 * idx.numel() * row + idx.numel() * idx.element_size()
+
+
+def indicator_matmul_only(values: torch.Tensor, gram: torch.Tensor, window: int) -> Callable[[], None]:
+    """A callable running only `(o_h - v_j) G_h` for every prefix key j and query head h, the
+    `H_q P d^2` multiply-adds ReST-KV's reconstruction indicator cannot avoid, in the
+    indicator's own key chunks and into preallocated outputs (nothing else is timed).
+
+    values: [B, H_kv, T, d] fp32; gram: [H_q, d, d]; the last `window` keys are not scored.
+    """
+    from evictkit.plugins import _restkv_math as M
+
+    B, Hkv, T, d = values.shape
+    Hq = gram.shape[0]
+    g, P = Hq // Hkv, T - window
+    grams = gram.view(Hkv, g, d, d)
+    # one output vector per query head (any will do: the cost is the same)
+    o = values[:, :, None, :P].mean(-2, keepdim=True).expand(B, Hkv, g, 1, d)
+    step = M.key_chunk(B * Hq * d, values.device)
+    xs = [(o - values[:, :, None, i : i + step]).contiguous() for i in range(0, P, step)]
+    ys = [torch.empty_like(x) for x in xs]
+
+    def run() -> None:
+        for x, y in zip(xs, ys):
+            torch.matmul(x, grams, out=y)
+
+    return run

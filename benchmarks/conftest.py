@@ -298,16 +298,16 @@ class Store:
             comp = f"{last['compact_s'] * 1e3:.2f}" if last and last.get("compact_s") else "-"
             out.append(f"| {p} | " + " | ".join(cells) + f" | {comp} |")
         ms = {(r["policy"], r["n"]): r["min"] for r in recs}
-
-        def ratio_row(label: str, top) -> None:
-            cells = [f"{top(n) / ms[('snapkv', n)]:.2f}" if ("snapkv", n) in ms and top(n) is not None else "-" for n in ctxs]
-            if any(c != "-" for c in cells):
+        snap = {n: ms[("snapkv", n)] for n in ctxs if ("snapkv", n) in ms}
+        rows = {
+            "restkv / snapkv": {n: ms[("restkv", n)] for n in snap if ("restkv", n) in ms},
+            "(snapkv + indicator matmul) / snapkv":
+                {n: snap[n] + ms[(FLOOR_POLICY, n)] for n in snap if (FLOOR_POLICY, n) in ms},
+        }
+        for label, top in rows.items():
+            if top:
+                cells = [f"{top[n] / snap[n]:.2f}" if n in top else "-" for n in ctxs]
                 out.append(f"| {label} | " + " | ".join(cells) + " | |")
-
-        ratio_row("restkv / snapkv", lambda n: ms.get(("restkv", n)))
-        floor = FLOOR_POLICY
-        ratio_row("(snapkv + indicator matmul) / snapkv",
-                  lambda n: ms[("snapkv", n)] + ms[(floor, n)] if (floor, n) in ms and ("snapkv", n) in ms else None)
         return out
 
     def decode_table(self) -> list[str]:

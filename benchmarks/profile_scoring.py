@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from benchutil import indicator_matmul_only
+
 
 FLOOR = "floor: the indicator's (o - v) G matmul alone"
 SNAP_REST = "snapkv: mean + max pool 7 + GQA mean"
@@ -66,15 +68,6 @@ def scoring_pieces(T: int, Hq: int, Hkv: int, d: int, hidden: int, w: int, dev: 
     score = M.aggregate_scores(a, v[:, :, :P], gram, "reconstruction")
     aws = M.aws_params(attn, budget, 2000.0, 5)
     smoothed = M.smooth(score, "adaptive", 5, aws)
-    # the one matmul the indicator cannot avoid: (o - v_j) G_h for every prefix key and query
-    # head, H_q P d^2 multiply-adds (the window's Q K^T is H_q W T d), in the indicator's own
-    # key chunks (one [.., P, d] operand at 16k keys runs slower than the chunked indicator)
-    g = Hq // Hkv
-    step = M.key_chunk(Hq * d, torch.device(dev))
-    o_rand = torch.randn(1, Hkv, g, 1, d, generator=gen).to(dev)
-    xs = [(v[:, :, None, i : i + step] - o_rand).contiguous() for i in range(0, P, step)]
-    ys = [torch.empty_like(x) for x in xs]  # written in place: no allocation is timed
-    gram_g = gram.view(Hkv, g, d, d)
     pieces = {
         "window attention (both)": lambda: attention_weights(q, k, qpos, kpos, d**-0.5),
         SNAP_REST: lambda: reduce_gqa(pool1d(attn[..., :P].mean(2), 7, "max"), Hkv, "mean"),
@@ -87,7 +80,7 @@ def scoring_pieces(T: int, Hq: int, Hkv: int, d: int, hidden: int, w: int, dev: 
         GQA: lambda: reduce_gqa(smoothed, Hkv, "mean"),
         SELECT: lambda: select_topk(reduce_gqa(smoothed, Hkv, "mean"), budget, window=w),
         WHOLE: lambda: M.restkv_scores(attn, v, gram, budget=budget),
-        FLOOR: lambda: [torch.matmul(x, gram_g, out=y) for x, y in zip(xs, ys)],
+        FLOOR: indicator_matmul_only(v, gram, w),
     }
     return pieces, (attn, v, gram, budget)
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import evictkit
-from benchutil import cache_bytes, prompt_ids, run_timed
+from benchutil import prompt_ids, run_timed
 from conftest import DECODE_VARIANTS
-from evictkit.eval.engine import cache_kwarg
+from evictkit.eval.engine import cache_bytes, cache_kwarg
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import evictkit
-from benchutil import best_of, evict_one_layer, layer_inputs, prompt_ids, run_timed
+from benchutil import best_of, evict_one_layer, indicator_matmul_only, layer_inputs, prompt_ids, run_timed
+from conftest import FLOOR_POLICY
 from evictkit.kernels import compact_many
 
 
@@ -94,32 +95,20 @@ def test_layer_scoring(benchmark, sizes, report, model_and_tokenizer, layer_case
 
 @pytest.mark.benchmark(group="layer", max_time=1.0, min_rounds=3)
 def test_restkv_indicator_matmul(benchmark, sizes, report, model_and_tokenizer, layer_n):
-    """`(o_h - v_j) G_h` for every prefix key j and query head h, the `H_q P d^2` multiply-adds
-    of ReST-KV's reconstruction indicator, on the middle layer's real values and o_proj, in the
-    indicator's own key chunks, into preallocated outputs: nothing else of the method."""
-    from conftest import FLOOR_POLICY
+    """The `H_q P d^2` matmul of ReST-KV's reconstruction indicator alone
+    (`benchutil.indicator_matmul_only`), on the middle layer's real values and o_proj."""
     from evictkit.plugins import _restkv_math as M
 
     n = layer_n
     model, tok = model_and_tokenizer
-    li = model.config.num_hidden_layers // 2
-    inputs = layer_inputs(model, prompt_ids(tok, n), li)
-    values = inputs["values"].float()
-    B, Hkv, T, d = values.shape
-    Hq = model.config.num_attention_heads
-    g, P = Hq // Hkv, T - 32
-    gram = M.head_grams(inputs["module"].o_proj.weight.detach(), Hq).view(Hkv, g, d, d)
-    # one output vector per query head (any will do: the cost is the same)
-    o = values[:, :, None, :P].mean(-2, keepdim=True).expand(B, Hkv, g, 1, d)
-    step = M.key_chunk(B * Hq * d, values.device)
-    xs = [(o - values[:, :, None, i : i + step]).contiguous() for i in range(0, P, step)]
-    ys = [torch.empty_like(x) for x in xs]
+    inputs = layer_inputs(model, prompt_ids(tok, n), model.config.num_hidden_layers // 2)
+    gram = M.head_grams(inputs["module"].o_proj.weight.detach(), model.config.num_attention_heads)
+    matmul_only = indicator_matmul_only(inputs["values"].float(), gram, window=32)
 
-    def matmul_only():
+    def timed():
         with torch.inference_mode():
-            for x, y in zip(xs, ys):
-                torch.matmul(x, gram, out=y)
+            matmul_only()
 
     benchmark.group = f"layer scoring {n} tokens"
-    t = run_timed(benchmark, matmul_only)
+    t = run_timed(benchmark, timed)
     report.add("layer", n=n, policy=FLOOR_POLICY, budget=None, compact_s=None, **t)
