@@ -55,8 +55,10 @@ def tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn: str = "sdpa",
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """A randomly initialised causal LM in eval mode (hidden size heads * head_dim)."""
+    """A randomly initialised causal LM in eval mode (hidden size heads * head_dim, MLP twice
+    that), on `device`. Weights depend on the seed only, not on the device: they are drawn on CPU."""
     from transformers import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     config = _config(arch, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab)
@@ -66,7 +68,7 @@ def tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @functools.lru_cache(maxsize=16)
