@@ -118,6 +118,108 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the distributions `evictkit env` reports, beside evictkit and python
+_ENV_PACKAGES = ("torch", "transformers", "triton", "pluggy", "attrs", "hypothesis")
+
+
+def _dist_version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _extras() -> dict[str, dict[str, str | None]]:
+    """{extra: {package: installed version or None}} from evictkit's own metadata."""
+    import importlib.metadata
+    import re
+
+    try:
+        requires = importlib.metadata.requires("evictkit") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        requires = []
+    extras: dict[str, dict[str, str | None]] = {}
+    for req in requires:
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+        name = re.match(r"[A-Za-z0-9._-]+", req)
+        if extra and name:
+            extras.setdefault(extra.group(1), {})[name.group(0)] = _dist_version(name.group(0))
+    return extras
+
+
+def triton_mode(cuda: bool) -> str:
+    """How evictkit's Triton kernel can run here: "native" (a CUDA device, no interpreter),
+    "interpreter" (TRITON_INTERPRET=1, or no CUDA device: the tests then interpret it on CPU)
+    or "unavailable" (triton is not installed)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "unavailable"
+    return "native" if cuda and os.environ.get("TRITON_INTERPRET") != "1" else "interpreter"
+
+
+def environment() -> dict:
+    """Versions and devices, as `evictkit env --json` prints them."""
+    import os
+    import platform
+
+    import torch
+
+    import evictkit
+
+    cuda = torch.cuda.is_available()
+    gpus = []
+    for i in range(torch.cuda.device_count() if cuda else 0):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                     "capability": f"{p.major}.{p.minor}"})
+    return {
+        "versions": {"evictkit": evictkit.__version__, "python": platform.python_version(),
+                     **{name: _dist_version(name) for name in _ENV_PACKAGES}},
+        "evictkit_path": os.path.dirname(evictkit.__file__),
+        "policies": len(evictkit.policies()),
+        "extras": {name: {"present": all(pkgs.values()), "packages": pkgs} for name, pkgs in _extras().items()},
+        "devices": {
+            "cpu": {"torch_threads": torch.get_num_threads(), "cores": os.cpu_count()},
+            "cuda": gpus,
+            "cuda_runtime": torch.version.cuda,
+            "triton": triton_mode(cuda),
+        },
+    }
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import os
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
+    v, dev = env["versions"], env["devices"]
+    print(f"evictkit      {v['evictkit']} at {env['evictkit_path']} ({env['policies']} policies registered)")
+    for name, version in v.items():
+        if name != "evictkit":
+            print(f"{name:<13} {version or 'not installed'}")
+    for name, extra in env["extras"].items():
+        pkgs = ", ".join(f"{p} {ver or 'missing'}" for p, ver in extra["packages"].items())
+        print(f"extra {name:<7} {'present' if extra['present'] else 'incomplete'}: {pkgs}")
+    print(f"cpu           {dev['cpu']['torch_threads']} torch threads, {dev['cpu']['cores']} cores")
+    if not dev["cuda"]:
+        build = f"built with CUDA {dev['cuda_runtime']}" if dev["cuda_runtime"] else "a CPU-only build"
+        print(f"cuda          no device (torch: {build})")
+    for g in dev["cuda"]:
+        print(f"cuda:{g['index']:<8} {g['name']}, {g['memory_gib']} GiB, capability {g['capability']}, "
+              f"CUDA {dev['cuda_runtime']}")
+    notes = {"native": "native, on CUDA", "unavailable": "unavailable: not installed (compaction uses torch)",
+             "interpreter": "interpreter: " + ("TRITON_INTERPRET=1 is set" if os.environ.get("TRITON_INTERPRET") == "1"
+                                               else "no CUDA device, the kernel runs only with TRITON_INTERPRET=1")}
+    print(f"triton        {notes[dev['triton']]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evictkit",
@@ -145,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
     p.add_argument("--budget", type=_budget, default=64)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("env", help="versions and devices: what to paste into a bug report or check on a GPU machine")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_env)
 
     try:
         from evictkit.eval import cli as eval_cli

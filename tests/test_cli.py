@@ -55,3 +55,50 @@ def test_help_explains(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "entries kept per layer per KV head" in out
+
+
+def test_env_json_reports_versions_and_devices(capsys):
+    import importlib.metadata
+
+    import torch
+
+    import evictkit
+
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    v = env["versions"]
+    assert v["evictkit"] == evictkit.__version__ and v["torch"] == torch.__version__
+    assert v["pluggy"] == importlib.metadata.version("pluggy") and v["hypothesis"] == importlib.metadata.version("hypothesis")
+    assert set(v) >= {"python", "transformers", "triton", "attrs"}
+    assert env["policies"] == len(evictkit.policies())
+    # the extras come from evictkit's metadata: this very test runs with the dev extra's pytest
+    assert env["extras"]["dev"]["packages"]["pytest"] == pytest.__version__
+    assert set(env["extras"]) >= {"models", "plots", "dev"}
+    dev = env["devices"]
+    assert dev["cpu"]["torch_threads"] == torch.get_num_threads()
+    assert len(dev["cuda"]) == torch.cuda.device_count()
+    for i, g in enumerate(dev["cuda"]):
+        assert g["name"] == torch.cuda.get_device_name(i) and g["memory_gib"] > 0
+    assert dev["triton"] in ("native", "interpreter", "unavailable")
+
+
+def test_env_triton_mode(monkeypatch):
+    from evictkit.cli import triton_mode
+
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert triton_mode(cuda=True) == "native"
+    assert triton_mode(cuda=False) == "interpreter"  # no device: only the interpreter can run it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_mode(cuda=True) == "interpreter"
+
+
+def test_env_text(capsys):
+    import torch
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch         {torch.__version__}" in out
+    assert "policies registered" in out and "triton" in out
+    if not torch.cuda.is_available():
+        assert "cuda          no device" in out
