@@ -3,11 +3,13 @@
     pytest benchmarks/ --benchmark-only                  # default sizes, < 15 min on 2 cores
     pytest benchmarks/ --quick                           # CI smoke test: tiny sizes, each benchmark once
     pytest benchmarks/ --benchmark-only --bench-report runs/bench.md   # also write the tables
+    pytest benchmarks/ --device cuda --bench-model small                # on a GPU (sizes for it)
 
 Ratios (compaction core vs the fastest plain-torch way, policy prefill vs plain prefill, decode
 latency vs the full cache) are computed inside one run from that run's numbers and printed at the
 end; absolute times drift across runs on a shared machine, ratios much less. Nothing here asserts
-a timing.
+a timing. On CUDA every timed call ends with a device sync, so a time is the work's, not
+its launch's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,9 @@ class Sizes:
     decode_budgets: tuple[int, ...] = (128, 512)
     decode_slacks: tuple[int, ...] = (0, 16)
     decode_steps: int = 16
+    # ReST-KV's scoring vs SnapKV's on synthetic tensors of one layer: (H_q, H_kv, d, hidden, T)
+    scoring_shapes: tuple[tuple[int, int, int, int, int], ...] = ((9, 3, 64, 576, 4096),)
+    scoring_reps: int = 20
 
 
 QUICK = Sizes(
@@ -62,9 +68,32 @@ QUICK = Sizes(
     decode_budgets=(96,),
     decode_slacks=(0, 4),
     decode_steps=2,
+    scoring_shapes=((9, 3, 64, 576, 256),),
+    scoring_reps=2,
+)
+
+#: the default sizes on a GPU: long enough caches that the device is not all launch overhead
+#: (the compaction core reaches a device copy's bandwidth from T = 64k), with a random 24-layer
+#: llama in bf16 (--bench-model small) for the model suites; a few minutes on an H200
+CUDA = Sizes(
+    comp_T=(4096, 16384, 65536, 131072),
+    comp_keep=(4, 2),
+    comp_dtypes=("float32", "bfloat16"),
+    prefill_ctx=(4096, 16384),
+    prefill_rounds={4096: 5, 16384: 3},
+    layer_ctx=(4096, 16384),
+    decode_ctx=8192,
+    decode_budgets=(1024,),
+    decode_slacks=(0, 16),
+    decode_steps=32,
+    # SmolLM2's attention at 4k and 16k, Llama-3.1-8B's at 32k
+    scoring_shapes=((9, 3, 64, 576, 4096), (9, 3, 64, 576, 16384), (32, 8, 128, 4096, 32768)),
 )
 
 COMPACT_METHODS = ("evictkit", "gather", "index", "index_select")
+#: on CUDA also: the Triton kernel and the torch fallback called directly (the dispatcher picks one
+#: by size), and a device-to-device copy of the same bytes (the ceiling, not a compaction)
+DEVICE_METHODS = ("triton", "torch", "copy")
 
 
 def pytest_addoption(parser):
@@ -75,9 +104,14 @@ def pytest_addoption(parser):
                     help="comma-separated prefill context lengths (default 1024,4096; add 8192 if time allows)")
     group.addoption("--bench-rounds", type=int, default=0,
                     help="rounds per prefill benchmark at every context (default: 2 at 1k, 1 at 4k and 8k)")
+    group.addoption("--device", default="cpu",
+                    help="where the suites run: 'cpu' (default) or 'cuda' / 'cuda:N' (an error if torch sees "
+                         "no CUDA device); on CUDA the sizes default to the GPU preset and timed calls sync")
+    group.addoption("--bench-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="dtype of the model suites' model (auto: float32 on CPU, bfloat16 on CUDA)")
     group.addoption("--bench-model", default="smollm2",
-                    help="model for the prefill/decode suites: 'smollm2' (default), 'tiny' (random llama) "
-                         "or a local model directory")
+                    help="model for the prefill/decode suites: 'smollm2' (default), 'tiny' (a 4-layer random "
+                         "llama), 'small' (a 24-layer random llama, hidden 768: for GPUs) or a local model directory")
     group.addoption("--bench-threads", type=int, default=1,
                     help="torch threads for the compaction suite (default 1: on a shared 2-core machine a second "
                          "thread makes every parallel copy wait for the slower core; 0 = leave torch's default)")
@@ -91,11 +125,28 @@ def pytest_configure(config):
         # before pytest-benchmark builds its session from the options
         config.option.benchmark_disable = True
         config.option.benchmark_only = False
+    device = config.getoption("device", default="cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise pytest.UsageError(f"--device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device {device!r}: the suites run on 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise pytest.UsageError(
+            f"--device {device}: torch {torch.__version__} ({build}) sees no CUDA device "
+            "(torch.cuda.is_available() is False). Run on a GPU machine or use --device cpu.")
     config.stash[_STORE] = Store()
+    config.stash[_STORE].meta["device"] = device
+
+
+def on_cuda(config) -> bool:
+    return torch.device(config.getoption("device")).type == "cuda"
 
 
 def sizes_of(config) -> Sizes:
-    base = QUICK if config.getoption("quick") else Sizes()
+    base = QUICK if config.getoption("quick") else CUDA if on_cuda(config) else Sizes()
     ctx = config.getoption("bench_contexts")
     if ctx:
         lengths = tuple(int(x) for x in ctx.split(",") if x.strip())
@@ -133,7 +184,11 @@ def pytest_generate_tests(metafunc):
         cases = [(dt, T, keep) for dt in s.comp_dtypes for T in s.comp_T for keep in s.comp_keep]
         metafunc.parametrize("comp_case", cases, ids=[f"{dt}-T{T}-keep1of{k}" for dt, T, k in cases])
     if "comp_method" in names:
-        metafunc.parametrize("comp_method", COMPACT_METHODS)
+        methods = COMPACT_METHODS + (DEVICE_METHODS if on_cuda(metafunc.config) else ())
+        metafunc.parametrize("comp_method", methods)
+    if "scoring_shape" in names:
+        metafunc.parametrize("scoring_shape", s.scoring_shapes,
+                             ids=[f"Hq{hq}-Hkv{hkv}-d{d}-T{T}" for hq, hkv, d, _, T in s.scoring_shapes])
     if "prefill_case" in names:
         # plain prefill first and again last: the baseline is the best of both, so slow drift
         # of the machine's load over the group does not bias every ratio the same way
@@ -161,19 +216,63 @@ def sizes(request) -> Sizes:
 
 
 @pytest.fixture(scope="session")
-def model_and_tokenizer(request):
-    """SmolLM2-135M-Instruct in fp32 on CPU (or a tiny random llama with --bench-model tiny)."""
+def device(request) -> torch.device:
+    """The device of --device: where every suite puts its tensors and model."""
+    return torch.device(request.config.getoption("device"))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA launches return before the work is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`fn` followed by a device sync: what a wall-clock timer must time on CUDA."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+#: random llamas built from config (evictkit.specs.tiny, the builder the tests and the
+#: conformance kit use), for --bench-model tiny / small
+RANDOM_MODELS = {
+    "tiny": dict(layers=4, heads=4, kv_heads=2, head_dim=16, vocab=128),
+    # gpu-sized: a GPU prefill is not all launch overhead, and LaCache's default span (16) fits
+    "small": dict(layers=24, heads=12, kv_heads=4, head_dim=64, vocab=1024),
+}
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer(request, device):
+    """SmolLM2-135M-Instruct (or a random llama with --bench-model tiny|small and the byte tokenizer)
+    on --device, in fp32 on CPU and bf16 on CUDA unless --bench-dtype says otherwise."""
+    from evictkit.eval.tokenizer import ByteTokenizer
+    from evictkit.specs.tiny import tiny_model
+
     name = request.config.getoption("bench_model")
-    if name == "tiny":
-        model, tok = _tiny_llama(), _ByteTokenizer()
+    dtype_name = request.config.getoption("bench_dtype")
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, dtype_name)
+    if name in RANDOM_MODELS:
+        model, tok = tiny_model("llama", **RANDOM_MODELS[name], device=device, dtype=dtype), ByteTokenizer()
     else:
         try:
             model, tok = evictkit.load_model(name)
         except (ValueError, OSError, ImportError) as exc:
             pytest.skip(f"model {name!r} unavailable: {exc}")
-    with torch.inference_mode():  # first forward pays one-off costs (thread pools, weight packing)
-        model(torch.ones(1, 16, dtype=torch.long), use_cache=True, logits_to_keep=1)
-    request.config.stash[_STORE].meta["model"] = name
+        model = model.to(device=device, dtype=dtype)
+    with torch.inference_mode():  # first forward pays one-off costs (thread pools, weight packing, kernels)
+        model(torch.ones(1, 16, dtype=torch.long, device=device), use_cache=True, logits_to_keep=1)
+    sync(device)
+    request.config.stash[_STORE].meta.update(model=name, dtype=dtype_name)
     return model, tok
 
 
@@ -195,24 +294,6 @@ def report(request) -> Store:
     return request.config.stash[_STORE]
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
-class _ByteTokenizer:
-    """Enough of a tokenizer for the suites: text -> byte ids."""
-
-    def __call__(self, text: str, return_tensors: str = "pt"):
-        ids = torch.tensor([list(text.encode("utf-8", errors="replace"))], dtype=torch.long)
-        return type("Enc", (), {"input_ids": ids})()
-
-
 # --- the ratio tables -------------------------------------------------------------------------
 
 
@@ -220,7 +301,8 @@ class Store:
     """Records from the suites, rendered as markdown at the end of the session."""
 
     def __init__(self) -> None:
-        self.records: dict[str, list[dict[str, Any]]] = {"compaction": [], "prefill": [], "layer": [], "decode": []}
+        self.records: dict[str, list[dict[str, Any]]] = {
+            "compaction": [], "prefill": [], "layer": [], "decode": [], "scoring": []}
         self.meta: dict[str, Any] = {}
         self.started = time.time()
 
@@ -234,10 +316,13 @@ class Store:
             rows.setdefault((r["dtype"], r["T"], r["keep"]), {})[r["method"]] = r
         if not rows:
             return []
+        # the device methods (CUDA runs): the two backends alone, and a copy of the same bytes
+        device = any("copy" in m for m in rows.values())
+        extra = " triton µs | torch µs | copy GB/s | evictkit / copy GB/s |" if device else ""
         out = [
             "| dtype | T | keep | evictkit µs | gather µs | index µs | index_select µs | evictkit GB/s "
-            "| best plain GB/s | evictkit / best plain | within 1.2x |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| best plain GB/s | evictkit / best plain | within 1.2x |" + extra,
+            "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (4 if device else 0),
         ]
         for (dt, T, keep), m in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
             def us(name):
@@ -247,10 +332,15 @@ class Store:
             ek = m.get("evictkit")
             ratio = ek["min"] / min(p["min"] for p in plain) if ek and plain else float("nan")
             best = max((p["gbps"] for p in plain), default=float("nan"))
-            out.append(
+            row = (
                 f"| {dt} | {T} | 1/{keep} | {us('evictkit')} | {us('gather')} | {us('index')} | {us('index_select')} "
                 f"| {ek['gbps'] if ek else float('nan'):.1f} | {best:.1f} | {ratio:.2f} | {'yes' if ratio <= 1.2 else 'NO'} |"
             )
+            if device:
+                copy = m["copy"]["gbps"] if "copy" in m else float("nan")
+                of_copy = ek["gbps"] / copy if ek else float("nan")
+                row += f" {us('triton')} | {us('torch')} | {copy:.1f} | {of_copy:.2f} |"
+            out.append(row)
         return out
 
     def prefill_table(self) -> list[str]:
@@ -335,13 +425,37 @@ class Store:
             )
         return out
 
+    def scoring_table(self) -> list[str]:
+        recs = self.records["scoring"]
+        if not recs:
+            return []
+        out = [
+            "| H_q / H_kv / d, T | window attention | SnapKV rest | select | restkv_scores | indicator matmul alone "
+            "| drift: exact top-k | drift: bounds | ReST-KV / SnapKV | (SnapKV + matmul) / SnapKV |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in recs:
+            ms = r["ms"]  # short names of profile_scoring's pieces, see test_bench_scoring.PIECES
+            out.append(
+                f"| {r['Hq']} / {r['Hkv']} / {r['d']}, {r['T']} | {ms['window']:.3f} | {ms['snapkv']:.3f} "
+                f"| {ms['select']:.3f} | {ms['restkv']:.3f} | {ms['floor']:.3f} | {ms['drift_exact']:.3f} "
+                f"| {ms['drift_bounds']:.3f} | {r['ratio']:.2f} | {r['floor']:.2f} |"
+            )
+        return out
+
     def markdown(self) -> str:
         m = self.meta
+        device = m.get("device", "cpu")
+        where = f"device {device}"
+        if torch.device(device).type == "cuda":
+            p = torch.cuda.get_device_properties(torch.device(device))
+            where += f" ({p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"
         lines = [
-            f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads; "
+            f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+            f"{where}; "
             f"python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {_version('transformers')}, evictkit {evictkit.__version__}; "
-            f"model {m.get('model', '-')}; {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, "
+            f"model {m.get('model', '-')} ({m.get('dtype', '-')}); {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, "
             f"{time.time() - self.started:.0f} s.",
             "",
         ]
@@ -351,6 +465,9 @@ class Store:
             ("Prefill + eviction, end to end (min over rounds; plain = prefill without evictkit)", self.prefill_table()),
             ("Policy scoring alone, one layer (observe + select, min over rounds)", self.layer_table()),
             ("Decoding after eviction", self.decode_table()),
+            ("ReST-KV scoring vs SnapKV's, one layer of synthetic tensors (median ms of each piece, W = 32, "
+             "budget = T / 4; the ratio ReST-KV targets is 1.5x, the floor is SnapKV plus the indicator's "
+             "matmul alone)", self.scoring_table()),
         ):
             if table:
                 lines += [f"### {title}", "", *table, ""]

@@ -7,6 +7,9 @@ torch.profiler and its top operators are printed.
 
     .venv/bin/python benchmarks/profile_scoring.py                # CPU, one thread
     python benchmarks/profile_scoring.py --device cuda --heads 12 --kv-heads 4 --dim 64
+
+The same table, one row per shape, is a benchmark too: benchmarks/test_bench_scoring.py
+(`pytest benchmarks/test_bench_scoring.py --device cuda`).
 """
 
 from __future__ import annotations
@@ -27,29 +30,32 @@ GQA = "restkv: GQA mean"
 WHOLE = "restkv: restkv_scores whole"
 
 
-def timed_round_robin(pieces: dict, device: str, reps: int) -> dict[str, float]:
+def timed_round_robin(pieces: dict, device: str | torch.device, reps: int) -> dict[str, float]:
     """Median seconds of one call of each piece, after 3 warm-up calls. The pieces take turns
     call by call, so a change in the machine's load hits all of them alike and their ratios
-    stay comparable on a shared host."""
+    stay comparable on a shared host. On CUDA each call is timed between two device syncs."""
+    cuda = torch.device(device).type == "cuda"
     for fn in pieces.values():
         for _ in range(3):
             fn()
     out: dict[str, list[float]] = {name: [] for name in pieces}
     for _ in range(reps):
         for name, fn in pieces.items():
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
             fn()
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             out[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in out.items()}
 
 
-def scoring_pieces(T: int, Hq: int, Hkv: int, d: int, hidden: int, w: int, dev: str, gen: torch.Generator):
+def scoring_pieces(T: int, Hq: int, Hkv: int, d: int, hidden: int, w: int, dev: str | torch.device,
+                   gen: torch.Generator):
     """Synthetic window attention and values of one layer, and a callable per piece of both
-    scorers on them (budget T // 4). Returns (pieces, restkv_scores_args)."""
+    scorers on them (budget T // 4): queries [1, Hq, w, d], keys and values [1, Hkv, T, d], drawn
+    on CPU from `gen` and moved to `dev`. Returns (pieces, restkv_scores_args)."""
     from evictkit.attention import attention_weights
     from evictkit.plugins import _restkv_math as M
     from evictkit.selection import pool1d, reduce_gqa, select_topk
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     torch.set_num_threads(args.threads)
     dev, Hq, Hkv, d, w = args.device, args.heads, args.kv_heads, args.dim, args.window
     gen = torch.Generator().manual_seed(0)
@@ -120,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             ratio, floor = ratios(ms)
             print(f"\nScoring ratio ReST-KV / SnapKV from these pieces: {ratio:.2f}; "
                   f"SnapKV plus the indicator's matmul alone: {floor:.2f}")
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+            cuda = torch.device(dev).type == "cuda"
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
             with torch.profiler.profile(activities=acts) as prof:
                 for _ in range(5):
                     M.restkv_scores(attn, v, gram, budget=budget)
-                if dev == "cuda":
+                if cuda:
                     torch.cuda.synchronize()
-        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print("\n```\n" + prof.key_averages().table(sort_by=key, row_limit=15) + "\n```")
     return 0
 

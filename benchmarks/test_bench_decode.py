@@ -1,4 +1,5 @@
-"""Suite 3: decoding after eviction, on SmolLM2-135M (CPU, fp32).
+"""Suite 3: decoding after eviction, on SmolLM2-135M (CPU, fp32; --device and --bench-model choose
+others, see suite 2).
 
 A 4k-token prompt is prefilled (untimed) under each decode-phase policy
 (streaming_llm, h2o, tova, lacache: whatever is registered with a "decode" phase, plus ReST-KV
@@ -11,7 +12,7 @@ drifting between tests. Recorded: ms per token (median, and mean, which carries 
 of slack > 0), the K/V bytes after prefill and their peak after any step (bytes of every layer's
 K and V tensors; the transient +1 entry inside a step is not counted), and the bytes saved
 against the full cache. Process memory is not measured on CPU: the K/V bytes are what eviction
-changes.
+changes. On CUDA every timed step ends with a device sync.
 """
 
 from __future__ import annotations
@@ -25,25 +26,25 @@ import torch
 
 import evictkit
 from benchutil import prompt_ids, run_timed
-from conftest import DECODE_VARIANTS
+from conftest import DECODE_VARIANTS, sync, synced
 from evictkit.eval.engine import cache_bytes, cache_kwarg
 
 
 @pytest.fixture(scope="module")
-def full_cache(sizes, model_and_tokenizer):
+def full_cache(sizes, device, model_and_tokenizer):
     """The prompt prefilled once with the full cache (no evictkit): every test times one step on it
     before each of its own steps, so its ratio to the full cache is paired round by round."""
     model, tok = model_and_tokenizer
     with torch.inference_mode():
-        out = model(prompt_ids(tok, sizes.decode_ctx), use_cache=True, logits_to_keep=1)
+        out = model(prompt_ids(tok, sizes.decode_ctx).to(device), use_cache=True, logits_to_keep=1)
     return {"cache": out.past_key_values, "tok": out.logits[:, -1:].argmax(-1)}
 
 
 @pytest.mark.benchmark(group="decode")
-def test_decode(benchmark, sizes, report, model_and_tokenizer, full_cache, decode_case):
+def test_decode(benchmark, sizes, report, device, model_and_tokenizer, full_cache, decode_case):
     name, budget, slack = decode_case
     model, tok = model_and_tokenizer
-    ids = prompt_ids(tok, sizes.decode_ctx)
+    ids = prompt_ids(tok, sizes.decode_ctx).to(device)
     if name == "full":
         comp = None
     else:
@@ -68,8 +69,10 @@ def test_decode(benchmark, sizes, report, model_and_tokenizer, full_cache, decod
 
     def setup():
         # one full-cache step, timed here (pytest-benchmark does not time setup), then this case's hooks on
+        sync(device)
         t0 = time.perf_counter()
         step_on(full_cache)
+        sync(device)
         paired.append(time.perf_counter() - t0)
         if comp is not None:
             comp.__enter__()
@@ -81,7 +84,7 @@ def test_decode(benchmark, sizes, report, model_and_tokenizer, full_cache, decod
         peak = max(peak, cache_bytes(mine["cache"]))
 
     benchmark.group = f"decode after a {sizes.decode_ctx}-token prompt"
-    t = run_timed(benchmark, lambda: step_on(mine), rounds=sizes.decode_steps, warmup=min(2, sizes.decode_steps),
+    t = run_timed(benchmark, synced(lambda: step_on(mine), device), rounds=sizes.decode_steps, warmup=min(2, sizes.decode_steps),
                   setup=setup, teardown=teardown)
     full_median = statistics.median(paired[-t["rounds"]:])
     benchmark.extra_info.update(prefill_bytes=prefill_bytes, peak_bytes=peak, full_step_s=full_median)

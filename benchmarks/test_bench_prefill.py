@@ -1,4 +1,5 @@
-"""Suite 2: what a policy costs at prefill, on SmolLM2-135M (CPU, fp32).
+"""Suite 2: what a policy costs at prefill, on SmolLM2-135M (CPU, fp32; --device and --bench-model
+choose others: on a GPU, `--device cuda --bench-model small`, a random 24-layer llama in bf16).
 
 - `test_prefill`: prefill + eviction end to end (`model(ids)` inside `evictkit.compress`) for
   every registered policy that evicts at prefill, against plain prefill without evictkit
@@ -14,7 +15,7 @@
   is below the noise of one 4k prefill on a shared machine.
 
 Policies registered later are picked up automatically (evictkit.policies()); a policy that
-refuses the budget is skipped with its reason.
+refuses the budget is skipped with its reason. On CUDA every timed call ends with a device sync.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 import evictkit
 from benchutil import best_of, evict_one_layer, indicator_matmul_only, layer_inputs, prompt_ids, run_timed
-from conftest import FLOOR_POLICY
+from conftest import FLOOR_POLICY, synced
 from evictkit.kernels import compact_many
 
 
@@ -32,11 +33,23 @@ def _budget(n: int) -> int:
     return max(64, n // 4)
 
 
+def _layer_inputs(model, ids: torch.Tensor, layer_idx: int) -> dict:
+    """benchutil.layer_inputs on `ids`'s device; a helper that cannot build inputs on this device
+    yet (e.g. positions made on CPU for a CUDA model) skips the benchmark with its reason."""
+    try:
+        inputs = layer_inputs(model, ids, layer_idx)
+    except RuntimeError as exc:
+        if ids.device.type == "cpu" or "device" not in str(exc):
+            raise
+        pytest.skip(f"benchutil.layer_inputs on {ids.device}: {str(exc).splitlines()[0]}")
+    return inputs
+
+
 @pytest.mark.benchmark(group="prefill")
-def test_prefill(benchmark, sizes, report, model_and_tokenizer, prefill_case):
+def test_prefill(benchmark, sizes, report, device, model_and_tokenizer, prefill_case):
     n, name = prefill_case
     model, tok = model_and_tokenizer
-    ids = prompt_ids(tok, n)
+    ids = prompt_ids(tok, n).to(device)
     budget = None
     if name.startswith("none"):
         def run():
@@ -56,7 +69,7 @@ def test_prefill(benchmark, sizes, report, model_and_tokenizer, prefill_case):
                 return model(ids, use_cache=True, logits_to_keep=1)
 
     benchmark.group = f"prefill {n} tokens"
-    t = run_timed(benchmark, run, rounds=sizes.prefill_rounds.get(n, 1))
+    t = run_timed(benchmark, synced(run, device), rounds=sizes.prefill_rounds.get(n, 1))
     kept = max(comp.stats.sizes()) if comp is not None and comp.stats.layers else None
     benchmark.extra_info.update(budget=budget, kept=kept)
     report.add("prefill", n=n, policy=name, budget=budget, kept=kept,
@@ -64,12 +77,12 @@ def test_prefill(benchmark, sizes, report, model_and_tokenizer, prefill_case):
 
 
 @pytest.mark.benchmark(group="layer", max_time=1.0, min_rounds=3)
-def test_layer_scoring(benchmark, sizes, report, model_and_tokenizer, layer_case):
+def test_layer_scoring(benchmark, sizes, report, device, model_and_tokenizer, layer_case):
     n, name = layer_case
     model, tok = model_and_tokenizer
     n_layers = model.config.num_hidden_layers
     li = n_layers // 2  # a middle layer: PyramidKV-style schedules give it the average budget
-    inputs = layer_inputs(model, prompt_ids(tok, n), li)
+    inputs = _layer_inputs(model, prompt_ids(tok, n).to(device), li)
     budget = _budget(n)
     try:
         policy = evictkit.policy(name)
@@ -86,22 +99,22 @@ def test_layer_scoring(benchmark, sizes, report, model_and_tokenizer, layer_case
     compact_s = None
     if idx is not None:
         kv = [inputs["keys"], inputs["values"]]
-        compact_s = best_of(lambda: compact_many(kv, idx), 5)
+        compact_s = best_of(synced(lambda: compact_many(kv, idx), device), 5)
     benchmark.group = f"layer scoring {n} tokens"
-    t = run_timed(benchmark, score)
+    t = run_timed(benchmark, synced(score, device))
     benchmark.extra_info.update(compact_s=compact_s)
     report.add("layer", n=n, policy=name, budget=budget, compact_s=compact_s, **t)
 
 
 @pytest.mark.benchmark(group="layer", max_time=1.0, min_rounds=3)
-def test_restkv_indicator_matmul(benchmark, sizes, report, model_and_tokenizer, layer_n):
+def test_restkv_indicator_matmul(benchmark, sizes, report, device, model_and_tokenizer, layer_n):
     """The `H_q P d^2` matmul of ReST-KV's reconstruction indicator alone
     (`benchutil.indicator_matmul_only`), on the middle layer's real values and o_proj."""
     from evictkit.plugins import _restkv_math as M
 
     n = layer_n
     model, tok = model_and_tokenizer
-    inputs = layer_inputs(model, prompt_ids(tok, n), model.config.num_hidden_layers // 2)
+    inputs = _layer_inputs(model, prompt_ids(tok, n).to(device), model.config.num_hidden_layers // 2)
     gram = M.head_grams(inputs["module"].o_proj.weight.detach(), model.config.num_attention_heads)
     matmul_only = indicator_matmul_only(inputs["values"].float(), gram, window=32)
 
@@ -110,5 +123,5 @@ def test_restkv_indicator_matmul(benchmark, sizes, report, model_and_tokenizer, 
             matmul_only()
 
     benchmark.group = f"layer scoring {n} tokens"
-    t = run_timed(benchmark, timed)
+    t = run_timed(benchmark, synced(timed, device))
     report.add("layer", n=n, policy=FLOOR_POLICY, budget=None, compact_s=None, **t)

@@ -70,9 +70,20 @@ class Codec:
         return ids
 
 
+class Encoding(dict):
+    """What calling a tokenizer returns: `enc.input_ids` or `enc["input_ids"]`, as with Hugging Face."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class ByteTokenizer:
     """One token per byte (non-ASCII bytes become '?'), ids = byte values: for tiny test models
-    with a vocabulary of at least 128. Not a real tokenizer: tests and smoke runs only."""
+    with a vocabulary of at least 128. Not a real tokenizer: tests, benchmarks and smoke runs only
+    (the one byte tokenizer of the project: the tests, benchmarks/ and evictkit.eval share it)."""
 
     eos_token_id = None
     bos_token_id = None
@@ -80,6 +91,18 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [b if b < 128 else ord("?") for b in text.encode("utf-8", errors="replace")]
+
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = False) -> Encoding:
+        """`tokenizer(text, return_tensors="pt").input_ids` [1, n] int64, as with a Hugging Face
+        tokenizer (a list of ids without return_tensors)."""
+        ids = self.encode(text)
+        if return_tensors is None:
+            return Encoding(input_ids=ids)
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r}: ByteTokenizer gives 'pt' tensors or lists")
+        import torch
+
+        return Encoding(input_ids=torch.tensor([ids], dtype=torch.long))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(int(i) % 128 for i in ids).decode("ascii", errors="replace")
