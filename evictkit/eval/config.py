@@ -6,12 +6,14 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from evictkit.budget import check_budget
-from evictkit.eval.tasks import TASKS, parse_tasks
+from evictkit.eval import longbench
+from evictkit.eval.tasks import TASKS, parse_tasks, task_list
 
 DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
@@ -121,6 +123,7 @@ class EvalConfig:
     continuation: int = 256
     chat: bool | None = None
     dtype: str = "float32"
+    data: str | None = attrs.field(default=None, converter=attrs.converters.optional(str))  # LongBench's JSONL folder
 
     @classmethod
     def from_strings(cls, *, tasks: str, policies: str, budgets: str, niah_lengths: str = "", niah_depths: str = "",
@@ -144,7 +147,10 @@ class EvalConfig:
             raise ValueError(f"dtype={self.dtype!r}: must be float32, bfloat16 or float16")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {unknown[0]!r}; tasks: {task_list()}")
+        for t in self.tasks:
+            if TASKS[t].family == "longbench":
+                longbench.data_file(self.data, t)  # a missing file is an error now, not after the model loads
 
     def fingerprint(self) -> dict:
         d = attrs.asdict(self, recurse=False)
@@ -153,6 +159,10 @@ class EvalConfig:
         d["budgets"] = list(self.budgets)
         d["niah_lengths"] = list(self.niah_lengths or (self.length,))
         d["niah_depths"] = list(self.niah_depths)
+        if self.data is None or not any(TASKS[t].family == "longbench" for t in self.tasks):
+            del d["data"]  # only LongBench reads it; runs from before --data keep their fingerprint
+        else:
+            d["data"] = str(Path(self.data).expanduser().resolve())
         return json.loads(json.dumps(d))
 
 

