@@ -147,45 +147,27 @@ def layer_inputs(model, input_ids: torch.Tensor, layer_idx: int) -> dict[str, An
 
 
 def evict_one_layer(policy, inputs: dict[str, Any], n_layers: int, budget: int, *, compact: bool = True):
-    """The work the compress hook does for one layer at prefill: observe, select, compact.
+    """The work the compress hook does for one layer at prefill: the core's own step
+    (evictkit.step) on a fresh sequence, as for a new prompt.
 
-    A fresh Observation (and scratch/state) every call, as for a new sequence.
+    Returns the compacted [K, V, positions, *side tensors] (compact=True) or the selection's
+    gather indices (compact=False: scoring and selection alone), or None when the layer fits.
     """
-    from evictkit.kernels import compact_many
-    from evictkit.observation import Observation
+    from evictkit import step
 
-    keys, values = inputs["keys"], inputs["values"]
-    B, H, T, _ = keys.shape
-    positions = inputs["query_positions"].unsqueeze(1).expand(B, H, T)
-    state: dict[str, torch.Tensor] = {}
-    obs = Observation(
-        module=inputs["module"],
-        layer_idx=inputs["layer_idx"],
-        n_layers=n_layers,
-        phase="prefill",
-        keys=keys,
-        values=values,
-        positions=positions,
-        state=state,
-        scratch={},
-        hidden_states=inputs["hidden_states"],
-        position_embeddings=inputs["position_embeddings"],
-        query_positions=inputs["query_positions"],
-        window=policy.needs().window,
-    )
-    state.update(policy.observe(obs) or {})
-    k = policy.layer_budget(budget, inputs["layer_idx"], n_layers, T)
-    if T <= k:
+    T = inputs["keys"].shape[2]
+    st = step.LayerState(budget=policy.layer_budget(budget, inputs["layer_idx"], n_layers, T))
+    cfg = step.StepConfig(policy=policy, needs=policy.needs(), phases=("prefill",))
+    obs = step.observe(cfg, st, module=inputs["module"], layer_idx=inputs["layer_idx"], n_layers=n_layers,
+                       keys=inputs["keys"], values=inputs["values"], hidden_states=inputs["hidden_states"],
+                       position_embeddings=inputs["position_embeddings"], position_ids=inputs["query_positions"])
+    _, sel = step.choose(cfg, st, obs)
+    if sel is None:
         return None
-    idx = policy.select(obs, k)
-    if isinstance(idx, tuple):  # a ragged (per-head) selection: (idx, counts), see evictkit.ragged
-        from evictkit import ragged
-
-        impl = getattr(inputs["module"].config, "_attn_implementation", None)
-        idx, _ = ragged.check_ragged(*idx, None, B, H, T, min(T, k), policy.name, impl)
-    if compact:
-        return compact_many([keys, values, positions, *state.values()], idx)
-    return idx
+    if not compact:
+        return sel.gather
+    keys, values = step.compact(cfg, st, obs, sel)
+    return [keys, values, st.positions, *st.state.values()]
 
 
 # --- plain torch compaction (what the core is held to) ---------------------------------------

@@ -20,7 +20,7 @@ import attrs
 from evictkit.compress import Compression, compress
 from evictkit.models import load_model
 from evictkit.observation import Observation
-from evictkit.policy import Needs, Policy, ScorePolicy, params_of
+from evictkit.contract import Needs, Policy, ScorePolicy, params_of
 from evictkit.registry import PluginFailure, get_registry
 from evictkit.specs.hookspecs import hookimpl
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats

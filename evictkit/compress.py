@@ -15,34 +15,18 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import attrs
 import torch
 from torch import nn
 
 from evictkit import ragged
 from evictkit.budget import check_budget, resolve_budget
-from evictkit.kernels import compact_many
+from evictkit.contract import PHASES, Policy
 from evictkit.models import attention_modules, sliding_layers
-from evictkit.observation import Observation
-from evictkit.policy import PHASES, Policy
-from evictkit.positions import check_position_mode, rope_inv_freq, shift_to_slots
-from evictkit.selection import check_indices
+from evictkit.positions import check_position_mode, rope_inv_freq
+from evictkit.step import LayerState, StepConfig, evict_step
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
 
 PHASE_CHOICES = ("prefill", "decode", "both")
-
-
-@attrs.define
-class _LayerState:
-    """Per-sequence state of one layer; reset when a new sequence starts."""
-
-    positions: torch.Tensor | None = None  # [B, H_kv, T] true positions of cached entries
-    state: dict[str, torch.Tensor] = attrs.field(factory=dict)  # policy side tensors [B, H_kv, T(, E)]
-    scratch: dict[str, Any] = attrs.field(factory=dict)
-    window: tuple[torch.Tensor, torch.Tensor] | None = None  # rolling (queries, positions) for decode
-    seen: int = 0
-    budget: int = 0
-    pad: torch.Tensor | None = None  # [B, H_kv] leading padding slots of a ragged layer (evictkit.ragged)
 
 
 class Compression:
@@ -84,8 +68,10 @@ class Compression:
             if self._sliding:
                 raise ValueError("positions='shift' is not supported on models with sliding-window layers")
             self._inv_freq = rope_inv_freq(model)
-        self._layers: dict[int, _LayerState] = {}
+        self._layers: dict[int, LayerState] = {}
         self._schedules: dict[int, list[int]] = {}
+        self._step = StepConfig(policy=policy, needs=self._needs, phases=self.phases, slack=slack,
+                                inv_freq=self._inv_freq)
         self._handles: list[Any] = []
         self._signature = inspect.signature(model.forward)
         self.stats = CompressionStats(skipped_layers=sorted(self._sliding))
@@ -203,19 +189,15 @@ class Compression:
                 self.stats.skipped_layers.append(li)
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        keys, values = layer.keys, layer.values
-        B, Hkv, T, _ = keys.shape
-        q = hidden.shape[1]
-        prefill = T == q
+        T, q = layer.keys.shape[2], hidden.shape[1]
         st = self._layers.get(li)
-        if prefill or st is None:
-            if not prefill:
+        if T == q or st is None:  # a new sequence
+            if T != q:
                 raise RuntimeError(
                     f"layer {li}: the cache already held {T - q} entries when evictkit.compress first saw it; "
                     "start the sequence (prefill) inside the `with` block"
                 )
-            st = self._layers[li] = _LayerState()
-            st.budget = self.schedule(T)[self.modules.index(module)]
+            st = self._layers[li] = LayerState(budget=self.schedule(T)[self.modules.index(module)])
             stats = self._layer_stats(li)
             stats.prompt_length, stats.budget, stats.evictions, stats.peak = T, st.budget, 0, 0
         elif st.positions is None or st.positions.shape[-1] != T - q:
@@ -224,89 +206,26 @@ class Compression:
                 f"{0 if st.positions is None else st.positions.shape[-1]}; it was changed outside evictkit"
             )
         stats = self._layer_stats(li)
-        phase = "prefill" if prefill else "decode"
-
-        # In "shift" mode position_ids are cache slots; the true positions are counted here.
-        given = None if self._inv_freq is not None else kwargs.get("position_ids")
-        new_pos = self._new_positions(given, st.seen, B, q, keys.device)
-        st.positions = new_pos.unsqueeze(1).expand(B, Hkv, q) if prefill else torch.cat(
-            [st.positions, new_pos.unsqueeze(1).expand(B, Hkv, q)], dim=-1
+        first = st.positions is None
+        result = evict_step(
+            self._step, st, module=module, layer_idx=li, n_layers=self.n_layers, keys=layer.keys,
+            values=layer.values, hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
+            # in "shift" mode position_ids are cache slots; the step counts the true positions itself
+            position_ids=None if self._inv_freq is not None else kwargs.get("position_ids"),
         )
-        for name, t in st.state.items():
-            st.state[name] = torch.cat([t, t.new_zeros(B, Hkv, q, *t.shape[3:])], dim=2)
-        st.seen += q
-
-        runs = phase in self.phases
-        needs = self._needs
-        obs = Observation(
-            module=module,
-            layer_idx=li,
-            n_layers=self.n_layers,
-            phase=phase,
-            keys=keys,
-            values=values,
-            positions=st.positions,
-            state=st.state,
-            scratch=st.scratch,
-            hidden_states=hidden,
-            position_embeddings=kwargs["position_embeddings"],
-            query_positions=new_pos,
-            window=needs.window,
-            window_buffer=self._roll_window(st, module, hidden, kwargs, new_pos) if needs.window and not prefill else None,
-            valid=ragged.valid_mask(st.pad, T),
-            phases=self.phases,
-        )
-        if needs.window and prefill and "decode" in self.phases:
-            st.window = (obs.window_queries, obs.window_positions)
-
-        for name, t in (self.policy.observe(obs) or {}).items():
-            if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or tuple(t.shape[:3]) != (B, Hkv, T):
-                raise ValueError(
-                    f"policy {self.policy.name!r}: observe() must return [B, H_kv, T] = {(B, Hkv, T)} "
-                    f"or [B, H_kv, T, E] tensors, got {name!r} with shape {getattr(t, 'shape', None)}"
-                )
-            st.state[name] = t
-
-        limit = st.budget if prefill else st.budget + self.slack
-        # same as T > limit, except on ragged layers: their real entries summed over heads count
-        if runs and ragged.real_entries(st.pad, Hkv, T) > Hkv * limit:
-            self._evict(module, layer, st, obs)
+        layer.keys, layer.values = result.keys, result.values
+        if result.selection is not None:
             stats.evictions += 1
             if self._observers.get_hookimpls():
                 self._observers(
-                    event=EvictEvent(policy=self.policy.name, layer=li, phase=phase, before=T,
+                    event=EvictEvent(policy=self.policy.name, layer=li, phase=result.phase, before=T,
                                      after=layer.keys.shape[2], budget=st.budget)
                 )
         stats.size = layer.keys.shape[2]
-        stats.entries = ragged.real_entries(st.pad, Hkv, stats.size)
+        stats.entries = ragged.real_entries(st.pad, layer.keys.shape[1], stats.size)
         stats.peak = max(stats.peak, stats.size)
-        if prefill:
+        if first:
             stats.after_prefill = stats.size
-
-    def _evict(self, module: nn.Module, layer: Any, st: _LayerState, obs: Observation) -> None:
-        """Ask the policy what to keep, validate it, and compact K, V and every side tensor."""
-        B, Hkv, T, _ = obs.keys.shape
-        want = min(T, st.budget)
-        idx = self.policy.select(obs, st.budget)
-        pad = None
-        if isinstance(idx, tuple):  # per-head counts: (idx, counts), see evictkit.ragged
-            impl = getattr(module.config, "_attn_implementation", None)
-            idx, pad = ragged.check_ragged(*idx, st.pad, B, Hkv, T, want, self.policy.name, impl)
-            if pad is not None and self._inv_freq is not None:
-                raise ValueError(f"policy {self.policy.name!r}: ragged layers do not support positions='shift'")
-        else:
-            if not self.policy.exact_budget and isinstance(idx, torch.Tensor) and idx.dim() == 3:
-                want = min(max(idx.shape[-1], 1), want)  # LaCache frees whole ladder blocks: fewer, never more
-            check_indices(idx, B, Hkv, T, want, self.policy.name)
-        names = list(st.state)
-        out = compact_many([obs.keys, obs.values, st.positions, *st.state.values()], idx)
-        layer.keys, layer.values, st.positions = out[0], out[1], out[2]
-        st.state = dict(zip(names, out[3:]))
-        st.pad = pad
-        if pad is not None:
-            st.positions = st.positions.masked_fill(~ragged.valid_mask(pad, idx.shape[-1]), -1)
-        if self._inv_freq is not None:
-            layer.keys = shift_to_slots(layer.keys, idx, self._inv_freq)
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size: per-head padding hidden on ragged layers,
@@ -331,27 +250,6 @@ class Compression:
             device=hidden.device,
         )
         return args, kwargs
-
-    def _roll_window(self, st: _LayerState, module, hidden, kwargs, new_pos):
-        from evictkit.attention import project_queries
-
-        cos, sin = kwargs["position_embeddings"]
-        w = self._needs.window
-        new_q = project_queries(module, hidden[:, -w:], cos[:, -w:], sin[:, -w:])
-        new_p = new_pos[:, -w:]
-        if st.window is not None:
-            new_q = torch.cat([st.window[0], new_q], dim=2)[:, :, -w:]
-            new_p = torch.cat([st.window[1], new_p], dim=1)[:, -w:]
-        st.window = (new_q, new_p)
-        return st.window
-
-    @staticmethod
-    def _new_positions(position_ids, seen: int, B: int, q: int, device) -> torch.Tensor:
-        if position_ids is None:
-            return torch.arange(seen, seen + q, device=device).unsqueeze(0).expand(B, q)
-        if position_ids.dim() == 3:  # multimodal rope (3, B, q): the text axis
-            position_ids = position_ids[0]
-        return position_ids.to(device=device, dtype=torch.long).expand(B, q)
 
     def _layer_stats(self, li: int) -> LayerStats:
         for s in self.stats.layers:

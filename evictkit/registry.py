@@ -98,7 +98,7 @@ class Registry:
 
     def add(self, cls: type, *, plugin: str, package: str) -> None:
         """Register one policy class; a bad class or duplicate name is recorded as a failure."""
-        from evictkit.policy import Policy
+        from evictkit.contract import Policy
 
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
             self._fail(plugin, package, f"registered {cls!r}, which is not an evictkit.Policy subclass")

@@ -58,7 +58,7 @@ import torch
 from evictkit.observation import Observation
 from evictkit.plugins.pyramidkv import pyramid_budgets
 from evictkit.plugins.snapkv import a_bool, int_at_least
-from evictkit.policy import Needs, ScorePolicy
+from evictkit.contract import Needs, ScorePolicy
 from evictkit.specs.hookspecs import hookimpl
 
 

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
-from evictkit.policy import Policy
+from evictkit.contract import Policy
 from evictkit.specs.hookspecs import hookimpl
 
 

@@ -41,7 +41,7 @@ import torch
 
 from evictkit.attention import attention_column_sums
 from evictkit.observation import Observation
-from evictkit.policy import Needs, ScorePolicy
+from evictkit.contract import Needs, ScorePolicy
 from evictkit.selection import reduce_gqa, select_topk
 from evictkit.specs.hookspecs import hookimpl
 

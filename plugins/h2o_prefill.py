@@ -33,7 +33,7 @@ import torch
 from evictkit.attention import attention_column_sums
 from evictkit.observation import Observation
 from evictkit.plugins.snapkv import int_at_least, one_of
-from evictkit.policy import Needs, ScorePolicy
+from evictkit.contract import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, reduce_gqa
 from evictkit.specs.hookspecs import hookimpl
 

@@ -58,7 +58,7 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
-from evictkit.policy import Policy
+from evictkit.contract import Policy
 from evictkit.positions import POSITION_MODES
 from evictkit.specs.hookspecs import hookimpl
 

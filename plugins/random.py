@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
-from evictkit.policy import ScorePolicy
+from evictkit.contract import ScorePolicy
 from evictkit.specs.hookspecs import hookimpl
 
 

@@ -92,7 +92,7 @@ from evictkit.plugins._restkv_math import (
     value_gram_norms,
 )
 from evictkit.plugins.snapkv import int_at_least, odd_kernel, one_of
-from evictkit.policy import Needs, ScorePolicy
+from evictkit.contract import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, reduce_gqa, select_topk
 from evictkit.specs.hookspecs import hookimpl
 

@@ -37,7 +37,7 @@ import attrs
 import torch
 
 from evictkit.observation import Observation
-from evictkit.policy import Needs, ScorePolicy
+from evictkit.contract import Needs, ScorePolicy
 from evictkit.selection import GQA_REDUCTIONS, POOLS, pool1d, reduce_gqa
 from evictkit.specs.hookspecs import hookimpl
 

@@ -31,7 +31,7 @@ import torch
 
 from evictkit.observation import Observation
 from evictkit.plugins.snapkv import a_bool
-from evictkit.policy import Needs, ScorePolicy
+from evictkit.contract import Needs, ScorePolicy
 from evictkit.selection import reduce_gqa
 from evictkit.specs.hookspecs import hookimpl
 

@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-from evictkit.policy import Policy
+from evictkit.contract import Policy
 from evictkit.specs.cases import Case
 from evictkit.specs.driver import Step, drive, kept_mask, layer_budgets  # noqa: F401  (re-exported)
+from evictkit.specs.driver import bit_equal as _bit_equal
 from evictkit.specs.subject import (  # noqa: F401  (re-exported: the kit's names live in checks)
     MAX_PROBED_BUDGET,
     LawContext,
@@ -35,15 +36,6 @@ from evictkit.specs.subject import (  # noqa: F401  (re-exported: the kit's name
 def _row(t: torch.Tensor, n: int = 24) -> str:
     items = t.tolist()
     return str(items) if len(items) <= n else f"{items[:n // 2]} ... {items[-n // 2:]} ({len(items)} entries)"
-
-
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return False
-    if a.is_floating_point():
-        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
-        return bool(same.all())
-    return torch.equal(a, b)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

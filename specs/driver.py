@@ -1,20 +1,21 @@
-"""The driver of the conformance kit: `drive` runs a policy on one synthetic layer exactly the
-way `evictkit.compress` does (observe every forward, select when over budget, compact K, V,
-positions and side tensors with the same indices) and records every `Step`; the laws in
-checks.py read those steps. Every misuse it meets is raised through `LawContext.fail`.
+"""The driver of the conformance kit: `drive` runs a policy on one synthetic layer through the
+core's own per-layer step (`evictkit.step.evict_step`, the one `evictkit.compress` calls) and
+records every `Step`; the laws in checks.py read those steps. Its `Guard` reports every misuse
+through `LawContext.fail`, and keeps pristine copies of what the policy is shown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 
-from evictkit.kernels import compact_many
+from evictkit import ragged
+from evictkit.contract import Policy, ScorePolicy
 from evictkit.observation import Observation
-from evictkit.policy import Policy, ScorePolicy
+from evictkit.step import Guard, LayerState, Selection, StepConfig, evict_step
 from evictkit.specs.cases import Case
 from evictkit.specs.subject import LawContext, _Refused
 from evictkit.specs.tiny import tiny_attention
@@ -87,102 +88,95 @@ def drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool = False) 
 
 
 def _drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool) -> list[Step]:
-    from evictkit import ragged
-
     B, H, D, layer = case.batch, case.kv_heads, case.head_dim, case.layer
     module, rope = tiny_attention(case.heads, H, D, layer, case.dtype)
     data = case.data()
-    lenient = not case.finite  # ValueError is the right answer to NaN/inf input
     needs = ctx.call("needs()", policy.needs)
-    budget = layer_budgets(policy, case, ctx)[layer]
-    phases = tuple(policy.phases)
+    cfg = StepConfig(policy=policy, needs=needs, phases=tuple(policy.phases), slack=case.slack)
+    st = LayerState(budget=layer_budgets(policy, case, ctx)[layer])
     true_pos = torch.arange(case.total).expand(B, case.total)
 
-    keys = values = positions = None
-    pad: torch.Tensor | None = None  # [B, H] leading padding slots of a ragged layer
-    state: dict[str, torch.Tensor] = {}
-    scratch: dict[str, Any] = {}
-    window: tuple[torch.Tensor, torch.Tensor] | None = None
-    seen = 0
+    keys = values = None
     steps: list[Step] = []
     for i, q in enumerate(case.chunks):
-        prefill = i == 0
-        phase = "prefill" if prefill else "decode"
-        span = slice(seen, seen + q)
-        qpos = true_pos[:, span]
-        new_pos = qpos.unsqueeze(1).expand(B, H, q)
-        if prefill:
-            keys, values, positions = data.keys[:, :, span], data.values[:, :, span], new_pos
-        else:
-            keys = torch.cat([keys, data.keys[:, :, span]], dim=2)
-            values = torch.cat([values, data.values[:, :, span]], dim=2)
-            positions = torch.cat([positions, new_pos], dim=-1)
-        for name in list(state):
-            state[name] = torch.cat([state[name], state[name].new_zeros(B, H, q, *state[name].shape[3:])], dim=2)
-        seen += q
-        hidden = data.hidden[:, span]
-        cos, sin = rope(hidden, qpos)
-        T = keys.shape[2]
-
-        buffer = None
-        if needs.window and not prefill:
-            window = _roll_window(module, hidden, cos, sin, qpos, window, needs.window)
-            buffer = window
-        obs = Observation(
-            module=module, layer_idx=layer, n_layers=case.n_layers, phase=phase, keys=keys, values=values,
-            positions=positions, state=state, scratch=scratch, hidden_states=hidden, position_embeddings=(cos, sin),
-            query_positions=qpos, window=needs.window, window_buffer=buffer, valid=ragged.valid_mask(pad, T),
-            phases=phases,
-        )
-        if needs.window and prefill and "decode" in phases:
-            window = (obs.window_queries, obs.window_positions)
-
-        new_state = ctx.call(f"observe() at step {i}", policy.observe, obs, value_error_ok=lenient) or {}
-        if not isinstance(new_state, Mapping):
-            raise ctx.fail(f"observe() returned {type(new_state).__name__}; it must return a mapping of tensors")
-        for name, t in new_state.items():
-            if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or tuple(t.shape[:3]) != (B, H, T):
-                raise ctx.fail(f"observe() at step {i} returned {name!r} with shape {tuple(getattr(t, 'shape', ()))}; "
-                               f"side tensors must be [B, H_kv, T] or [B, H_kv, T, E] with [B, H_kv, T] = {(B, H, T)}")
-            if case.finite and t.is_floating_point() and bool(torch.isnan(t).any()):
-                raise ctx.fail(f"observe() at step {i} returned NaN in side tensor {name!r} on finite inputs")
-            state[name] = t
-
-        before = {"keys": keys, "values": values, "positions": positions, **{f"state[{n}]": t for n, t in state.items()}}
-        limit = budget if prefill else budget + case.slack
-        step = Step(index=i, phase=phase, q=q, budget=budget, limit=limit, before=before, after=before,
-                    valid_after=ragged.valid_mask(pad, T))
-        # the core's condition: more real entries than H_kv * limit (T > limit on rectangular layers)
-        if phase in phases and ragged.real_entries(pad, H, T) > H * limit:
-            if scores and isinstance(policy, ScorePolicy):
-                step.scores = _checked_scores(policy, obs, ctx, i, (B, H, T), case.finite)
-            selection = ctx.call(f"select() at step {i}", policy.select, obs, budget, value_error_ok=lenient)
-            idx, counts, real, gidx, new_pad = _indexable(selection, pad, B, H, T, ctx, i)
-            names = list(state)
-            out = ctx.call("the compaction core", compact_many, [keys, values, positions, *state.values()], gidx)
-            keys, values, positions = out[0], out[1], out[2]
-            valid = ragged.valid_mask(new_pad, gidx.shape[-1])
-            if valid is not None:
-                positions = positions.masked_fill(~valid, -1)  # as the core marks padding
-            pad = new_pad
-            state = dict(zip(names, out[3:]))
-            step.idx, step.counts, step.real, step.gather, step.valid_after = idx, counts, real, gidx, valid
-            step.after = {"keys": keys, "values": values, "positions": positions,
-                          **{f"state[{n}]": t for n, t in state.items()}}
+        span = slice(st.seen, st.seen + q)
+        new_k, new_v = data.keys[:, :, span], data.values[:, :, span]
+        keys = new_k if keys is None else torch.cat([keys, new_k], dim=2)
+        values = new_v if values is None else torch.cat([values, new_v], dim=2)
+        hidden, qpos = data.hidden[:, span], true_pos[:, span]
+        guard = _KitGuard(policy, ctx, i, case.finite, scores)
+        pad = st.pad
+        result = evict_step(cfg, st, module=module, layer_idx=layer, n_layers=case.n_layers, keys=keys,
+                            values=values, hidden_states=hidden, position_embeddings=rope(hidden, qpos),
+                            position_ids=qpos, guard=guard)
+        obs, sel = result.obs, result.selection
+        guard.check_untouched(obs)
+        before = guard.before
+        step = Step(index=i, phase=result.phase, q=q, budget=st.budget, limit=result.limit, before=before,
+                    after=before, valid_after=ragged.valid_mask(pad, obs.length), scores=guard.scores)
+        keys, values = result.keys, result.values
+        if sel is not None:
+            K = sel.gather.shape[-1]
+            real = (torch.ones_like(sel.gather, dtype=torch.bool) if sel.counts is None
+                    else torch.arange(K, device=sel.gather.device) >= (K - sel.counts)[..., None])
+            step.idx, step.counts, step.real, step.gather = sel.idx, sel.counts, real, sel.gather
+            step.valid_after = ragged.valid_mask(st.pad, K)
+            step.after = {"keys": keys, "values": values, "positions": st.positions,
+                          **{f"state[{n}]": t for n, t in st.state.items()}}
         steps.append(step)
     return steps
 
 
-def _roll_window(module, hidden, cos, sin, qpos, window, w):
-    """The rolling buffer of the newest `w` post-RoPE queries, as the core keeps it while decoding."""
-    from evictkit.attention import project_queries
+class _KitGuard(Guard):
+    """The core's step, with every policy mistake reported as a violation of the running law.
 
-    new_q = project_queries(module, hidden[:, -w:], cos[:, -w:], sin[:, -w:])
-    new_p = qpos[:, -w:]
-    if window is not None:
-        new_q = torch.cat([window[0], new_q], dim=2)[:, :, -w:]
-        new_p = torch.cat([window[1], new_p], dim=1)[:, -w:]
-    return new_q, new_p
+    It keeps pristine copies of what the policy is shown, so that a policy writing into the
+    cache or its side tensors is caught even when the written tensor is the one compared.
+    """
+
+    def __init__(self, policy: Policy, ctx: LawContext, index: int, finite: bool, scores: bool) -> None:
+        self.policy, self.ctx, self.index, self.finite, self.want_scores = policy, ctx, index, finite, scores
+        self.before: dict[str, torch.Tensor] = {}
+        self.shown: dict[str, torch.Tensor] = {}
+        self.scores: torch.Tensor | None = None
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        # ValueError is the right answer to NaN/inf input
+        return self.ctx.call(f"{what} at step {self.index}", fn, *args, value_error_ok=not self.finite)
+
+    def before_observe(self, obs: Observation) -> None:
+        self.shown = {"keys": obs.keys, "values": obs.values, "positions": obs.positions,
+                      **{f"state[{n}]": t for n, t in obs.state.items()}}
+        self.before = {name: t.clone() for name, t in self.shown.items()}
+
+    def side_tensor(self, policy: Policy, name: str, t: object, shape: tuple[int, int, int]) -> torch.Tensor:
+        i = self.index
+        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or tuple(t.shape[:3]) != shape:
+            raise self.ctx.fail(f"observe() at step {i} returned {name!r} with shape "
+                                f"{tuple(getattr(t, 'shape', ()))}; side tensors must be [B, H_kv, T] or "
+                                f"[B, H_kv, T, E] with [B, H_kv, T] = {shape}")
+        if self.finite and t.is_floating_point() and bool(torch.isnan(t).any()):
+            raise self.ctx.fail(f"observe() at step {i} returned NaN in side tensor {name!r} on finite inputs")
+        self.shown[f"state[{name}]"] = t
+        self.before[f"state[{name}]"] = t.clone()
+        return t
+
+    def before_select(self, obs: Observation) -> None:
+        if self.want_scores and isinstance(self.policy, ScorePolicy):
+            self.scores = _checked_scores(self.policy, obs, self.ctx, self.index, tuple(obs.positions.shape),
+                                          self.finite)
+
+    def selection(self, policy: Policy, sel: object, st: LayerState, shape: tuple[int, int, int],
+                  attn_impl: str | None) -> Selection:
+        return _indexable(sel, st.pad, *shape, self.ctx, self.index)
+
+    def check_untouched(self, obs: Observation) -> None:
+        """Everything the policy was shown must be as it was: the core's tensors are read-only."""
+        for name, t in self.shown.items():
+            if not bit_equal(t, self.before[name]):
+                raise self.ctx.fail(
+                    f"step {self.index}: the policy modified {name} in place (in observe(), score() or select()); "
+                    "an Observation's tensors are read-only: compute on copies and return new side tensors")
 
 
 def _checked_scores(policy: ScorePolicy, obs: Observation, ctx: LawContext, i: int, shape, finite: bool) -> torch.Tensor:
@@ -207,15 +201,14 @@ def _checked_scores(policy: ScorePolicy, obs: Observation, ctx: LawContext, i: i
     return s
 
 
-def _indexable(selection: object, pad: torch.Tensor | None, B: int, H: int, T: int, ctx: LawContext, i: int):
-    """Just enough to compact with a selection; every law checks the rest itself.
-
-    returns (idx, counts or None, real [B, H, K] bool, gather indices, new padding [B, H] or None).
-    """
+def _indexable(selection: object, pad: torch.Tensor | None, B: int, H: int, T: int, ctx: LawContext,
+               i: int) -> Selection:
+    """Just enough to compact with a selection; every law checks the rest itself."""
     counts = None
     if isinstance(selection, tuple):
         if len(selection) != 2:
-            raise ctx.fail(f"select() at step {i} returned a tuple of {len(selection)}; a ragged selection is (idx, counts)")
+            raise ctx.fail(f"select() at step {i} returned a tuple of {len(selection)}; a ragged selection is "
+                           "(idx, counts)")
         selection, counts = selection
     idx = selection
     if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
@@ -246,7 +239,16 @@ def _indexable(selection: object, pad: torch.Tensor | None, B: int, H: int, T: i
                        f"min {int(kept.min())}, max {int(kept.max())}")
     if pad is not None and bool((idx < pad.to(idx.device)[..., None])[real].any()):
         raise ctx.fail(f"select() at step {i} kept a padding slot of the ragged layer")
-    return idx, counts, real, torch.where(real, idx, 0), new_pad
+    return Selection(idx, torch.where(real, idx, 0), counts, new_pad)
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype, device and values (NaN equal to NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+    return torch.equal(a, b)
 
 
 def kept_mask(idx: torch.Tensor, real: torch.Tensor, T: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from evictkit.budget import resolve_budget
-from evictkit.policy import Policy
+from evictkit.contract import Policy
 from evictkit.specs.cases import ModelCase
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
 from evictkit.specs.subject import LawContext, describe, min_valid_budget

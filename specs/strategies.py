@@ -12,7 +12,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from evictkit.budget import resolve_budget
-from evictkit.policy import Policy
+from evictkit.contract import Policy
 from evictkit.specs.cases import FINITE_STYLES, Case, ModelCase
 from evictkit.specs.subject import budget_ok, min_schedule_budget
 from evictkit.specs.tiny import ARCHS

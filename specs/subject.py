@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from evictkit.policy import Policy, params_of
+from evictkit.contract import Policy, params_of
 
 #: largest budget probed when looking for the smallest budget a policy accepts
 MAX_PROBED_BUDGET = 8192

@@ -242,7 +242,7 @@ def _side_tensor_policy(shape_of):
     tensor shaped by `shape_of(positions)` (new slots arrive zero-filled from the core)."""
     import attrs
 
-    from evictkit.policy import Policy
+    from evictkit.contract import Policy
     from evictkit.selection import select_topk
 
     @attrs.define(frozen=True, kw_only=True)

@@ -46,7 +46,7 @@ def _model_for(name, model, budget, length, params=None):
 
 
 def _cases():
-    from evictkit.policy import params_of
+    from evictkit import params_of
 
     cases = [(name, {}) for name in sorted(evictkit.policies())]
     streaming = evictkit.policies().get("streaming_llm")

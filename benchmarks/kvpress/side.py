@@ -55,7 +55,7 @@ def make_press(lib: str, spec: dict, budget: int, n: int, model):
         press = getattr(kvpress, cls_name)(compression_ratio=ratio, **kwargs)
         return (lambda: press(model)), repr(press)
     import evictkit
-    from evictkit.policy import params_of
+    from evictkit.contract import params_of
 
     name, wanted = spec["evictkit"]
     cls = evictkit.policies().get(name)

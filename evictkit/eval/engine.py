@@ -30,7 +30,7 @@ from torch import nn
 from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
 from evictkit.models import attention_modules
-from evictkit.policy import Policy
+from evictkit.contract import Policy
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -121,7 +121,7 @@ def kept_positions(comp: Compression) -> dict[int, torch.Tensor]:
 
 
 def can_share(policy: Policy) -> bool:
-    return bool(getattr(type(policy), "shared_prefill", True))
+    return type(policy).shared_prefill
 
 
 @attrs.define

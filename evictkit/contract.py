@@ -5,7 +5,8 @@ The extension ladder is `score -> select -> compact`:
 - `ScorePolicy`: write `score(obs) -> [B, H_kv, T]` (higher = keep); the shared selection
   forces in the protected tokens, breaks ties toward the more recent token and sorts.
 - `Policy`: write `select(obs, budget) -> [B, H_kv, K]` sorted indices directly (positional
-  policies such as StreamingLLM, LaCache).
+  policies such as StreamingLLM, LaCache), or a `RaggedSelection(idx, counts)` to keep a
+  different number of entries in each KV head (AdaKV; see evictkit.ragged).
 - The compaction core does the memory work for both; no policy touches the cache.
 
 Policies are frozen attrs classes: their fields are the hyper-parameters (validated, with a
@@ -17,7 +18,7 @@ per-layer scalars live in `obs.scratch`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
     from evictkit.observation import Observation
 
 PHASES = ("prefill", "decode")
+
+
+class RaggedSelection(NamedTuple):
+    """A selection that keeps a different number of entries in each KV head (see evictkit.ragged).
+
+    idx: [B, H_kv, K] int64; head h's kept slots, strictly increasing, in its last
+        `counts[b, h]` columns (right-aligned); the columns before are ignored.
+    counts: [B, H_kv] int64, with K = counts.max(); each batch row keeps H_kv * min(T, budget).
+    A plain `(idx, counts)` tuple is accepted too.
+    """
+
+    idx: torch.Tensor
+    counts: torch.Tensor
 
 
 @attrs.frozen
@@ -58,6 +72,9 @@ class Policy:
     #: False when select() may keep fewer than min(T, budget) entries (never more), e.g.
     #: LaCache, whose ladder frees whole blocks; the budget stays a hard cap either way
     exact_budget: ClassVar[bool] = True
+    #: whether evictkit.eval may replay this policy on a cache filled by one shared full-attention
+    #: prefill (False for a policy whose observe() must see every forward as it happens)
+    shared_prefill: ClassVar[bool] = True
 
     def needs(self) -> Needs:
         return Needs()
@@ -94,8 +111,9 @@ class Policy:
         """
         return {}
 
-    def select(self, obs: Observation, budget: int) -> torch.Tensor:
-        """Indices of the entries to keep: `[B, H_kv, budget]` int64, strictly increasing."""
+    def select(self, obs: Observation, budget: int) -> torch.Tensor | RaggedSelection:
+        """Indices of the entries to keep: `[B, H_kv, min(T, budget)]` int64, strictly increasing
+        (or a `RaggedSelection` for per-head counts)."""
         raise NotImplementedError
 
 
@@ -107,7 +125,7 @@ class ScorePolicy(Policy):
         """Scores `[B, H_kv, T]`, higher = keep. NaN is an error."""
         raise NotImplementedError
 
-    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+    def select(self, obs: Observation, budget: int) -> torch.Tensor | RaggedSelection:
         from evictkit.selection import select_topk
 
         sinks, window = self.protected()
