@@ -38,9 +38,37 @@ bench-quick: $(STAMP)
 bench-kvpress: $(STAMP)
 	bash benchmarks/kvpress/run.sh
 
-# on a machine with CUDA torch + triton preinstalled (no network needed)
+# GPU check (docs/benchmarks.md, "GPU check"): on a machine with CUDA torch, triton, transformers,
+# pytest, pytest-benchmark and hypothesis preinstalled and no network. A venv that sees the
+# interpreter's packages gets evictkit from this checkout (editable, no network), then the device
+# tests (-m gpu) and the benchmarks on the device run; the reports land in $(GPU_OUT).
+#   make gpu-check                                                  # on the GPU machine
+#   make gpu-check GPU_DEVICE=cpu GPU_PYTHON=.venv/bin/python       # the same commands on CPU (dry run)
+GPU_DEVICE ?= cuda
+GPU_PYTHON ?= python3
+GPU_VENV   ?= .venv-gpu
+GPU_PY     := $(GPU_VENV)/bin/python
+GPU_OUT    ?= $(or $(OUT),runs/gpu)
+ifeq ($(GPU_DEVICE),cpu)
+GPU_TESTS  ?= -m "device and not gpu"
+GPU_BENCH  ?= --quick --bench-model tiny
+else
+GPU_TESTS  ?= -m gpu
+GPU_BENCH  ?= --bench-model small
+endif
+
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	@# --system-site-packages: the preinstalled CUDA torch. The interpreter may itself be a venv (the
+	@# GPU image's python3 is), whose packages a venv made from it does not see: a .pth adds them.
+	test -x $(GPU_PY) || { $(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV) && \
+	  $(GPU_PYTHON) -c 'import site; print("\n".join(site.getsitepackages()))' \
+	    > "$$($(GPU_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/evictkit-gpu-parent.pth"; }
+	$(GPU_PY) -c "import evictkit.plugins, evictkit.kernels, evictkit.specs, evictkit; assert evictkit.policies()" 2>/dev/null \
+	  || $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	mkdir -p $(GPU_OUT)
+	$(GPU_PY) -m evictkit env > $(GPU_OUT)/gpu-env.txt && cat $(GPU_OUT)/gpu-env.txt
+	$(GPU_PY) -m pytest -q -rs $(GPU_TESTS) tests/ --junitxml=$(GPU_OUT)/gpu-tests.xml
+	$(GPU_PY) -m pytest -q benchmarks/ --device $(GPU_DEVICE) $(GPU_BENCH) --bench-report $(GPU_OUT)/gpu-bench.md
 
 clean:
 	rm -rf $(VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks

@@ -348,10 +348,13 @@ class Store:
         if not recs:
             return []
         layer = {(r["n"], r["policy"]): r for r in self.records["layer"]}
+        # CUDA runs: milliseconds, and the peak memory allocated during one prefill
+        device = any("peak_bytes" in r for r in recs)
+        unit, scale = ("ms", 1e3) if device else ("s", 1.0)
         out = [
-            "| context | policy | budget | prefill+evict s (min) | ratio to plain | est. ratio from per-layer cost "
-            "| kept / prompt |",
-            "|---|---|---|---|---|---|---|",
+            f"| context | policy | budget | prefill+evict {unit} (min) | ratio to plain | est. ratio from per-layer cost "
+            "| kept / prompt |" + (" peak MiB |" if device else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if device else ""),
         ]
         for n in sorted({r["n"] for r in recs}):
             group = [r for r in recs if r["n"] == n]
@@ -365,13 +368,14 @@ class Store:
                     per_layer = lr["min"] + (lr.get("compact_s") or 0.0)
                     est = f"{1 + r['n_layers'] * per_layer / plain:.3f}"
                 kept = f"{r['kept']}/{n}" if r.get("kept") else "-"
+                peak = f" {r['peak_bytes'] / 2**20:.0f} |" if device else ""
                 out.append(
-                    f"| {n} | {r['policy']} | {r.get('budget') or '-'} | {r['min']:.2f} | {r['min'] / plain:.3f} "
-                    f"| {est} | {kept} |"
+                    f"| {n} | {r['policy']} | {r.get('budget') or '-'} | {r['min'] * scale:.2f} | {r['min'] / plain:.3f} "
+                    f"| {est} | {kept} |{peak}"
                 )
             by = {r["policy"]: r["min"] for r in group}
             if "restkv" in by and "snapkv" in by:
-                out.append(f"| {n} | restkv / snapkv | | | {by['restkv'] / by['snapkv']:.3f} | | |")
+                out.append(f"| {n} | restkv / snapkv | | | {by['restkv'] / by['snapkv']:.3f} | | |" + (" |" if device else ""))
         return out
 
     def layer_table(self) -> list[str]:

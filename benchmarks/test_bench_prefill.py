@@ -71,9 +71,14 @@ def test_prefill(benchmark, sizes, report, device, model_and_tokenizer, prefill_
     benchmark.group = f"prefill {n} tokens"
     t = run_timed(benchmark, synced(run, device), rounds=sizes.prefill_rounds.get(n, 1))
     kept = max(comp.stats.sizes()) if comp is not None and comp.stats.layers else None
-    benchmark.extra_info.update(budget=budget, kept=kept)
+    extra = {}
+    if device.type == "cuda":  # one more untimed call: the memory the prefill and its eviction peak at
+        torch.cuda.reset_peak_memory_stats(device)
+        synced(run, device)()
+        extra["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    benchmark.extra_info.update(budget=budget, kept=kept, **extra)
     report.add("prefill", n=n, policy=name, budget=budget, kept=kept,
-               n_layers=model.config.num_hidden_layers, **t)
+               n_layers=model.config.num_hidden_layers, **t, **extra)
 
 
 @pytest.mark.benchmark(group="layer", max_time=1.0, min_rounds=3)

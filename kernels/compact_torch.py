@@ -17,7 +17,7 @@ def compact_torch(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.is_contiguous() and idx.numel():
         # Whole-row index_select on the flattened [B*H*T, D] view is 5-15x faster than gather on
         # CPU (gather reads one index per element, not per row; benchmarks/test_bench_compaction.py).
-        # On CUDA it is the other way round (benchmarks/gpu_check.py), so gather stays there.
+        # On CUDA it is the other way round (the compaction suite with --device cuda), so gather stays there.
         # Rows are offset per (b, h), so an index outside [0, T) would silently read a neighbour
         # head's row where gather raises: check the range first (the index is D times smaller).
         B, H, T, D = x.shape
