@@ -60,11 +60,14 @@ def plugin_failures() -> list[PluginFailure]:
 def policy(name: str, **params: Any) -> Policy:
     """Build the policy registered as `name` with hyper-parameters `params`.
 
-    Unknown names, unknown parameters and invalid values raise ValueError listing the valid ones.
+    Unknown names (with the close ones suggested), unknown parameters and invalid values raise
+    ValueError naming the parameter, the value given and what is valid.
     """
+    from evictkit.registry import param_error_message, unknown_policy_message
+
     table = policies()
-    if name not in table:
-        raise ValueError(f"unknown policy {name!r}; registered policies: {', '.join(table) or '(none)'}")
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(unknown_policy_message(name, list(table)))
     cls = table[name]
     fields = params_of(cls)
     unknown = sorted(set(params) - set(fields))
@@ -74,7 +77,8 @@ def policy(name: str, **params: Any) -> Policy:
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"policy {name!r}: {exc}") from exc
+        # attrs' validators raise tuples (message, Attribute, type, value): say it in words
+        raise ValueError(f"policy {name!r}: {param_error_message(fields, params, exc)}") from exc
 
 
 def describe(cls: type[Policy]) -> dict[str, Any]:

@@ -2,13 +2,20 @@
 
 Built-in policies are registered through the same group as third-party ones. Loading is
 lazy (the first call to `policies()`), and a broken plugin is recorded and warned about,
-never raised: `import evictkit` and every other plugin keep working.
+never raised: `import evictkit` and every other plugin keep working. That includes a plugin
+that raises SystemExit (or any BaseException but KeyboardInterrupt) at import or registration.
+
+Policy names match `NAME_PATTERN` (lowercase letters, digits and underscores, starting with a
+letter, at most 64 characters): names end up in file names, command lines and result tables, so
+a class registering any other name is a plugin failure, not a policy.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
+import re
 import threading
 import warnings
 from collections.abc import Mapping
@@ -21,6 +28,9 @@ from evictkit.specs import hookspecs
 ENTRY_POINT_GROUP = "evictkit"
 DISABLE_ENV = "EVICTKIT_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_DIST = "evictkit"
+#: what a policy name may be: a safe identifier (no path, shell or upper-case characters)
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+NAME_RULE = "lowercase letters, digits and '_', starting with a letter, at most 64 characters"
 
 
 @attrs.frozen
@@ -56,8 +66,20 @@ class Registry:
     def ensure_loaded(self) -> None:
         with self._lock:
             if not self._loaded:
-                self._load()
+                try:
+                    self._load()
+                except BaseException:
+                    # only KeyboardInterrupt (or a bug here) gets out: start clean on the next call
+                    # instead of reporting every plugin loaded so far as a duplicate
+                    self._reset()
+                    raise
                 self._loaded = True
+
+    def _reset(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.entries = {}
+        self.failures = []
 
     def _load(self) -> None:
         builtins_only = os.environ.get(DISABLE_ENV, "").strip() not in ("", "0")
@@ -77,8 +99,10 @@ class Registry:
             try:
                 module = ep.load()
                 self.pm.register(module, name=f"{package}:{ep.name}")
-            except Exception as exc:  # a broken plugin must never break evictkit
-                self._fail(ep.name, package, f"failed to import: {type(exc).__name__}: {exc}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin must never break evictkit, SystemExit included
+                self._fail(ep.name, package, f"failed to import: {_describe(exc)}")
                 continue
             self._register_from(module, ep.name, package)
 
@@ -93,8 +117,10 @@ class Registry:
         for impl in impls:
             try:
                 impl.function(register=register)
-            except Exception as exc:
-                self._fail(plugin, package, f"evictkit_register_policies raised {type(exc).__name__}: {exc}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._fail(plugin, package, f"evictkit_register_policies raised {_describe(exc)}")
 
     def add(self, cls: type, *, plugin: str, package: str) -> None:
         """Register one policy class; a bad class or duplicate name is recorded as a failure."""
@@ -106,6 +132,10 @@ class Registry:
         name = getattr(cls, "name", "")
         if not isinstance(name, str) or not name:
             self._fail(plugin, package, f"{cls.__qualname__} has no `name`")
+            return
+        if not NAME_PATTERN.fullmatch(name):
+            self._fail(plugin, package, f"{cls.__qualname__} has the policy name {name!r}, which is not allowed: "
+                       f"a policy name is {NAME_RULE} (e.g. 'my_policy')")
             return
         if name in self.entries:
             other = self.entries[name]
@@ -121,6 +151,11 @@ class Registry:
     def policies(self) -> Mapping[str, type]:
         self.ensure_loaded()
         return {name: e.cls for name, e in sorted(self.entries.items())}
+
+
+def _describe(exc: BaseException) -> str:
+    """'SystemExit: 3'-style text of an exception raised by a plugin."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
@@ -145,3 +180,71 @@ def reset_registry() -> None:
     global _registry
     with _registry_lock:
         _registry = None
+
+
+# --- messages for `evictkit.policy()` ---------------------------------------------------------
+
+
+def unknown_policy_message(name: object, known: list[str]) -> str:
+    """'unknown policy ...' with the close names first (difflib) and then every registered one."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) if isinstance(name, str) else []
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    listing = ", ".join(known) or "(none)"
+    return f"unknown policy {name!r}{hint}; registered policies: {listing} (`evictkit list` shows their parameters)"
+
+
+def param_error_message(fields: Mapping[str, attrs.Attribute], params: Mapping[str, object], exc: BaseException) -> str:
+    """A readable text for an error raised while building a policy from `params`
+    (`fields`: the class's parameters, `evictkit.params_of`).
+
+    attrs' own validators raise `(message, Attribute, expected, value)` tuples, or texts such as
+    "'sinks' must be >= 0: -1"; both become "sinks=-1: must be an int >= 0 (default 4)".
+    Messages that already read well (evictkit's validators: "window=2.5: must be an int >= 1")
+    only gain the default.
+    """
+    args = exc.args
+    attr = None
+    if len(args) >= 2 and isinstance(args[1], attrs.Attribute):
+        attr = args[1]
+    elif args and isinstance(args[0], str):
+        m = re.match(r"'(\w+)' must ", args[0])
+        if m and m.group(1) in fields:
+            attr = fields[m.group(1)]
+    if attr is not None and attr.name in params:
+        expected = _expected(attr) or _strip_attrs_message(args[0])
+        text = f"{attr.name}={params[attr.name]!r}: must be {expected}"
+    else:
+        text = str(args[0]) if len(args) >= 1 and isinstance(args[0], str) else str(exc)
+        m = re.match(r"(\w+)=", text)
+        attr = fields.get(m.group(1)) if m else None
+    if attr is not None and attr.default is not attrs.NOTHING:
+        text += f" (default {attr.default!r})"
+    return text
+
+
+def _expected(attr: attrs.Attribute) -> str:
+    """What attrs' standard validators on `attr` accept, in words ('an int >= 0'), or ''."""
+    validator = attr.validator
+    parts = list(getattr(validator, "_validators", None) or ([validator] if validator is not None else []))
+    kind, bounds, choices = "", [], ""
+    for v in parts:
+        if hasattr(v, "type") and isinstance(getattr(v, "type"), (type, tuple)):
+            types = v.type if isinstance(v.type, tuple) else (v.type,)
+            kind = " or ".join(_TYPE_WORDS.get(t, f"a {t.__name__}") for t in types)
+        elif hasattr(v, "bound") and hasattr(v, "compare_op"):
+            bounds.append(f"{v.compare_op} {v.bound!r}")
+        elif hasattr(v, "options"):
+            choices = "one of " + ", ".join(map(repr, v.options))
+        else:
+            return ""  # a custom validator: its own message says it best
+    return choices or " ".join(filter(None, [kind or ("a number" if bounds else ""), " and ".join(bounds)]))
+
+
+_TYPE_WORDS = {int: "an int", float: "a float", str: "a str", bool: "True or False"}
+
+
+def _strip_attrs_message(message: object) -> str:
+    """"'x' must be <int> (got 2.5 ...)" -> the part after 'must be'."""
+    text = str(message)
+    m = re.search(r"must be (.*)", text)
+    return m.group(1) if m else text

@@ -12,6 +12,12 @@ from evictkit.contract import ScorePolicy
 from evictkit.specs.hookspecs import hookimpl
 
 
+def _an_int(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    """attrs validator: any int, but not a bool (True is an int to Python, never a seed here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{attr.name}={value!r}: must be an int (True/False are not seeds)")
+
+
 @attrs.define(frozen=True, kw_only=True)
 class Random(ScorePolicy):
     """Uniformly random scores, a fresh draw per (seed, layer, cache length), so runs repeat exactly.
@@ -23,7 +29,7 @@ class Random(ScorePolicy):
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "seeded random subset (floor)"
 
-    seed: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
+    seed: int = attrs.field(default=0, validator=_an_int)
 
     def score(self, obs: Observation) -> torch.Tensor:
         B, H, T = obs.positions.shape

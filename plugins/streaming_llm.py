@@ -32,6 +32,7 @@ import torch
 
 from evictkit.observation import Observation
 from evictkit.contract import Policy
+from evictkit.plugins.snapkv import int_at_least
 from evictkit.positions import POSITION_MODES
 from evictkit.specs.hookspecs import hookimpl
 
@@ -44,7 +45,7 @@ class StreamingLLM(Policy):
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "attention sinks + recent window (positional)"
 
-    sinks: int = attrs.field(default=4, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
+    sinks: int = attrs.field(default=4, validator=int_at_least(0))  # refuses True/False too
     positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))
 
     def position_mode(self) -> str:
