@@ -18,6 +18,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     A module qualifies when it has `layer_idx`, `head_dim` and q/k/v/o projections (the
     transformers layout of Llama, Mistral, Qwen2/3, Gemma 1-3 and most decoder-only models).
     """
+    check_model(model)
     found = [
         m
         for m in model.modules()
@@ -34,6 +35,22 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     if len({m.layer_idx for m in found}) != len(found):
         raise ValueError(f"{type(model).__name__}: several attention modules share a layer_idx")
     return found
+
+
+def check_model(model: object) -> None:
+    """Raise ValueError unless `model` is a torch module (a transformers model), saying what was given."""
+    if isinstance(model, nn.Module):
+        return
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    looks_like = ""
+    if isinstance(model, str):
+        looks_like = f" (a name: load the model first, `model, tok = evictkit.load_model({model!r})`)"
+    elif hasattr(model, "encode") and hasattr(model, "decode"):
+        looks_like = " (that looks like a tokenizer: pass the model, e.g. `model, tok = evictkit.load_model(...)`)"
+    raise ValueError(
+        f"evictkit.compress needs a transformers model (a torch.nn.Module such as AutoModelForCausalLM's), "
+        f"got {kind}{looks_like}"
+    )
 
 
 def sliding_layers(model: nn.Module) -> set[int]:
@@ -90,6 +107,7 @@ def load_model(name: str = "smollm2", dtype=None):
     package, gguf = MODELS[name]
     converted = cache_dir() / "models" / name
     if not (converted / "config.json").exists():
+        _check_models_extra(name)
         if name in _CHUNKED:
             src = converted.with_name(converted.name + f".gguf{os.getpid()}")
             try:
@@ -107,6 +125,18 @@ def load_model(name: str = "smollm2", dtype=None):
     tok = AutoTokenizer.from_pretrained(converted)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     return model.eval(), tok
+
+
+def _check_models_extra(name: str) -> None:
+    """Converting a GGUF file needs the `models` extra: say so before anything is assembled or read."""
+    from evictkit.extras import hint, missing
+
+    absent = missing("models")
+    if absent:
+        raise ValueError(
+            f"model {name!r} is converted once from a GGUF file, which needs {' and '.join(absent)} "
+            f"(not installed): {hint('models')}"
+        )
 
 
 def _assemble(name: str, package: str, target: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evictkit.eval.longbench import METRICS as LONGBENCH_METRICS
 from evictkit.eval.runner import CONFIG, RESULTS, load_results
+from evictkit.extras import hint, missing
 
 ACCURACY = ("all", "part", *LONGBENCH_METRICS)
 _COLS = ("n", "score", "partial", "evidence_all_kept", "evidence_token_frac", "cache_after_prefill", "kv_bytes",
@@ -149,7 +150,9 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
                 lines.append(f"| {p} | {_budget_label(b)} | {_fmt(_mean(r.get('prefill_s') for r in rs), 2)} | "
                              f"{_fmt(_mean(r.get('evict_s') for r in rs), 3)} | {_fmt(_mean(r.get('decode_s') for r in rs), 2)} |")
     lines.append("")
-    if plots and rows:
+    if plots and rows and missing("plots"):
+        lines += ["## Plots", "", f"Not drawn: matplotlib is not installed (`{hint('plots')}`).", ""]
+    elif plots and rows:
         made = write_plots(out / "plots", rows)
         if made:
             lines += ["## Plots", "", *[f"![{p.stem}](plots/{p.name})" for p in made], ""]

@@ -24,6 +24,7 @@ from evictkit.eval import engine, longbench, scoring
 from evictkit.eval.config import EvalConfig, Variant, build_variants
 from evictkit.eval.tasks import TASKS, Sample, make_sample
 from evictkit.eval.tokenizer import Codec
+from evictkit.extras import hint, missing
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
@@ -211,6 +212,11 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
         make_sample(task, index, length, codec, seed=config.seed, depth=depth, continuation=config.continuation,
                     max_new_tokens=config.max_new_tokens, data_dir=config.data)
 
+    if plots and missing("plots"):
+        # said before the run, not as a traceback after it: results and summary are written all the
+        # same, and summary.md says the plots were not drawn
+        print(f"evictkit eval: matplotlib is not installed, so no plots will be drawn ({hint('plots')} to get them)",
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if mode == "extend":
         meta = json.loads((out / CONFIG).read_text())
