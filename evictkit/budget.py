@@ -27,3 +27,18 @@ def resolve_budget(budget: int | float, prompt_length: int) -> int:
     if isinstance(budget, float):
         return max(1, int(budget * prompt_length))
     return budget
+
+
+def resolve_checked(policy: object, budget: int | float, prompt_length: int) -> int:
+    """`resolve_budget`, then the policy's own check; a fraction too small for the policy's
+    protected tokens is reported as the fraction given and the count it resolved to."""
+    base = resolve_budget(budget, prompt_length)
+    if isinstance(budget, float):
+        try:
+            policy.check_budget(base)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            raise ValueError(
+                f"budget={budget} of a {prompt_length}-token prompt resolves to {base} entries per layer per "
+                f"KV head, too few for policy {getattr(policy, 'name', '?')!r}: {exc} (or give a larger fraction)"
+            ) from None
+    return base
