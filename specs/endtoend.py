@@ -221,10 +221,16 @@ def generation(make: Callable[[], Policy], case: ModelCase, *, label: str | None
             out = model(ids, use_cache=True)
     if not torch.equal(out.logits, ref.logits):
         raise ctx.fail("prefill logits under evictkit.compress differ from the full cache")
-    for li, (a, b) in enumerate(zip(out.past_key_values.layers, ref.past_key_values.layers)):
+    for li, (a, b) in enumerate(zip(_cache_of(out).layers, _cache_of(ref).layers)):
         if not (torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)):
             raise ctx.fail(f"layer {li}: the cache after prefill is not bit-identical to the full cache "
                            f"({tuple(a.keys.shape)} vs {tuple(b.keys.shape)})")
+
+
+def _cache_of(out: Any) -> Any:
+    """A model output's cache: `cache` since transformers 5.24, `past_key_values` before (reading
+    that name now logs a deprecation warning)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def sequences(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:

@@ -18,9 +18,10 @@ environment variable EVICTKIT_HYPOTHESIS_PROFILE or the `profile` argument.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -96,10 +97,35 @@ def _violations(exc: BaseException):
         yield from _violations(inner)
 
 
+@contextlib.contextmanager
+def _kit_storage() -> Iterator[None]:
+    """Keep Hypothesis' files out of the caller's package while a law runs.
+
+    With `database=None` the one thing Hypothesis still writes is its cache of the constants found
+    in local modules, under `./.hypothesis/constants`. During the kit's runs that goes to evictkit's
+    cache directory ($EVICTKIT_CACHE, default ~/.cache/evictkit) instead, and the caller's own
+    setting is restored afterwards. An explicit HYPOTHESIS_STORAGE_DIRECTORY is left alone.
+    """
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        yield
+        return
+    from hypothesis import configuration
+
+    from evictkit.models import cache_dir
+
+    previous = vars(configuration).get("__hypothesis_home_directory")  # None: not resolved yet
+    configuration.set_hypothesis_home_dir(cache_dir() / "hypothesis")
+    try:
+        yield
+    finally:
+        configuration.set_hypothesis_home_dir(previous)
+
+
 def _run(prop: Callable[[], None]) -> None:
     """Run a property; a failure that did not reproduce on replay is itself nondeterminism."""
     try:
-        prop()
+        with _kit_storage():
+            prop()
     except FlakyFailure as exc:
         found = next(_violations(exc), None)
         if found is None:
