@@ -82,10 +82,21 @@ def _generate(model, tok, ids, policy: str, budget, params: dict, max_new_tokens
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), run.stats
 
 
+def _read_prompt(path: str) -> str:
+    """The prompt file's text; a missing or unreadable file is a ValueError naming it (rc 2)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ValueError(f"--prompt-file {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompt-file {path!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import evictkit
 
-    text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    text = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     if not text:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
     params = _parse_params(args.params)
@@ -225,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evictkit",
         description="KV-cache eviction policies for Hugging Face transformers models, as plugins.",
         epilog="Budgets are entries kept per layer per KV head (window and sinks included), "
-        "or a fraction in (0, 1] of the prompt. Nothing is downloaded: models come from installed packages.",
+        "or a fraction in (0, 1] of the prompt. Nothing is downloaded: models come from installed packages. "
+        "Plugins: every installed package that registers policies in the `evictkit` entry-point group is loaded; "
+        "set EVICTKIT_DISABLE_PLUGIN_AUTOLOAD=1 to load the built-in policies only (e.g. when a plugin breaks).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
