@@ -1,0 +1,244 @@
+"""An lm-evaluation-harness model backend: lm-eval's own HF backend with an evictkit policy active.
+
+    evictkit lm-eval --model evictkit --device cpu --tasks boolq \\
+        --model_args pretrained=smollm2,policy=snapkv,budget=256,window=16
+
+Importing this module registers the backend with lm-eval's registry as "evictkit" (lm-eval
+0.4.x finds backends nowhere else; `evictkit lm-eval` imports it, and an lm-eval that reads
+the `lm_eval.models` entry-point group finds it through evictkit's entry point).
+
+Model arguments: everything lm-eval's `hf` backend takes, plus
+    policy   a registered policy name (`evictkit list`), required
+    budget   entries per layer per KV head (int >= 1) or a fraction of the prompt (float in
+             (0, 1]; note that `budget=1` is one entry and `budget=1.0` the whole prompt), required
+    phase    prefill, decode or both (default: the policy's own phases)
+    slack    decode-time slack (default 0)
+    chunk    scored tokens fed per forward after the context prefill (default 0: all at once)
+    any parameter of the policy, e.g. `window=16` for snapkv.
+`pretrained` is a local Hugging Face directory, a hub id, or an evictkit built-in model name
+(`smollm2`, `gemma3-270m`, loaded with `evictkit.load_model`).
+
+How eviction meets each request type (every request is a fresh sequence: one
+`evictkit.compress` block per model call):
+- generate_until: `generate()` runs under the policy; the prompt is compressed after prefill
+  and decoding evicts as in `evictkit generate`.
+- loglikelihood: a single forward pass would score the continuation at full attention (prefill
+  evicts only after each layer has attended). So the context is prefilled first, then the
+  scored tokens (the context's last token and the continuation minus its last token) are fed
+  over the compressed cache, one forward, or `chunk` tokens at a time. When every layer's budget
+  already holds the whole input, nothing can be evicted and one forward runs, exactly as lm-eval's
+  `hf` backend does.
+- loglikelihood_rolling: its windows have a one-token context, so the first `chunk` tokens are
+  the prefill and the rest are fed `chunk` at a time; with `chunk=0` a window is one forward and
+  eviction cannot change its score.
+
+Batches: evictkit.compress does not support padded batches yet, so the backend runs one request
+at a time (`batch_size=1`; anything else is refused). A batch of one is never padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+
+import evictkit
+from evictkit.budget import check_budget
+from evictkit.compress import PHASE_CHOICES
+from evictkit.eval.engine import cache_kwarg, new_cache
+from evictkit import CompressionStats, Policy, params_of
+from evictkit.models import MODELS, attention_modules
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError(f"evictkit's lm-eval backend needs lm-eval ({exc}): pip install 'evictkit[lm-eval]'") from exc
+
+__all__ = ["EvictkitLM", "split_model_args"]
+
+#: the backend's own model arguments (the policy's parameters come on top)
+OWN_ARGS = ("policy", "budget", "phase", "slack", "chunk")
+_HF_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+# HFLM forwards unknown keyword arguments to from_pretrained; these few are passed on, any
+# other unknown name is taken for a policy parameter so that a typo is refused before loading.
+_HF_LOAD_ARGS = frozenset({"attn_implementation", "low_cpu_mem_usage", "load_in_8bit", "load_in_4bit"})
+
+
+def split_model_args(policy: object, kwargs: dict[str, Any]) -> tuple[Policy, dict[str, Any]]:
+    """Build the policy from the model arguments; return it and the arguments meant for HFLM.
+
+    A name that is a parameter of the policy goes to the policy (also where HFLM has an argument
+    of the same name); HFLM's arguments and a few from_pretrained ones go to HFLM; anything else
+    is refused as an unknown policy parameter. Raises ValueError naming the argument.
+    """
+    if not isinstance(policy, str) or not policy:
+        raise ValueError(
+            f"policy={policy!r}: give a registered policy name in the model arguments, e.g. policy=snapkv "
+            f"(registered: {', '.join(evictkit.policies())})"
+        )
+    cls = evictkit.policies().get(policy)
+    fields = params_of(cls) if cls is not None else {}
+    params = {k: v for k, v in kwargs.items() if k in fields or (k not in _HF_ARGS and k not in _HF_LOAD_ARGS)}
+    rest = {k: v for k, v in kwargs.items() if k not in params}
+    return evictkit.policy(policy, **params), rest
+
+
+def _check_settings(policy: Policy, budget: object, phase: object, slack: object, chunk: object) -> int | float:
+    """Validate budget, phase, slack and chunk the way evictkit.compress will (before any loading)."""
+    if budget is None:
+        raise ValueError("budget is required in the model arguments, e.g. budget=256 (entries per layer per KV head)")
+    budget = check_budget(budget)
+    if isinstance(budget, int):
+        policy.check_budget(budget)
+    if phase is not None and phase not in PHASE_CHOICES:
+        raise ValueError(f"phase={phase!r}: must be one of {', '.join(PHASE_CHOICES)} (or unset for the policy's own)")
+    for name, value in (("slack", slack), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be an int >= 0")
+    return budget
+
+
+@register_model("evictkit")
+class EvictkitLM(HFLM):
+    """lm-eval's HF backend with `evictkit.compress(model, policy, budget, ...)` around every
+    forward and generate call. `last_stats` holds the last call's CompressionStats and
+    `cache_summary()` the largest cache sizes seen over all calls (also in the results' config)."""
+
+    def __init__(
+        self,
+        pretrained: Any,
+        policy: str | None = None,
+        budget: int | float | None = None,
+        phase: str | None = None,
+        slack: int = 0,
+        chunk: int = 0,
+        batch_size: int | str | None = 1,
+        **kwargs: Any,
+    ) -> None:
+        # everything is validated before the model is loaded
+        self._policy, kwargs = split_model_args(policy, kwargs)
+        self._budget = _check_settings(self._policy, budget, phase, slack, chunk)
+        self._phase, self._slack, self._chunk = phase, slack, chunk
+        if str(batch_size) != "1":
+            raise ValueError(
+                f"batch_size={batch_size!r}: the evictkit backend runs one request at a time (evictkit.compress "
+                "does not support padded batches yet); use --batch_size 1"
+            )
+        self._builtin = pretrained if isinstance(pretrained, str) and pretrained in MODELS else None
+        if self._builtin:
+            pretrained, kwargs = self._load_builtin(self._builtin, kwargs)
+        self._scored: dict[tuple[int, ...], int] = {}
+        self.last_stats: CompressionStats | None = None
+        self._tally = {"calls": 0, "calls_with_eviction": 0, "max_prompt": 0, "max_after_prefill": 0, "max_peak": 0}
+        super().__init__(pretrained=pretrained, batch_size=1, **kwargs)
+        if self.backend != "causal":
+            raise ValueError(f"the evictkit backend needs a decoder-only (causal) model, got backend={self.backend!r}")
+        attention_modules(self.model)  # a model evictkit cannot hook fails here, not at the first request
+
+    @staticmethod
+    def _load_builtin(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Load an evictkit built-in model (and its tokenizer, unless one is given) on the device."""
+        dtype = kwargs.pop("dtype", "auto")
+        model, tok = evictkit.load_model(name, dtype=None if dtype in (None, "auto") else getattr(torch, str(dtype)))
+        device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs.setdefault("tokenizer", tok)
+        return model.to(device), kwargs
+
+    # --- the settings, in lm-eval's results ------------------------------------------------------
+    def evictkit_config(self) -> dict[str, Any]:
+        """Policy, budget and options of this backend (written to results["config"]["evictkit"])."""
+        return {
+            "version": evictkit.__version__,
+            "policy": self._policy.name,
+            "budget": self._budget,
+            "policy_params": {name: getattr(self._policy, name) for name in params_of(type(self._policy))},
+            "phase": self._phase or "+".join(self._policy.phases) or "none",
+            "slack": self._slack,
+            "chunk": self._chunk,
+            "batch_size": 1,
+            "cache": self.cache_summary(),
+        }
+
+    def get_model_info(self) -> dict:
+        if self._builtin:  # no hub id to look up a revision for
+            info = {"model_num_parameters": self.model.num_parameters(), "model_dtype": str(self.model.dtype),
+                    "model_revision": f"evictkit built-in {self._builtin}", "model_sha": ""}
+        else:
+            info = super().get_model_info()
+        return {**info, "evictkit": self.evictkit_config()}
+
+    def cache_summary(self) -> dict[str, int]:
+        """Over all calls so far: how many ran, how many evicted, and the largest prompt, size after
+        prefill and size after any forward (entries per layer per KV head)."""
+        return dict(self._tally)
+
+    def _record(self, stats: CompressionStats) -> None:
+        self.last_stats = stats
+        t = self._tally
+        t["calls"] += 1
+        t["calls_with_eviction"] += any(s.evictions for s in stats.layers)
+        for s in stats.layers:
+            t["max_prompt"] = max(t["max_prompt"], s.prompt_length)
+            t["max_after_prefill"] = max(t["max_after_prefill"], s.after_prefill)
+            t["max_peak"] = max(t["max_peak"], s.peak)
+
+    def _compression(self) -> evictkit.Compression:
+        return evictkit.compress(self.model, self._policy, self._budget, phase=self._phase, slack=self._slack)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
+
+    # --- the wrapped calls -----------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        # _model_call sees only the input ids; remember how many trailing positions each input has
+        # scored, so that it can prefill the context and feed the scored part over the compressed cache.
+        # Inputs shared by several requests (lm-eval's one-token-continuation grouping) take the
+        # longest continuation, the request lm-eval runs for the group.
+        window = self.max_length + 1
+        scored: dict[tuple[int, ...], int] = {}
+        for _, context, continuation in requests:
+            key = tuple((context + continuation)[-window:][:-1])
+            scored[key] = max(scored.get(key, 0), len(continuation))
+        self._scored = scored
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._scored = {}
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        if inps.shape[0] != 1:
+            raise ValueError(f"the evictkit backend scores one request at a time, got a batch of {inps.shape[0]}")
+        total = inps.shape[1]
+        scored = min(self._scored.get(tuple(inps[0].tolist()), 0), total)
+        step = self._chunk or scored or total
+        first = total - scored or min(step, total)  # the prefill: the context, or a first chunk
+        with self._compression() as run:
+            if first >= total or min(run.schedule(first)) >= total:
+                # nothing to split, or nothing can be evicted: the very forward lm-eval's hf backend runs
+                logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            else:
+                logits = self._split_forward(inps, first, step)
+        self._record(run.stats)
+        return logits
+
+    def _split_forward(self, inps: torch.Tensor, first: int, step: int) -> torch.Tensor:
+        """Prefill inps[:, :first], then feed the rest `step` tokens at a time over the cache
+        (evictkit.compress gives the new tokens their true positions)."""
+        cache = {cache_kwarg(self.model): new_cache(self.model), "use_cache": True}
+        bounds = [0, *range(first, inps.shape[1], step), inps.shape[1]]
+        with torch.no_grad(), self._autocast():
+            parts = [self.model(inps[:, a:b], **cache).logits for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(parts, dim=1)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        if context.shape[0] != 1:
+            raise ValueError(f"the evictkit backend generates for one request at a time, got a batch of {context.shape[0]}")
+        with self._compression() as run:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        self._record(run.stats)
+        return out
