@@ -129,6 +129,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """Run lm-evaluation-harness's own command line with the "evictkit" backend registered."""
+    try:
+        import evictkit.lm_eval  # noqa: F401  (registers --model evictkit with lm-eval's registry)
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as exc:
+        raise ValueError(f"`evictkit lm-eval` needs lm-eval ({exc}): pip install 'evictkit[lm-eval]'") from None
+    argv = sys.argv
+    sys.argv = ["lm-eval", *args.lm_eval_args]  # lm-eval's parser reads sys.argv only
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
+    return 0
+
+
 #: the distributions `evictkit env` reports, beside evictkit and python
 _ENV_PACKAGES = ("torch", "transformers", "triton", "pluggy", "attrs", "hypothesis")
 
@@ -264,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="versions and devices: what to paste into a bug report or check on a GPU machine")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_env)
+
+    # every argument goes to lm-eval unparsed: no help of our own, and no option prefix to match
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness with `--model evictkit` available "
+                       "(arguments are lm_eval's; needs evictkit[lm-eval])", add_help=False, prefix_chars="\0")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
 
     try:
         from evictkit.eval import cli as eval_cli
