@@ -47,7 +47,6 @@ import torch
 import evictkit
 from evictkit.budget import check_budget
 from evictkit.compress import PHASE_CHOICES
-from evictkit.eval.engine import cache_kwarg, new_cache
 from evictkit import CompressionStats, Policy, params_of
 from evictkit.models import MODELS, attention_modules
 
@@ -229,7 +228,11 @@ class EvictkitLM(HFLM):
     def _split_forward(self, inps: torch.Tensor, first: int, step: int) -> torch.Tensor:
         """Prefill inps[:, :first], then feed the rest `step` tokens at a time over the cache
         (evictkit.compress gives the new tokens their true positions)."""
-        cache = {cache_kwarg(self.model): new_cache(self.model), "use_cache": True}
+        from transformers import DynamicCache
+
+        # transformers >= 5.24 names the argument `cache`, earlier 5.x `past_key_values`
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache = {name: DynamicCache(config=self.model.config), "use_cache": True}
         bounds = [0, *range(first, inps.shape[1], step), inps.shape[1]]
         with torch.no_grad(), self._autocast():
             parts = [self.model(inps[:, a:b], **cache).logits for a, b in zip(bounds, bounds[1:])]
