@@ -6,14 +6,13 @@ Plots use matplotlib's object API (`Figure`), so no global backend or pyplot sta
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from evictkit.eval.longbench import METRICS as LONGBENCH_METRICS
-from evictkit.eval.runner import CONFIG, RESULTS, load_results
+from evictkit.eval.store import PLOTS, RESULTS, SUMMARY_CSV, SUMMARY_MD, load_results, read_config
 from evictkit.extras import hint, missing
 
 ACCURACY = ("all", "part", *LONGBENCH_METRICS)
@@ -88,10 +87,10 @@ def _table(rows, agg, policies, budgets, tasks, column: str, digits: int = 1, sc
 def write_report(out: str | Path, *, plots: bool = True) -> None:
     out = Path(out)
     rows = load_results(out / RESULTS)
-    meta = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else {}
+    meta = read_config(out)
     agg = aggregate(rows)
     policies, budgets, tasks = _order(rows)
-    _write_csv(out / "summary.csv", agg)
+    _write_csv(out / SUMMARY_CSV, agg)
     acc_tasks = [t for t in tasks if any(r["task"] == t and r["metric"] in ACCURACY for r in rows)]
     ppl_tasks = [t for t in tasks if any(r["task"] == t and r["metric"] == "ppl" for r in rows)]
     rec_tasks = [t for t in tasks if any(r["task"] == t and r["metric"] == "recon" for r in rows)]
@@ -153,10 +152,10 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
     if plots and rows and missing("plots"):
         lines += ["## Plots", "", f"Not drawn: matplotlib is not installed (`{hint('plots')}`).", ""]
     elif plots and rows:
-        made = write_plots(out / "plots", rows)
+        made = write_plots(out / PLOTS, rows)
         if made:
-            lines += ["## Plots", "", *[f"![{p.stem}](plots/{p.name})" for p in made], ""]
-    (out / "summary.md").write_text("\n".join(lines))
+            lines += ["## Plots", "", *[f"![{p.stem}]({PLOTS}/{p.name})" for p in made], ""]
+    (out / SUMMARY_MD).write_text("\n".join(lines))
 
 
 def _write_csv(path: Path, agg: dict) -> None:

