@@ -38,7 +38,8 @@ def test_render_shows_every_parameter_and_escapes_pipes() -> None:
     assert table.splitlines() == [
         "| name | package | phases | parameters (defaults) | summary | page |",
         "|---|---|---|---|---|---|",
-        "| `snapkv` | evictkit | prefill | `window=32, pool='max'` | pooled \\| attention | [snapkv](policies/snapkv.md) |",
+        "| `snapkv` | evictkit | prefill | `window=32, pool='max'` | pooled \\| attention "
+        "| [snapkv](policies/snapkv.md) |",
         "| `full` | evictkit | — | — | no eviction | — |",
     ]
 
