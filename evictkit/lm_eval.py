@@ -25,12 +25,12 @@ How eviction meets each request type (every request is a fresh sequence: one
 - loglikelihood: a single forward pass would score the continuation at full attention (prefill
   evicts only after each layer has attended). So the context is prefilled first, then the
   scored tokens (the context's last token and the continuation minus its last token) are fed
-  over the compressed cache, one forward, or `chunk` tokens at a time. When every layer's budget
-  already holds the whole input, nothing can be evicted and one forward runs, exactly as lm-eval's
-  `hf` backend does.
+  over the compressed cache as decode steps, in one forward or `chunk` tokens at a time. When
+  every layer's budget already holds the whole input, nothing can be evicted and one forward
+  runs, exactly as lm-eval's `hf` backend does.
 - loglikelihood_rolling: its windows have a one-token context, so the first `chunk` tokens are
-  the prefill and the rest are fed `chunk` at a time; with `chunk=0` a window is one forward and
-  eviction cannot change its score.
+  the prefill and the rest are fed `chunk` at a time as decode steps (decode-phase policies evict
+  as the text goes on); with `chunk=0` a window is one forward and eviction cannot change its score.
 
 Batches: evictkit.compress does not support padded batches yet, so the backend runs one request
 at a time (`batch_size=1`; anything else is refused). A batch of one is never padded.
@@ -221,21 +221,26 @@ class EvictkitLM(HFLM):
                 # nothing to split, or nothing can be evicted: the very forward lm-eval's hf backend runs
                 logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             else:
-                logits = self._split_forward(inps, first, step)
+                logits = self._split_forward(run, inps, first, step)
         self._record(run.stats)
         return logits
 
-    def _split_forward(self, inps: torch.Tensor, first: int, step: int) -> torch.Tensor:
-        """Prefill inps[:, :first], then feed the rest `step` tokens at a time over the cache
-        (evictkit.compress gives the new tokens their true positions)."""
+    def _split_forward(self, run: evictkit.Compression, inps: torch.Tensor, first: int, step: int) -> torch.Tensor:
+        """Prefill inps[:, :first], then feed the rest `step` tokens at a time over the cache as
+        decode steps (evictkit.compress gives the new tokens their true positions)."""
         from transformers import DynamicCache
 
         # transformers >= 5.24 names the argument `cache`, earlier 5.x `past_key_values`
         name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        cache = {name: DynamicCache(config=self.model.config), "use_cache": True}
-        bounds = [0, *range(first, inps.shape[1], step), inps.shape[1]]
+        kwargs = {name: DynamicCache(config=self.model.config), "use_cache": True}
+        # Where evictkit.compress takes a multi-token continuation for a prefill chunk, `as_decode`
+        # makes it a decode step: the scored tokens are not compressed with the context.
+        as_decode = getattr(run, "as_decode", contextlib.nullcontext)
         with torch.no_grad(), self._autocast():
-            parts = [self.model(inps[:, a:b], **cache).logits for a, b in zip(bounds, bounds[1:])]
+            parts = [self.model(inps[:, :first], **kwargs).logits]
+            with as_decode():
+                for start in range(first, inps.shape[1], step):
+                    parts.append(self.model(inps[:, start : start + step], **kwargs).logits)
         return torch.cat(parts, dim=1)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):

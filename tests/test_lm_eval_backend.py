@@ -164,6 +164,19 @@ def test_small_budget_evicts_changes_the_scores_and_holds_the_budget(setup, hf_r
     assert ours["config"]["evictkit"]["cache"] == summary
 
 
+def test_fraction_budget_compresses_the_context_and_not_the_scored_tokens(setup):
+    model_dir, _, _ = setup
+    lm = EvictkitLM(pretrained=str(model_dir), policy="snapkv", budget=0.25, window=8, device="cpu")
+    evaluate(setup, lm, tasks=["ek_boolq"])
+    summary = lm.cache_summary()
+    assert summary["calls"] == summary["calls_with_eviction"] == 8
+    for s in lm.last_stats.layers:
+        assert s.after_prefill == int(0.25 * s.prompt_length)
+        # the scored tokens ("Answer:"'s last byte and " no"/" yes" but the last) are appended as
+        # decode steps, which a prefill-only policy leaves alone
+        assert s.size - s.after_prefill in (3, 4)
+
+
 def test_split_forward_over_an_uncompressed_cache_agrees_with_full_attention(setup, hf_results):
     """`full` never evicts, but budget=16 makes the backend prefill the context and feed the scored
     tokens over the cache (rolling windows: 5 tokens at a time): positions and masks must hold."""
