@@ -12,14 +12,18 @@ per-head padding of ragged layers (evictkit.ragged).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from evictkit import ragged
-from evictkit.budget import check_budget, resolve_budget
+from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import PHASES, Policy
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
@@ -27,6 +31,12 @@ from evictkit.step import LayerState, StepConfig, evict_step
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
 
 PHASE_CHOICES = ("prefill", "decode", "both")
+
+# attention module -> the compress block whose hooks are on it. Weak keys: nothing is set on the
+# user's model, and a model dropped inside a block is not kept alive. The lock also guards
+# `Compression._owner`, the thread a block serves.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Compression] = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class Compression:
@@ -40,7 +50,18 @@ class Compression:
         *,
         phase: str | None = None,
         slack: int = 0,
+        prefill_chunk: int | None = None,
     ) -> None:
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be None (no chunking) or an int >= 1 "
+                             "(tokens per prefill forward)")
+        self.prefill_chunk = prefill_chunk
+        self._chunking = False  # inside the forwards the chunker runs itself
+        self._known_prompt: int | None = None  # the whole prompt's length, while the chunker runs it
+        self._prompt_known = False  # whether the current sequence's schedule came from its whole prompt
+        self._decoded = False  # whether the current sequence has had a one-token forward
+        self._as_decode = False  # inside `as_decode()`
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an evictkit.Policy or a registered name, got {type(policy).__name__}")
         self.budget = check_budget(budget)
@@ -73,6 +94,7 @@ class Compression:
         self._step = StepConfig(policy=policy, needs=self._needs, phases=self.phases, slack=slack,
                                 inv_freq=self._inv_freq)
         self._handles: list[Any] = []
+        self._owner: tuple[int, str] | None = None  # (ident, name) of the thread the block serves
         self._signature = inspect.signature(model.forward)
         self.stats = CompressionStats(skipped_layers=sorted(self._sliding))
 
@@ -83,6 +105,15 @@ class Compression:
         from evictkit.registry import get_registry
 
         self._observers = get_registry().pm.hook.evictkit_after_evict
+        with _ACTIVE_LOCK:
+            # two blocks' hooks on one layer would each compact the cache behind the other's back
+            other = next((_ACTIVE[m] for m in self.modules if m in _ACTIVE), None)
+            if other is not None:
+                raise RuntimeError(other._busy(f"a second evictkit.compress block (policy {self.policy.name!r}) "
+                                               "cannot start"))
+            for m in self.modules:
+                _ACTIVE[m] = self
+            self._entered_in = threading.current_thread().name
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             for module in self.modules:
@@ -102,6 +133,24 @@ class Compression:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        with _ACTIVE_LOCK:
+            for m in self.modules:
+                if _ACTIVE.get(m) is self:
+                    del _ACTIVE[m]
+            self._owner = None
+
+    def _busy(self, what: str) -> str:
+        """Why `what` is refused while this block is active on its model (nesting, threads)."""
+        where = f"entered in thread {self._entered_in!r}"
+        if self._owner is not None:
+            where += f", running sequences in thread {self._owner[1]!r}"
+        return (
+            f"{what}: {type(self.model).__name__} is already under evictkit.compress with policy "
+            f"{self.policy.name!r} (budget={self.budget!r}; {where}). One compress block per model at a time, "
+            "used by one thread at a time: blocks cannot be nested, and other threads cannot share the model "
+            "while a block is active. Leave the active `with` block first, serialize the threads (one lock "
+            "around each whole `with` block), or give each thread its own copy of the model."
+        )
 
     # --- public views for harnesses ------------------------------------------------------------
     def kept_positions(self) -> dict[int, torch.Tensor]:
@@ -126,13 +175,23 @@ class Compression:
             kwargs["cache"] = cache
             self._after_attention(module, (), kwargs, None)
 
+    @contextlib.contextmanager
+    def as_decode(self) -> Iterator[None]:
+        """Inside, a forward that continues the sequence is a decode step whatever its length:
+        the prompt's compressed context is kept and the new tokens are appended, evicted only by
+        a policy's decode phase (the query-agnostic protocol: the question is not compressed with
+        the context). Outside, a continuation of several tokens is a prefill chunk."""
+        previous, self._as_decode = self._as_decode, True
+        try:
+            yield
+        finally:
+            self._as_decode = previous
+
     # --- budgets ---------------------------------------------------------------------------
     def schedule(self, prompt_length: int) -> list[int]:
         """Entries per KV head for each managed layer, for a prompt of this length."""
         if prompt_length not in self._schedules:
-            base = resolve_budget(self.budget, prompt_length)
-            if isinstance(self.budget, float):
-                self.policy.check_budget(base)
+            base = resolve_checked(self.policy, self.budget, prompt_length)
             self._schedules[prompt_length] = [
                 self.policy.layer_budget(base, m.layer_idx, self.n_layers, prompt_length) for m in self.modules
             ]
@@ -140,6 +199,15 @@ class Compression:
 
     # --- hooks -----------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # The per-layer state is one sequence's: the first thread to run a forward owns the block
+        # until it exits, and a forward from any other thread is refused before anything changes.
+        me = threading.get_ident()
+        with _ACTIVE_LOCK:
+            if self._owner is None:
+                self._owner = (me, threading.current_thread().name)
+            owner = self._owner
+        if owner[0] != me:
+            raise RuntimeError(self._busy(f"a forward from thread {threading.current_thread().name!r} is refused"))
         bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)
         for name, param in self._signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:  # e.g. a deprecated `past_key_values`
@@ -158,8 +226,10 @@ class Compression:
         q = tokens.shape[1]
         cache = bound.get("cache", bound.get("past_key_values"))
         empty = cache is None or cache.get_seq_length() == 0
+        if self.prefill_chunk is not None and q > self.prefill_chunk and not self._chunking:
+            return self._run_chunks(self.prefill_chunk, args, kwargs, bound, tokens, cache, empty)
         if empty:
-            self.schedule(q)  # validate the budgets before anything is computed
+            self.schedule(self._known_prompt or q)  # validate the budgets before anything is computed
             return None
         seen = next((s.seen for s in self._layers.values() if s.positions is not None), None)
         if self._inv_freq is not None and seen is not None:
@@ -177,6 +247,46 @@ class Compression:
             kwargs["position_ids"] = torch.arange(seen, seen + q, device=tokens.device).unsqueeze(0)
             return args, kwargs
         return None
+
+    def _run_chunks(self, c: int, args: tuple, kwargs: dict, bound: dict, tokens: torch.Tensor, cache: Any,
+                    empty: bool) -> tuple[tuple, dict]:
+        """Split one long forward into `prefill_chunk`-token forwards: every chunk but the last runs
+        here, each followed by the eviction step; the caller's forward then runs the last chunk.
+        The caller gets the last chunk's outputs (all that generate() reads)."""
+        n = tokens.shape[1]
+        if bound.get("use_cache") is False:
+            raise ValueError("prefill_chunk needs the KV cache: do not pass use_cache=False")
+        key = "input_ids" if bound.get("input_ids") is not None else "inputs_embeds"
+        cache_kw = "cache" if "cache" in self._signature.parameters else "past_key_values"
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        if empty:
+            self._known_prompt = n
+            self.schedule(n)  # validate the budgets before anything is computed
+        seen = 0 if empty else next((s.seen for s in self._layers.values() if s.positions is not None), 0)
+        given = bound.get("position_ids")
+        positions = given if given is not None else torch.arange(seen, seen + n, device=tokens.device).unsqueeze(0)
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in self._signature.parameters else {}
+        starts = range(0, n, c)
+        self._chunking = True
+        try:
+            for start in starts[:-1]:
+                self.model(**{key: tokens[:, start:start + c], cache_kw: cache, "use_cache": True,
+                              "position_ids": positions[..., start:start + c]}, **extra)
+        finally:
+            self._chunking = False
+            self._known_prompt = None
+        last = starts[-1]
+        call = self._signature.bind_partial(*args, **kwargs)
+        call.arguments.pop("past_key_values" if cache_kw == "cache" else "cache", None)
+        call.arguments[key] = tokens[:, last:]
+        call.arguments[cache_kw] = cache
+        call.arguments["position_ids"] = positions[..., last:]
+        if isinstance(bound.get("attention_mask"), torch.Tensor):  # all ones: checked above
+            call.arguments["attention_mask"] = bound["attention_mask"][:, : seen + n]
+        return call.args, call.kwargs
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -197,7 +307,9 @@ class Compression:
                     f"layer {li}: the cache already held {T - q} entries when evictkit.compress first saw it; "
                     "start the sequence (prefill) inside the `with` block"
                 )
-            st = self._layers[li] = LayerState(budget=self.schedule(T)[self.modules.index(module)])
+            st = self._layers[li] = LayerState(budget=self.schedule(self._known_prompt or T)[self.modules.index(module)])
+            self._prompt_known = self._known_prompt is not None
+            self._decoded = False
             stats = self._layer_stats(li)
             stats.prompt_length, stats.budget, stats.evictions, stats.peak = T, st.budget, 0, 0
         elif st.positions is None or st.positions.shape[-1] != T - q:
@@ -205,13 +317,19 @@ class Compression:
                 f"layer {li}: the cache holds {T - q} earlier entries but evictkit tracked "
                 f"{0 if st.positions is None else st.positions.shape[-1]}; it was changed outside evictkit"
             )
+        elif q > 1 and isinstance(self.budget, float) and not (self._prompt_known or self._decoded or self._as_decode):
+            raise ValueError(
+                f"budget={self.budget} is a fraction of the prompt, but this prompt arrives in chunks whose total "
+                "evictkit cannot know (transformers' prefill_chunk_size, or a loop of forwards): give an int budget, "
+                "or let evictkit chunk the prompt with evictkit.compress(..., prefill_chunk=N)"
+            )
         stats = self._layer_stats(li)
-        first = st.positions is None
         result = evict_step(
             self._step, st, module=module, layer_idx=li, n_layers=self.n_layers, keys=layer.keys,
             values=layer.values, hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
             # in "shift" mode position_ids are cache slots; the step counts the true positions itself
             position_ids=None if self._inv_freq is not None else kwargs.get("position_ids"),
+            as_decode=self._as_decode,
         )
         layer.keys, layer.values = result.keys, result.values
         if result.selection is not None:
@@ -224,8 +342,11 @@ class Compression:
         stats.size = layer.keys.shape[2]
         stats.entries = ragged.real_entries(st.pad, layer.keys.shape[1], stats.size)
         stats.peak = max(stats.peak, stats.size)
-        if first:
+        if result.phase == "prefill" and not self._decoded:  # the prompt, in one forward or in chunks
+            stats.prompt_length = max(stats.prompt_length, st.seen)
             stats.after_prefill = stats.size
+        else:
+            self._decoded = True
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size: per-head padding hidden on ragged layers,
@@ -262,7 +383,7 @@ class Compression:
 
 
 def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, phase: str | None = None,
-             slack: int = 0, **params: Any) -> Compression:
+             slack: int = 0, prefill_chunk: int | None = None, **params: Any) -> Compression:
     """Evict from `model`'s KV cache under `policy` while the returned context is active.
 
     policy: a policy instance, or a registered name with its parameters as keyword arguments
@@ -270,6 +391,11 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         in (0, 1]: that fraction of the prompt
     phase: "prefill", "decode" or "both"; None = the policy's own phases
     slack: while decoding, evict only when a layer exceeds budget + slack (0 = every step)
+    prefill_chunk: split any forward of more than this many tokens into chunks of it, evicting
+        after each, so the cache holds at most budget + prefill_chunk entries per layer per KV head;
+        the forward then returns the last chunk's outputs only (None: no chunking). transformers'
+        own `generate(..., prefill_chunk_size=N)` and hand-written loops of forwards are chunked
+        prefill too, without this option.
     """
     if isinstance(policy, str):
         from evictkit import policy as make_policy
@@ -277,4 +403,4 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         policy = make_policy(policy, **params)
     elif params:
         raise ValueError(f"parameters {sorted(params)} can only be given with a policy name, not an instance")
-    return Compression(model, policy, budget, phase=phase, slack=slack)
+    return Compression(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk)

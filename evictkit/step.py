@@ -129,8 +129,10 @@ def new_positions(position_ids: torch.Tensor | None, seen: int, B: int, q: int, 
 
 
 def phase_of(st: LayerState, q: int) -> str:
-    """"prefill" for the forward that starts a sequence, "decode" after."""
-    return "prefill" if st.positions is None else "decode"
+    """"prefill" for a forward that starts a sequence or continues it with several tokens (a
+    prefill chunk: the policy compresses the layer back to its budget after it), "decode" for a
+    forward of one new token."""
+    return "prefill" if st.positions is None or q > 1 else "decode"
 
 
 def roll_window(module: nn.Module, window: tuple[torch.Tensor, torch.Tensor] | None, hidden: torch.Tensor,
@@ -161,12 +163,14 @@ def evict_step(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     position_ids: torch.Tensor | None = None,
     guard: Guard = CORE_GUARD,
+    as_decode: bool = False,
 ) -> StepResult:
     """One forward's step on one layer. `keys`/`values` [B, H_kv, T, D] already hold the forward's
-    q new tokens (q = hidden_states.shape[1]); `st` is updated in place. Returns K/V to store."""
+    q new tokens (q = hidden_states.shape[1]); `st` is updated in place. Returns K/V to store.
+    as_decode: a continuation of several tokens is a decode step, not a prefill chunk."""
     obs = observe(cfg, st, module=module, layer_idx=layer_idx, n_layers=n_layers, keys=keys, values=values,
                   hidden_states=hidden_states, position_embeddings=position_embeddings, position_ids=position_ids,
-                  guard=guard)
+                  guard=guard, as_decode=as_decode)
     limit, sel = choose(cfg, st, obs, guard)
     if sel is None:
         return StepResult(keys, values, obs.phase, limit, obs, None)
@@ -187,14 +191,15 @@ def observe(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     position_ids: torch.Tensor | None = None,
     guard: Guard = CORE_GUARD,
+    as_decode: bool = False,
 ) -> Observation:
     """Steps 1-3: append the new tokens' positions and side-tensor rows, roll the window, and let
     the policy observe. Returns the Observation the rest of the step reads."""
     policy = cfg.policy
     B, Hkv, T, _ = keys.shape
     q = hidden_states.shape[1]
-    phase = phase_of(st, q)
     first = st.positions is None
+    phase = "decode" if as_decode and not first else phase_of(st, q)
 
     new_pos = new_positions(position_ids, st.seen, B, q, keys.device)
     appended = new_pos.unsqueeze(1).expand(B, Hkv, q)

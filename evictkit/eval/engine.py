@@ -277,21 +277,30 @@ def run_variant(model: nn.Module, policy: Policy, budget: int | float, sample, p
         res.evict_s = time.perf_counter() - t0
         res.cache_bytes = cache_bytes(cache)
         t0 = time.perf_counter()
-        if sample.metric == "ppl":
-            res.kept = kept_positions(comp)
-            res.nll = teacher_forced_nll(model, cache, len(prompt), logits, sample.continuation_ids, device)
-        elif sample.metric == "recon":
-            res.kept = kept_positions(comp)
-            res.recon = recon_errors(model, cache, res.kept, recon_ref)
-        else:
-            def snapshot() -> None:
-                res.kept = kept_positions(comp)
-
-            res.tokens = greedy(model, cache, len(prompt), question, logits, sample.max_new_tokens, eos, device,
-                                on_ready=snapshot)
+        # the question and the answer continue the compressed context: decode steps, not chunks
+        with comp.as_decode():
+            _finish(model, comp, cache, sample, prompt, question, logits, res, device, eos, recon_ref)
         res.decode_s = time.perf_counter() - t0
     res.stats = comp.stats
     return res
+
+
+def _finish(model: nn.Module, comp: Compression, cache, sample, prompt: list[int], question: list[int],
+            logits: torch.Tensor, res: Outcome, device, eos: frozenset[int],
+            recon_ref: ReconReference | None) -> None:
+    """What follows the prompt: the question, then greedy decoding, teacher forcing or recon."""
+    if sample.metric == "ppl":
+        res.kept = kept_positions(comp)
+        res.nll = teacher_forced_nll(model, cache, len(prompt), logits, sample.continuation_ids, device)
+    elif sample.metric == "recon":
+        res.kept = kept_positions(comp)
+        res.recon = recon_errors(model, cache, res.kept, recon_ref)
+    else:
+        def snapshot() -> None:
+            res.kept = kept_positions(comp)
+
+        res.tokens = greedy(model, cache, len(prompt), question, logits, sample.max_new_tokens, eos, device,
+                            on_ready=snapshot)
 
 
 def perplexity(nll: float) -> float:
