@@ -45,9 +45,9 @@ from typing import Any
 import torch
 
 import evictkit
+from evictkit import CompressionStats, Policy, params_of
 from evictkit.budget import check_budget
 from evictkit.compress import PHASE_CHOICES
-from evictkit import CompressionStats, Policy, params_of
 from evictkit.models import MODELS, attention_modules
 
 try:
@@ -58,8 +58,6 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
 
 __all__ = ["EvictkitLM", "split_model_args"]
 
-#: the backend's own model arguments (the policy's parameters come on top)
-OWN_ARGS = ("policy", "budget", "phase", "slack", "chunk")
 _HF_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 # HFLM forwards unknown keyword arguments to from_pretrained; these few are passed on, any
 # other unknown name is taken for a policy parameter so that a typo is refused before loading.
