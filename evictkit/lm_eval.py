@@ -243,7 +243,8 @@ class EvictkitLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
         if context.shape[0] != 1:
-            raise ValueError(f"the evictkit backend generates for one request at a time, got a batch of {context.shape[0]}")
+            raise ValueError("the evictkit backend generates for one request at a time, "
+                             f"got a batch of {context.shape[0]}")
         with self._compression() as run:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self._record(run.stats)

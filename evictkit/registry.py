@@ -228,7 +228,7 @@ def _expected(attr: attrs.Attribute) -> str:
     parts = list(getattr(validator, "_validators", None) or ([validator] if validator is not None else []))
     kind, bounds, choices = "", [], ""
     for v in parts:
-        if hasattr(v, "type") and isinstance(getattr(v, "type"), (type, tuple)):
+        if hasattr(v, "type") and isinstance(v.type, (type, tuple)):
             types = v.type if isinstance(v.type, tuple) else (v.type,)
             kind = " or ".join(_TYPE_WORDS.get(t, f"a {t.__name__}") for t in types)
         elif hasattr(v, "bound") and hasattr(v, "compare_op"):
@@ -248,3 +248,23 @@ def _strip_attrs_message(message: object) -> str:
     text = str(message)
     m = re.search(r"must be (.*)", text)
     return m.group(1) if m else text
+
+
+def build_policy(name: str, **params: Any) -> Any:
+    """`evictkit.policy(name, **params)`: the registered class built with checked parameters."""
+    from evictkit.contract import params_of
+
+    table = get_registry().policies()
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(unknown_policy_message(name, list(table)))
+    cls = table[name]
+    fields = params_of(cls)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        valid = ", ".join(f"{f}={a.default!r}" for f, a in fields.items()) or "(none)"
+        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        # attrs' validators raise tuples (message, Attribute, type, value): say it in words
+        raise ValueError(f"policy {name!r}: {param_error_message(fields, params, exc)}") from exc

@@ -15,10 +15,10 @@ import torch
 from evictkit import ragged
 from evictkit.contract import Policy, ScorePolicy
 from evictkit.observation import Observation
-from evictkit.step import Guard, LayerState, Selection, StepConfig, evict_step
 from evictkit.specs.cases import Case
 from evictkit.specs.subject import LawContext, _Refused
 from evictkit.specs.tiny import tiny_attention
+from evictkit.step import Guard, LayerState, Selection, StepConfig, evict_step
 
 
 @attrs.define
@@ -179,7 +179,9 @@ class _KitGuard(Guard):
                     "an Observation's tensors are read-only: compute on copies and return new side tensors")
 
 
-def _checked_scores(policy: ScorePolicy, obs: Observation, ctx: LawContext, i: int, shape, finite: bool) -> torch.Tensor:
+def _checked_scores(
+    policy: ScorePolicy, obs: Observation, ctx: LawContext, i: int, shape, finite: bool
+) -> torch.Tensor:
     s = ctx.call(f"score() at step {i}", policy.score, obs, value_error_ok=not finite)
     if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape or not s.is_floating_point():
         raise ctx.fail(f"score() at step {i} returned {type(s).__name__} {tuple(getattr(s, 'shape', ()))} "

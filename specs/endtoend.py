@@ -95,7 +95,9 @@ def _parts(selection: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Ten
     return idx, counts, torch.arange(idx.shape[-1], device=idx.device) >= (idx.shape[-1] - counts)[..., None]
 
 
-def _check_log(policy: Policy, log: list[dict[str, Any]], case: ModelCase, ctx_for: Callable[[str], LawContext]) -> None:
+def _check_log(
+    policy: Policy, log: list[dict[str, Any]], case: ModelCase, ctx_for: Callable[[str], LawContext]
+) -> None:
     sinks, window = policy.protected()
     last_select: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (expected positions, real)
     for i, e in enumerate(log):
@@ -104,7 +106,8 @@ def _check_log(policy: Policy, log: list[dict[str, Any]], case: ModelCase, ctx_f
         real_pos = pos >= 0  # padding of a ragged layer is marked -1
         if pos.shape[-1] > 1 and bool(((pos[..., 1:] <= pos[..., :-1]) & real_pos[..., :-1]).any()):
             b, h = _first_bad_row((pos[..., 1:] <= pos[..., :-1]) & real_pos[..., :-1])
-            raise ctx_for("order").fail(f"{where}: cached positions out of order (batch {b}, head {h}): {_row(pos[b, h])}")
+            raise ctx_for("order").fail(
+                f"{where}: cached positions out of order (batch {b}, head {h}): {_row(pos[b, h])}")
         if e["op"] == "observe":
             expected = last_select.pop(e["layer"], None)
             if expected is not None and e["phase"] == "decode":
@@ -184,7 +187,8 @@ def compress_run(make: Callable[[], Policy], case: ModelCase, *, label: str | No
             out = _generate(model, ids, case.new)
     except Exception as exc:
         _check_log(policy, log, case, ctx_for)  # a specific law first, if one explains the failure
-        raise ctx_for("integrity").fail(f"generate() under evictkit.compress raised {type(exc).__name__}: {exc}") from exc
+        raise ctx_for("integrity").fail(
+            f"generate() under evictkit.compress raised {type(exc).__name__}: {exc}") from exc
     _check_log(policy, log, case, ctx_for)
     _check_sizes(policy, log, run, case, ctx_for("budget"))
     if tuple(out.shape) != (case.batch, case.prompt + case.new):
@@ -251,7 +255,8 @@ def sequences(make: Callable[[], Policy], case: ModelCase, *, label: str | None 
     except Exception as exc:
         raise ctx.fail(f"generate() under evictkit.compress raised {type(exc).__name__}: {exc}") from exc
     if not (torch.equal(again, fresh) and torch.equal(again_logits, fresh_logits)):
-        step = int((again_logits != fresh_logits).flatten(1).any(-1).nonzero()[0]) if again_logits.shape == fresh_logits.shape else 0
+        step = (int((again_logits != fresh_logits).flatten(1).any(-1).nonzero()[0])
+                if again_logits.shape == fresh_logits.shape else 0)
         raise ctx.fail(f"the second sequence generates differently after a first one (state leaked); the logits "
                        f"first differ at generated token {step}")
 
@@ -279,7 +284,8 @@ def invalid_budgets(make: Callable[[], Policy], *, label: str | None = None) -> 
         with evictkit.compress(model, make(), budget=lo):
             pass
     except Exception as exc:
-        raise ctx.fail(f"compress(budget={lo}) raised {type(exc).__name__} although check_budget({lo}) passes: {exc}") from exc
+        raise ctx.fail(
+            f"compress(budget={lo}) raised {type(exc).__name__} although check_budget({lo}) passes: {exc}") from exc
 
 
 def resolved(case: ModelCase) -> list[int]:

@@ -30,8 +30,8 @@ from hypothesis.errors import FlakyFailure
 
 from evictkit.specs import checks, endtoend
 from evictkit.specs.cases import FINITE_STYLES, STYLES
-from evictkit.specs.subject import LawViolation, Subject, as_subject, min_valid_budget
 from evictkit.specs.strategies import Limits, cases, edge_cases, edge_model_cases, model_cases
+from evictkit.specs.subject import LawViolation, Subject, as_subject, min_valid_budget
 
 PROFILE_ENV = "EVICTKIT_HYPOTHESIS_PROFILE"
 
@@ -263,4 +263,6 @@ def conformance_tests(
     return type(f"TestLaws_{slug}", (), namespace)
 
 
-__all__ = ["LAWS", "PROFILES", "Law", "LawViolation", "Profile", "check_all", "check_law", "conformance_tests", "profile"]
+__all__ = [
+    "LAWS", "PROFILES", "Law", "LawViolation", "Profile", "check_all", "check_law", "conformance_tests", "profile",
+]

@@ -62,7 +62,8 @@ def as_subject(policy: str | type[Policy] | Policy | Subject, params: Mapping[st
 
         table = evictkit.policies()
         if policy not in table:
-            raise ValueError(f"policy {policy!r} is not registered; registered policies: {', '.join(table) or '(none)'}")
+            raise ValueError(
+                f"policy {policy!r} is not registered; registered policies: {', '.join(table) or '(none)'}")
         policy = table[policy]
     if isinstance(policy, Policy):
         if params:
@@ -115,7 +116,9 @@ def min_valid_budget(policy: Policy, label: str | None = None) -> int:
         except ValueError:
             continue
         except Exception as exc:
-            raise ctx.fail(f"check_budget({b}) raised {type(exc).__name__} (invalid budgets must raise ValueError): {exc}") from exc
+            raise ctx.fail(
+                f"check_budget({b}) raised {type(exc).__name__} (invalid budgets must raise ValueError): {exc}"
+            ) from exc
         return b
     raise ctx.fail(f"check_budget rejects every budget up to {MAX_PROBED_BUDGET}")
 

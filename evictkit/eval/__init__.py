@@ -12,8 +12,15 @@ downloaded. See docs/eval.md.
 
 from evictkit.eval.config import EvalConfig, parse_budgets, parse_policies
 from evictkit.eval.runner import run_eval
-from evictkit.eval.scoring import (evidence_retention, leading_match, partial_credit, score, string_match_all,
-                                   string_match_part, token_f1)
+from evictkit.eval.scoring import (
+    evidence_retention,
+    leading_match,
+    partial_credit,
+    score,
+    string_match_all,
+    string_match_part,
+    token_f1,
+)
 from evictkit.eval.tasks import TASKS, Sample, make_sample, parse_tasks
 from evictkit.eval.tokenizer import ByteTokenizer, Codec
 

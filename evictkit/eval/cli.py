@@ -54,30 +54,38 @@ def add_parser(subparsers) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="built-in model name (smollm2, gemma3-270m) or a local HF model directory (default: smollm2)")
+    p.add_argument("--model", default="smollm2",
+                   help="built-in model name (smollm2, gemma3-270m) or a local HF model directory (default: smollm2)")
     p.add_argument("--tasks", default="ruler:niah_single_1,ruler:niah_single_2,ruler:vt",
                    help="comma-separated tasks (default: ruler:niah_single_1,ruler:niah_single_2,ruler:vt)")
     p.add_argument("--policies", default="full,streaming_llm",
-                   help="comma-separated policies, parameters as name:key=value,key=value (default: full,streaming_llm)")
+                   help="comma-separated policies, parameters as name:key=value,key=value "
+                        "(default: full,streaming_llm)")
     p.add_argument("--budgets", default="64,128,256,512",
-                   help="entries kept per layer per KV head (ints), or fractions of the prompt in (0, 1] (default: 64,128,256,512)")
+                   help="entries kept per layer per KV head (ints), or fractions of the prompt in (0, 1] "
+                        "(default: 64,128,256,512)")
     p.add_argument("--length", type=int, default=4096,
                    help="prompt length in tokens of the model's tokenizer, within 2%%; LongBench prompts are "
                         "middle-truncated to it (default: 4096)")
     p.add_argument("--samples", type=int, default=10,
                    help="samples per task (default: 10; niah runs its grid; LongBench: the first N of its file)")
     p.add_argument("--out", required=True, help="output directory (e.g. runs/NAME)")
-    p.add_argument("--query-aware", action="store_true", help="put the question in the prefill (default: compress the context first)")
+    p.add_argument("--query-aware", action="store_true",
+                   help="put the question in the prefill (default: compress the context first)")
     p.add_argument("--seed", type=int, default=42, help="seed of the task generators (default: 42, RULER's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: the task's own, RULER's or LongBench's)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens (default: the task's own, RULER's or LongBench's)")
     p.add_argument("--niah-lengths", default="", help="NIAH context lengths, comma-separated (default: --length)")
-    p.add_argument("--niah-depths", default="", help="NIAH needle depths in %%, comma-separated (default: 0,25,50,75,100)")
+    p.add_argument("--niah-depths", default="",
+                   help="NIAH needle depths in %%, comma-separated (default: 0,25,50,75,100)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="folder of LongBench's per-task JSONL files (the unzipped data.zip), for longbench:* tasks")
     p.add_argument("--continuation", type=int, default=256, help="teacher-forced tokens of ppl/recon (default: 256)")
     p.add_argument("--no-chat", action="store_true", help="use the raw prompt, not the tokenizer's chat template")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default: float32)")
-    p.add_argument("--no-shared-prefill", action="store_true", help="give every variant its own prefill (slower; same results)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (default: float32)")
+    p.add_argument("--no-shared-prefill", action="store_true",
+                   help="give every variant its own prefill (slower; same results)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="discard results of a different configuration in --out")

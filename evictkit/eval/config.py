@@ -74,7 +74,8 @@ def parse_budgets(text: str) -> list[int | float]:
                 value = float(item)
             except ValueError:
                 raise ValueError(
-                    f"budget {item!r} is neither an int (entries per KV head) nor a float in (0, 1] (fraction of the prompt)"
+                    f"budget {item!r} is neither an int (entries per KV head) "
+                    "nor a float in (0, 1] (fraction of the prompt)"
                 ) from None
         out.append(check_budget(value))
     if not out:

@@ -29,8 +29,8 @@ from torch import nn
 
 from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
-from evictkit.models import attention_modules
 from evictkit.contract import Policy
+from evictkit.models import attention_modules
 
 
 def cache_kwarg(model: nn.Module) -> str:

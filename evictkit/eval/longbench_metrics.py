@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from evictkit.eval.scoring import normalize_answer
 
 # The Chinese punctuation LongBench's normalize_zh_answer strips, besides string.punctuation.
-ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."  # noqa: E501 (LongBench's set, verbatim)
 _ZH_DROP = set(string.punctuation + ZH_PUNCTUATION)
 _ZH_TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
 

@@ -109,12 +109,14 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
             "",
         ]
     if acc_tasks:
-        lines += ["## Accuracy (%: RULER string match; LongBench's own metric per task)", "", *_table(rows, agg, policies, budgets, acc_tasks, "score"), ""]
+        lines += ["## Accuracy (%: RULER string match; LongBench's own metric per task)", "",
+                  *_table(rows, agg, policies, budgets, acc_tasks, "score"), ""]
         lines += ["## Partial credit (%)", "",
-                  "Leading digits/characters for numeric and UUID needles, token F1 for QA, the 'all' score for word lists; "
-                  "LongBench: its score.",
+                  "Leading digits/characters for numeric and UUID needles, token F1 for QA, "
+                  "the 'all' score for word lists; LongBench: its score.",
                   "", *_table(rows, agg, policies, budgets, acc_tasks, "partial"), ""]
-        ev_tasks = [t for t in acc_tasks if any(r["task"] == t and r.get("evidence_all_kept") is not None for r in rows)]
+        ev_tasks = [t for t in acc_tasks
+                    if any(r["task"] == t and r.get("evidence_all_kept") is not None for r in rows)]
         if ev_tasks:
             lines += ["## Evidence retention (% of (layer, KV head) caches that kept every evidence token)", "",
                       *_table(rows, agg, policies, budgets, ev_tasks, "evidence_all_kept", scale=100.0), ""]
@@ -126,16 +128,20 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
                   *_table(rows, agg, policies, budgets, rec_tasks, "score", digits=4, average=False), ""]
     lines += ["## Cache kept after the prompt", "",
               "Entries per KV head (mean over layers and samples; min..max over layers), and K/V memory.", "",
-              "| policy | budget | entries | per layer | K/V MiB | evidence tokens kept (%) |", "|---|---|---|---|---|---|"]
+              "| policy | budget | entries | per layer | K/V MiB | evidence tokens kept (%) |",
+              "|---|---|---|---|---|---|"]
     for p in policies:
         for b in ([None] if p == "full" else budgets):
             rs = [r for r in rows if r["policy"] == p and r["budget"] == b]
             if rs:
-                lo = min((r["cache_after_prefill_min"] for r in rs if r.get("cache_after_prefill_min") is not None), default=None)
-                hi = max((r["cache_after_prefill_max"] for r in rs if r.get("cache_after_prefill_max") is not None), default=None)
+                lo = min((r["cache_after_prefill_min"] for r in rs if r.get("cache_after_prefill_min") is not None),
+                         default=None)
+                hi = max((r["cache_after_prefill_max"] for r in rs if r.get("cache_after_prefill_max") is not None),
+                         default=None)
                 mib = _mean(r.get("kv_bytes") for r in rs)
                 ev = _mean(r.get("evidence_token_frac") for r in rs)
-                lines.append(f"| {p} | {_budget_label(b)} | {_fmt(_mean(r.get('cache_after_prefill') for r in rs), 0)} | "
+                lines.append(f"| {p} | {_budget_label(b)} | "
+                             f"{_fmt(_mean(r.get('cache_after_prefill') for r in rs), 0)} | "
                              f"{lo}..{hi} | {_fmt(None if mib is None else mib / 2**20, 2)} | "
                              f"{_fmt(None if ev is None else 100 * ev, 1)} |")
     lines.append("")
@@ -147,7 +153,8 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
             rs = [r for r in rows if r["policy"] == p and r["budget"] == b]
             if rs:
                 lines.append(f"| {p} | {_budget_label(b)} | {_fmt(_mean(r.get('prefill_s') for r in rs), 2)} | "
-                             f"{_fmt(_mean(r.get('evict_s') for r in rs), 3)} | {_fmt(_mean(r.get('decode_s') for r in rs), 2)} |")
+                             f"{_fmt(_mean(r.get('evict_s') for r in rs), 3)} | "
+                             f"{_fmt(_mean(r.get('decode_s') for r in rs), 2)} |")
     lines.append("")
     if plots and rows and missing("plots"):
         lines += ["## Plots", "", f"Not drawn: matplotlib is not installed (`{hint('plots')}`).", ""]
@@ -241,7 +248,8 @@ def write_plots(folder: Path, rows: Sequence[dict]) -> list[Path]:
         made.append(_line_plot(folder / "accuracy_vs_budget.png", acc, _task_mean, "accuracy (%), mean over tasks",
                                "Accuracy vs budget", ylim=(-3, 103)))
         if any(r.get("evidence_all_kept") is not None for r in acc):
-            made.append(_line_plot(folder / "evidence_vs_budget.png", [r for r in acc if r.get("evidence_all_kept") is not None],
+            made.append(_line_plot(folder / "evidence_vs_budget.png",
+                                   [r for r in acc if r.get("evidence_all_kept") is not None],
                                    lambda rs: _task_mean(rs, "evidence_all_kept"),
                                    "(layer, head) caches keeping all evidence", "Evidence retention vs budget",
                                    ylim=(-0.03, 1.03)))
@@ -253,7 +261,8 @@ def write_plots(folder: Path, rows: Sequence[dict]) -> list[Path]:
         made.append(_line_plot(folder / "ppl_vs_budget.png", ppl, _task_mean, "perplexity", "Perplexity vs budget"))
     rec = [r for r in rows if r["metric"] == "recon"]
     if rec:
-        made.append(_line_plot(folder / "recon_vs_budget.png", rec, _task_mean, "relative error", "Reconstruction error vs budget"))
+        made.append(_line_plot(folder / "recon_vs_budget.png", rec, _task_mean, "relative error",
+                               "Reconstruction error vs budget"))
     niah = [r for r in rows if r["task"] == "niah"]
     if niah:
         made.append(_niah_heatmaps(folder / "niah_heatmap.png", niah))

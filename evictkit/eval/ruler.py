@@ -143,16 +143,19 @@ def niah_parts(seed: str, n: int, a: dict) -> Parts:
         if a["haystack"] == "repeat":
             units: list[Piece] = [(s, False) for s in _noise(n)]
         else:  # "needle": distractor needles with random keys and values
-            units = [(fmt.format(t=a["value"], key=_random_value(hay, a["key"]), value=_random_value(hay, a["value"])), False)
+            units = [(fmt.format(t=a["value"], key=_random_value(hay, a["key"]), value=_random_value(hay, a["value"])),
+                      False)
                      for _ in range(n)]
         at = sorted(hay.choices(range(n + 1), k=len(marked)), reverse=True)
         for pos, needle in zip(at, marked):
             units.insert(pos, needle)
         context = _join_noise(units) if a["haystack"] == "repeat" else _join(units, "\n")
 
-    query = ", ".join(keys[i] for i in queried[:-1]) + ", and " + keys[queried[-1]] if len(queried) > 1 else keys[queried[0]]
+    query = (", ".join(keys[i] for i in queried[:-1]) + ", and " + keys[queried[-1]] if len(queried) > 1
+             else keys[queried[0]])
     kind = a["value"]
-    pre = "Some special magic {kind} are hidden within the following text. Make sure to memorize it. I will quiz you about the {kind} afterwards.\n"
+    pre = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+           "I will quiz you about the {kind} afterwards.\n")
     question = "What are all the special magic {kind} for {query} mentioned in the provided text?"
     answer = " The special magic {kind} for {query} mentioned in the provided text are"
     if a["q"] * a["v"] == 1:  # RULER's singular wording, applied to the template before the keys go in
@@ -172,7 +175,8 @@ def _vt_chain(rng: random.Random, hops: int, letters: int) -> tuple[list[str], l
         name = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=letters))
         if name not in names:
             names.append(name)
-    chain = [f"VAR {names[0]} = {rng.randint(10000, 99999)}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(hops)]
+    chain = ([f"VAR {names[0]} = {rng.randint(10000, 99999)}"]
+             + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(hops)])
     return names, chain
 
 
@@ -193,22 +197,27 @@ def vt_parts(seed: str, n: int, a: dict) -> Parts:
     ex_rng = random.Random(seed + ":example")
     ex_units, ex_value, ex_names = _vt_text(ex_rng, 10, hops, 3, False)
     example = (
-        _VT_PRE + "".join(t for t, _ in ex_units) + f"\nQuestion: Find all variables that are assigned the value {ex_value} in the text above."
-        f" Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are assgined the value"
-        f" {ex_value}, they are: {' '.join(ex_names)}\n\n"
+        _VT_PRE + "".join(t for t, _ in ex_units)
+        + f"\nQuestion: Find all variables that are assigned the value {ex_value} in the text above."
+        f" Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables"
+        f" are assgined the value {ex_value}, they are: {' '.join(ex_names)}\n\n"
     )
     units, value, names = _vt_text(random.Random(seed), n, hops, 5, True)
     question = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
-    answer = f" Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are assgined the value {value}, they are: "
+    answer = (f" Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables "
+              f"are assgined the value {value}, they are: ")
     return Parts([(example, False), (_VT_PRE, False), *units], question, answer, names)
 
 
-_CWE_PRE = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n"
+_CWE_PRE = ("Below is a numbered list of words. In these words, some appear more often than others. "
+            "Memorize the ones that appear most often.\n")
 _CWE_Q = "Question: What are the 10 most common words in the above list?"
 _CWE_A = " Answer: The top 10 words that appear most often in the list are:"
 
 
-def _cwe_list(rng: random.Random, words: Sequence[str], n: int, common: int, rc: int, ru: int, seed: str) -> tuple[str, list[str]]:
+def _cwe_list(
+    rng: random.Random, words: Sequence[str], n: int, common: int, rc: int, ru: int, seed: str
+) -> tuple[str, list[str]]:
     chosen = rng.sample(list(words), n)
     top, rest = chosen[:common], chosen[common:]
     listing = top * rc + rest * ru
@@ -227,7 +236,8 @@ def cwe_parts(seed: str, n: int, a: dict, length: int) -> Parts:
     else:
         ex, ex_top = _cwe_list(rng, words, 40, num, 10, 3, seed)
         ctx, top = _cwe_list(rng, words, n + num, num, a["freq_cw"], a["freq_ucw"], seed)
-    example = _CWE_PRE + ex + "\n" + _CWE_Q + _CWE_A + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_top)) + "\n"
+    example = (_CWE_PRE + ex + "\n" + _CWE_Q + _CWE_A + " "
+               + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_top)) + "\n")
     return Parts([(example, False), (_CWE_PRE, False), (ctx, False), ("\n", False)], _CWE_Q, _CWE_A, top)
 
 
@@ -249,14 +259,20 @@ def fwe_parts(seed: str, n: int, a: dict, length: int) -> Parts:
     z = _zeta(a["alpha"])
     sampled = [w for k, w in enumerate(words, 1) for _ in range(int(n * k ** -a["alpha"] / z))]
     random.Random(seed + ":text").shuffle(sampled)
-    pre = "Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words. "
-    question = "\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the three most frequently appeared words in the above coded text?"
+    pre = ("Read the following coded text and track the frequency of each coded word. "
+           "Find the three most frequently appeared coded words. ")
+    question = ("\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
+                "What are the three most frequently appeared words in the above coded text?")
     answer = " Answer: According to the coded text above, the three most frequently appeared words are:"
     return Parts([(pre, False), (" ".join(sampled), False)], question, answer, words[1:4])
 
 
-_QA_PRE = "Answer the question based on the given documents. Only give me the answer and do not output any other words.\n\nThe following are given documents.\n\n"
-_QA_Q = "\n\nAnswer the question based on the given documents. Only give me the answer and do not output any other words.\n\nQuestion: {q}"
+_QA_PRE = ("Answer the question based on the given documents. "
+           "Only give me the answer and do not output any other words."
+           "\n\nThe following are given documents.\n\n")
+_QA_Q = ("\n\nAnswer the question based on the given documents. "
+         "Only give me the answer and do not output any other words."
+         "\n\nQuestion: {q}")
 
 
 def qa_parts(seed: str, index: int, doc_ids: list[int], a: dict) -> Parts:

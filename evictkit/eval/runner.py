@@ -122,7 +122,8 @@ def _max_tokens(config: EvalConfig) -> int:
     for task in config.tasks:
         spec = TASKS[task]
         L = longest if spec.family == "needle" else config.length
-        extra = config.continuation if spec.family in ("ppl", "recon") else (config.max_new_tokens or spec.max_new_tokens)
+        extra = (config.continuation if spec.family in ("ppl", "recon")
+                 else (config.max_new_tokens or spec.max_new_tokens))
         need = max(need, L + extra)
     return need
 
@@ -279,7 +280,8 @@ def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfi
         "policy": v.label,
         "policy_repr": repr(v.policy),
         "budget": v.budget,
-        "budget_tokens": None if v.budget is None else resolve_budget(v.budget, len(sample.context_ids) + (len(sample.question_ids) if config.query_aware else 0)),
+        "budget_tokens": None if v.budget is None else resolve_budget(
+            v.budget, len(sample.context_ids) + (len(sample.question_ids) if config.query_aware else 0)),
         "cache_after_prefill": sum(after) / len(after) if after else None,
         "cache_after_prefill_min": min(after) if after else None,
         "cache_after_prefill_max": max(after) if after else None,

@@ -158,7 +158,8 @@ def _fit(count: Callable[[int], int], target: int, cap: int, what: str) -> int:
 # --- sample construction --------------------------------------------------------------------
 
 NIAH_NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
-NIAH_QUESTION = "What is the best thing to do in San Francisco? Don't give information outside the document or repeat your findings"
+NIAH_QUESTION = ("What is the best thing to do in San Francisco? "
+                 "Don't give information outside the document or repeat your findings")
 NIAH_PREFIX = "Here is the most relevant sentence in the context:"
 NIAH_REFERENCES = ("sandwich", "Dolores Park")
 
@@ -227,7 +228,8 @@ def make_sample(task: str, index: int, length: int, codec: Codec, *, seed: int =
                     break
     total = len(ctx) + len(q)
     if total < 0.98 * length:
-        raise ValueError(f"{task}: cannot size a prompt to within 2% of {length} tokens (best: {total}); try another --length")
+        raise ValueError(f"{task}: cannot size a prompt to within 2% of {length} tokens (best: {total}); "
+                         "try another --length")
     return Sample(
         task=task, index=index, length=length, context_ids=tuple(ctx), question_ids=tuple(q),
         references=tuple(parts.references), metric=spec.metric, max_new_tokens=mnt,
@@ -250,7 +252,8 @@ def _needle_sample(spec: TaskSpec, index: int, length: int, codec: Codec, depth:
     needle = codec.encode(NIAH_NEEDLE)
     room = length - len(start) - len(tail) - len(question) - len(needle)
     if room < 1:
-        raise ValueError(f"niah: the template and needle alone need more than {length} tokens; ask for a longer --length")
+        raise ValueError(f"niah: the template and needle alone need more than {length} tokens; "
+                         "ask for a longer --length")
     hay = codec.encode(data.niah_haystack()[: 8 * room + 1000])
     if len(hay) < room:
         hay = codec.encode(data.niah_haystack())
