@@ -18,7 +18,7 @@ def project_queries(
     """
     B, q, _ = hidden_states.shape
     head_dim = module.head_dim
-    query = module.q_proj(hidden_states).view(B, q, -1, head_dim).transpose(1, 2)
+    query = module.q_proj(hidden_states).view(B, q, -1, head_dim).transpose(1, 2)  # type: ignore[operator]  # a submodule
     q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3
     if q_norm is not None:
         query = q_norm(query)

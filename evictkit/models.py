@@ -6,20 +6,22 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
+# list[Any]: their layer_idx, head_dim, config and projections are attributes nn.Module's typing does not know
+def attention_modules(model: nn.Module) -> list[Any]:
     """The decoder attention modules evictkit can hook, ordered by layer index.
 
     A module qualifies when it has `layer_idx`, `head_dim` and q/k/v/o projections (the
     transformers layout of Llama, Mistral, Qwen2/3, Gemma 1-3 and most decoder-only models).
     """
     check_model(model)
-    found = [
+    found: list[Any] = [
         m
         for m in model.modules()
         if isinstance(getattr(m, "layer_idx", None), int)

@@ -46,7 +46,7 @@ class Observation:
         valid: torch.Tensor | None = None,
         phases: tuple[str, ...] = ("prefill", "decode"),
     ) -> None:
-        self.module = module
+        self.module: Any = module  # a transformers attention module: head_dim, o_proj, config are untyped attributes
         self.layer_idx = layer_idx
         self.n_layers = n_layers
         self.phase = phase

@@ -226,7 +226,8 @@ def aggregate_scores(
     if indicator == "attn_vnorm":
         return (a.view(B, Hkv, g, P) * vals.norm(dim=-1).unsqueeze(2)).view(B, Hq, P)
     if indicator == "reconstruction":
-        ag, grams = a.view(B, Hkv, g, P), gram.view(Hkv, g, *gram.shape[1:])
+        # gram is given with indicator="reconstruction"
+        ag, grams = a.view(B, Hkv, g, P), gram.view(Hkv, g, *gram.shape[1:])  # type: ignore[union-attr]
         if value_norms is not None:
             return reconstruction_scores_cached(ag, vals, grams, value_norms.to(a.dtype), eps).view(B, Hq, P)
         o = torch.matmul(ag, vals)  # [B, Hkv, g, d]
@@ -268,7 +269,9 @@ def restkv_scores(
 
     if indicator == "reconstruction" and metric_mode == "before":
         score = reconstruction_scores_per_query(
-            attn.reshape(B, Hkv, g, w, T), values.to(dt), gram.view(Hkv, g, *gram.shape[1:]), P, weights, eps
+            # gram is given with indicator="reconstruction"
+            attn.reshape(B, Hkv, g, w, T), values.to(dt),
+            gram.view(Hkv, g, *gram.shape[1:]), P, weights, eps,  # type: ignore[union-attr]
         ).reshape(B, Hq, P)
     else:
         score = aggregate_scores(aggregate(attn[..., :P], weights), values[:, :, :P], gram, indicator, eps)

@@ -7,7 +7,7 @@ through `LawContext.fail`, and keeps pristine copies of what the policy is shown
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -53,7 +53,7 @@ class Step:
 
     def kept(self) -> torch.Tensor:
         """[B, H_kv, T] bool: the slots this eviction kept."""
-        return kept_mask(self.idx, self.real, self.T)
+        return kept_mask(self.idx, self.real, self.T)  # type: ignore[arg-type]  # set when the step evicted
 
     def entries_after(self) -> int:
         """Real entries summed over heads after the step (the largest over the batch)."""
@@ -121,7 +121,7 @@ def _drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool) -> list
                     else torch.arange(K, device=sel.gather.device) >= (K - sel.counts)[..., None])
             step.idx, step.counts, step.real, step.gather = sel.idx, sel.counts, real, sel.gather
             step.valid_after = ragged.valid_mask(st.pad, K)
-            step.after = {"keys": keys, "values": values, "positions": st.positions,
+            step.after = {"keys": keys, "values": values, "positions": cast(torch.Tensor, st.positions),
                           **{f"state[{n}]": t for n, t in st.state.items()}}
         steps.append(step)
     return steps

@@ -22,6 +22,9 @@ from evictkit.specs.subject import LawContext, describe, min_valid_budget
 class _Recorder(Policy):
     """Delegates to `inner` and logs what the core asked and got (a test harness, not a policy)."""
 
+    inner: Policy
+    log: list[dict[str, Any]]
+
     def __init__(self, inner: Policy, log: list[dict[str, Any]]) -> None:
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "log", log)
@@ -99,7 +102,7 @@ def _check_log(
     policy: Policy, log: list[dict[str, Any]], case: ModelCase, ctx_for: Callable[[str], LawContext]
 ) -> None:
     sinks, window = policy.protected()
-    last_select: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (expected positions, real)
+    last_select: dict[int, torch.Tensor] = {}  # layer -> expected positions (-1 where not real)
     for i, e in enumerate(log):
         where = f"call {i} ({e['phase']}, layer {e['layer']}, {e['T']} slots)"
         pos = e["positions"]
@@ -147,7 +150,7 @@ def _check_sizes(policy: Policy, log: list[dict[str, Any]], run, case: ModelCase
         if e["op"] == "observe":
             after.setdefault(e["layer"], []).append((e["phase"], e["entries"]))
         else:
-            idx, counts, real = _parts(e["selection"])
+            idx, counts, real = _parts(e["selection"])  # type: ignore[misc]  # _check_log checked its shape
             after[e["layer"]][-1] = (e["phase"], int(real.sum((1, 2)).max()))
     H = case.kv_heads
     for s in run.stats.layers:
@@ -181,6 +184,7 @@ def compress_run(make: Callable[[], Policy], case: ModelCase, *, label: str | No
     def ctx_for(law: str) -> LawContext:
         return LawContext(f"{law} (through evictkit.compress)", label, case)
 
+    log: list[dict[str, Any]]
     model, ids, log = case.model(), case.ids(), []
     try:
         with evictkit.compress(model, recording(policy, log), budget=case.budget, slack=case.slack) as run:
@@ -274,7 +278,7 @@ def invalid_budgets(make: Callable[[], Policy], *, label: str | None = None) -> 
     too_small = sorted({1, lo // 2, lo - 1} & set(range(1, lo)))
     for bad in [*too_small, 0, -3, 1.5, 0.0, True, "8", None]:
         try:
-            evictkit.compress(model, make(), budget=bad)
+            evictkit.compress(model, make(), budget=bad)  # type: ignore[arg-type]  # invalid on purpose
         except ValueError:
             continue
         except Exception as exc:

@@ -86,7 +86,7 @@ def profile(name: str | None = None) -> Profile:
 @attrs.frozen
 class Law:
     name: str
-    doc: str
+    doc: str | None  # the check's docstring
     run: Callable[[Subject, Profile], None]
 
 

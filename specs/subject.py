@@ -129,7 +129,7 @@ def budget_ok(policy: Policy, budget: int, n_layers: int | None = None, length: 
     try:
         policy.check_budget(budget)
         for li in range(n_layers or 0):
-            policy.layer_budget(budget, li, n_layers, length)
+            policy.layer_budget(budget, li, n_layers, length)  # type: ignore[arg-type]  # not None in this loop
     except ValueError:
         return False
     except Exception:

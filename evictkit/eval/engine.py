@@ -21,7 +21,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -42,7 +42,7 @@ def cache_kwarg(model: nn.Module) -> str:
 def new_cache(model: nn.Module):
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module does not type .config
 
 
 def copy_cache(cache):
@@ -194,7 +194,7 @@ class ReconReference:
     query_positions: torch.Tensor  # [B, N]
 
 
-def _attend(module: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
+def _attend(module: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
             kpos: torch.Tensor) -> torch.Tensor:
     B, Hq, N, D = q.shape
     Hkv = keys.shape[1]
@@ -294,7 +294,7 @@ def _finish(model: nn.Module, comp: Compression, cache, sample, prompt: list[int
         res.nll = teacher_forced_nll(model, cache, len(prompt), logits, sample.continuation_ids, device)
     elif sample.metric == "recon":
         res.kept = kept_positions(comp)
-        res.recon = recon_errors(model, cache, res.kept, recon_ref)
+        res.recon = recon_errors(model, cache, res.kept, cast(ReconReference, recon_ref))  # set for "recon" samples
     else:
         def snapshot() -> None:
             res.kept = kept_positions(comp)

@@ -40,7 +40,7 @@ def aggregate(rows: Sequence[dict]) -> dict[tuple[str, object, str], dict]:
         groups[(r["policy"], r["budget"], r["task"])].append(r)
     out = {}
     for key, rs in groups.items():
-        agg = {"n": len(rs)}
+        agg: dict[str, float | None] = {"n": len(rs)}
         for c in _COLS[1:]:
             agg[c] = _mean(r.get(c) for r in rs)
         out[key] = agg
@@ -254,7 +254,8 @@ def write_plots(folder: Path, rows: Sequence[dict]) -> list[Path]:
                                    "(layer, head) caches keeping all evidence", "Evidence retention vs budget",
                                    ylim=(-0.03, 1.03)))
     made.append(_line_plot(folder / "cache_memory_vs_budget.png", rows,
-                           lambda rs: _mean(r.get("kv_bytes") for r in rs) / 2**20 if rs else None,
+                           # every row carries kv_bytes
+                           lambda rs: _mean(r.get("kv_bytes") for r in rs) / 2**20 if rs else None,  # type: ignore[operator]
                            "K/V cache after the prompt (MiB)", "Cache memory vs budget"))
     ppl = [r for r in rows if r["metric"] == "ppl"]
     if ppl:

@@ -48,7 +48,7 @@ class Parts:
 
 
 # RULER's synthetic.yaml, and tokens_to_generate from its constants.py.
-CONFIGS = {
+CONFIGS: dict[str, tuple[str, dict]] = {
     "niah_single_1": ("niah", dict(haystack="repeat", key="words", value="numbers", k=1, v=1, q=1)),
     "niah_single_2": ("niah", dict(haystack="essay", key="words", value="numbers", k=1, v=1, q=1)),
     "niah_single_3": ("niah", dict(haystack="essay", key="words", value="uuids", k=1, v=1, q=1)),
@@ -295,7 +295,7 @@ def qa_candidates(seed: str, index: int, a: dict) -> list[int]:
     head = list(dict.fromkeys(qa["evidence"] + qa["context"] + qa.get("more_context", [])))
     taken = set(head)
     rng = random.Random(seed + ":docs")
-    others = []
+    others: list[int] = []
     while len(others) < 2000 and len(taken) < len(docs):
         d = rng.randrange(len(docs))
         if d not in taken:

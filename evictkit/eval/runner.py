@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -102,7 +102,7 @@ def _row_key(task: str, index: int, variant_key: str) -> str:
 def _sample_plan(config: EvalConfig) -> list[tuple[str, int, int, float | None]]:
     """(task, index, length, depth) of every sample, in run order: sample 0 of every task, then
     sample 1, ..., so that a run stopped early still covers every task."""
-    per_task = []
+    per_task: list[list[tuple[str, int, int, float | None]]] = []
     for task in config.tasks:
         if TASKS[task].family == "needle":
             grid = [(L, d) for L in (config.niah_lengths or (config.length,)) for d in config.niah_depths]
@@ -299,10 +299,10 @@ def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfi
     row["evidence_all_kept"], row["evidence_token_frac"] = all_kept, frac
     if sample.metric == "ppl":
         row["nll"] = res.nll
-        row["score"] = engine.perplexity(res.nll)
+        row["score"] = engine.perplexity(cast(float, res.nll))  # set for "ppl" samples
         row["partial"] = None
     elif sample.metric == "recon":
-        row["recon_layers"] = [round(e, 6) for e in res.recon]
+        row["recon_layers"] = [round(e, 6) for e in cast("list[float]", res.recon)]  # set for "recon" samples
         row["score"] = sum(res.recon) / len(res.recon) if res.recon else None
         row["partial"] = None
     elif sample.task in longbench.TASKS:
