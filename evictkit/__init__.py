@@ -18,10 +18,10 @@ from typing import Any
 import attrs
 
 from evictkit.compress import Compression, compress
+from evictkit.contract import Needs, Policy, ScorePolicy, params_of
 from evictkit.models import load_model
 from evictkit.observation import Observation
-from evictkit.contract import Needs, Policy, ScorePolicy, params_of
-from evictkit.registry import PluginFailure, get_registry
+from evictkit.registry import PluginFailure, build_policy, get_registry
 from evictkit.specs.hookspecs import hookimpl
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
 
@@ -63,22 +63,7 @@ def policy(name: str, **params: Any) -> Policy:
     Unknown names (with the close ones suggested), unknown parameters and invalid values raise
     ValueError naming the parameter, the value given and what is valid.
     """
-    from evictkit.registry import param_error_message, unknown_policy_message
-
-    table = policies()
-    if not isinstance(name, str) or name not in table:
-        raise ValueError(unknown_policy_message(name, list(table)))
-    cls = table[name]
-    fields = params_of(cls)
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        valid = ", ".join(f"{f}={a.default!r}" for f, a in fields.items()) or "(none)"
-        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:
-        # attrs' validators raise tuples (message, Attribute, type, value): say it in words
-        raise ValueError(f"policy {name!r}: {param_error_message(fields, params, exc)}") from exc
+    return build_policy(name, **params)
 
 
 def describe(cls: type[Policy]) -> dict[str, Any]:
@@ -92,4 +77,31 @@ def describe(cls: type[Policy]) -> dict[str, Any]:
         "params": {f: repr(a.default) for f, a in params_of(cls).items()},
         "needs": attrs.asdict(needs) if needs is not None else None,
         "summary": cls.summary,
+        "chunked": cls.chunked,
     }
+
+
+def _deprecated_policy_module() -> None:
+    """`evictkit.policy` is the function above; the module of that name became evictkit.contract.
+    `from evictkit.policy import Policy` keeps working, with a DeprecationWarning, through an
+    alias in sys.modules (which does not replace the function, as a real submodule would)."""
+    import sys
+    import types
+    import warnings
+
+    from evictkit import contract
+
+    alias = types.ModuleType("evictkit.policy", "Deprecated alias of evictkit.contract: import from evictkit.")
+
+    def __getattr__(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        warnings.warn(f"evictkit.policy.{attr}: the module evictkit.policy is now evictkit.contract; "
+                      f"import {attr} from evictkit", DeprecationWarning, stacklevel=2)
+        return getattr(contract, attr)
+
+    alias.__getattr__ = __getattr__  # type: ignore[method-assign]
+    sys.modules.setdefault("evictkit.policy", alias)
+
+
+_deprecated_policy_module()

@@ -60,8 +60,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
         table.append((r["name"], r["package"], ",".join(r["phases"]) or "-", needs, params))
     widths = [max(len(row[i]) for row in table) for i in range(4)]  # the last column runs on
-    for row in table:
+    for row, r in zip(table, [None, *rows]):  # type: ignore[assignment]  # r is None for the header row
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        if r is not None and args.chunks:
+            print(f"{'':{widths[0]}}  per prefill chunk: {r['chunked']}")
     for f in failures:
         print(f"FAILED  {f}", file=sys.stderr)
     return 0
@@ -105,7 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = _chat_ids(tok, text)
     answer, stats = _generate(model, tok, ids, args.policy, args.budget, params, args.max_new_tokens)
     print(answer)
-    print(f"\n[{args.policy} budget={args.budget}] cache: prompt {ids.shape[1]} tokens; {stats.summary()}", file=sys.stderr)
+    print(f"\n[{args.policy} budget={args.budget}] cache: prompt {ids.shape[1]} tokens; {stats.summary()}",
+          file=sys.stderr)
     return 0
 
 
@@ -125,15 +128,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         answer, stats = _generate(model, tok, ids, policy, budget, {}, 16)
         print(f"{policy:>14} budget={budget:<5} -> {answer.strip()!r}")
         print(f"{'':>14} {stats.summary()}")
-    print("\nstreaming_llm keeps only the first tokens and the most recent ones, so the pass key in the middle is gone.")
+    print("\nstreaming_llm keeps only the first tokens and the most recent ones, "
+          "so the pass key in the middle is gone.")
     return 0
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     """Run lm-evaluation-harness's own command line with the "evictkit" backend registered."""
     try:
-        import evictkit.lm_eval  # noqa: F401  (registers --model evictkit with lm-eval's registry)
         from lm_eval.__main__ import cli_evaluate
+
+        import evictkit.lm_eval  # noqa: F401  (registers --model evictkit with lm-eval's registry)
     except ImportError as exc:
         raise ValueError(f"`evictkit lm-eval` needs lm-eval ({exc}): pip install 'evictkit[lm-eval]'") from None
     argv = sys.argv
@@ -260,20 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered policies (built-in and plugins) and plugin failures")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--chunks", action="store_true",
+                   help="also say what each policy does per prefill chunk (a forward of several tokens that "
+                   "continues a sequence: generate(prefill_chunk_size=N) or compress(..., prefill_chunk=N))")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("generate", help="generate text under an eviction policy and print the cache sizes")
-    p.add_argument("--model", default="smollm2", help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
+    p.add_argument("--model", default="smollm2",
+                   help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
     p.add_argument("--policy", default="streaming_llm", help="registered policy name (see `evictkit list`)")
     p.add_argument("--params", default="", help="policy parameters, e.g. 'sinks=4' or 'alpha=0.3,beta=2000'")
-    p.add_argument("--budget", type=_budget, default=128, help="entries per layer per KV head, or a fraction (default 128)")
+    p.add_argument("--budget", type=_budget, default=128,
+                   help="entries per layer per KV head, or a fraction (default 128)")
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="a short long-prompt generation with `full` and `streaming_llm`")
-    p.add_argument("--model", default="smollm2", help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
+    p.add_argument("--model", default="smollm2",
+                   help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
     p.add_argument("--budget", type=_budget, default=64)
     p.set_defaults(func=cmd_demo)
 
@@ -290,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from evictkit.eval import cli as eval_cli
     except ImportError:
-        eval_cli = None
+        eval_cli = None  # type: ignore[assignment]
     if eval_cli is not None:
         eval_cli.add_parser(sub)
     return parser

@@ -17,7 +17,7 @@ import inspect
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,8 +27,8 @@ from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import PHASES, Policy
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
-from evictkit.step import LayerState, StepConfig, evict_step
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
+from evictkit.step import LayerState, StepConfig, evict_step
 
 PHASE_CHOICES = ("prefill", "decode", "both")
 
@@ -72,9 +72,11 @@ class Compression:
         elif phase in PHASE_CHOICES:
             self.phases = PHASES if phase == "both" else (phase,)
         else:
-            raise ValueError(f"phase={phase!r}: must be one of {', '.join(PHASE_CHOICES)} (or None for the policy's own)")
+            raise ValueError(
+                f"phase={phase!r}: must be one of {', '.join(PHASE_CHOICES)} (or None for the policy's own)")
         if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
-            raise ValueError(f"slack={slack!r}: must be an int >= 0 (extra entries allowed before a decode-time eviction)")
+            raise ValueError(
+                f"slack={slack!r}: must be an int >= 0 (extra entries allowed before a decode-time eviction)")
         self.model = model
         self.policy = policy
         self.slack = slack
@@ -261,7 +263,7 @@ class Compression:
         if cache is None:
             from transformers import DynamicCache
 
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache(config=self.model.config)  # type: ignore[arg-type]  # nn.Module does not type .config
         if empty:
             self._known_prompt = n
             self.schedule(n)  # validate the budgets before anything is computed
@@ -288,7 +290,8 @@ class Compression:
             call.arguments["attention_mask"] = bound["attention_mask"][:, : seen + n]
         return call.args, call.kwargs
 
-    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    # module: Any, a transformers attention module: layer_idx, head_dim, o_proj are attributes nn.Module does not type
+    def _after_attention(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             return
@@ -298,7 +301,7 @@ class Compression:
             if li not in self.stats.skipped_layers:
                 self.stats.skipped_layers.append(li)
             return
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        hidden = cast(torch.Tensor, kwargs.get("hidden_states", args[0] if args else None))
         T, q = layer.keys.shape[2], hidden.shape[1]
         st = self._layers.get(li)
         if T == q or st is None:  # a new sequence
@@ -307,7 +310,8 @@ class Compression:
                     f"layer {li}: the cache already held {T - q} entries when evictkit.compress first saw it; "
                     "start the sequence (prefill) inside the `with` block"
                 )
-            st = self._layers[li] = LayerState(budget=self.schedule(self._known_prompt or T)[self.modules.index(module)])
+            st = self._layers[li] = LayerState(
+                budget=self.schedule(self._known_prompt or T)[self.modules.index(module)])
             self._prompt_known = self._known_prompt is not None
             self._decoded = False
             stats = self._layer_stats(li)
@@ -348,7 +352,8 @@ class Compression:
         else:
             self._decoded = True
 
-    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    # module: Any, as in _after_attention
+    def _before_attention(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size: per-head padding hidden on ragged layers,
         and the right length where layers differ in length (the model sizes one mask for all)."""
         st = self._layers.get(module.layer_idx)
@@ -398,9 +403,9 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         prefill too, without this option.
     """
     if isinstance(policy, str):
-        from evictkit import policy as make_policy
+        from evictkit.registry import build_policy
 
-        policy = make_policy(policy, **params)
+        policy = cast(Policy, build_policy(policy, **params))
     elif params:
         raise ValueError(f"parameters {sorted(params)} can only be given with a policy name, not an instance")
     return Compression(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk)

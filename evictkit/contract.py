@@ -72,6 +72,9 @@ class Policy:
     #: False when select() may keep fewer than min(T, budget) entries (never more), e.g.
     #: LaCache, whose ladder frees whole blocks; the budget stays a hard cap either way
     exact_budget: ClassVar[bool] = True
+    #: what the policy does after a prefill chunk (a forward that continues the sequence with
+    #: several tokens), shown by `evictkit list`; every prefill policy evicts back to its budget
+    chunked: ClassVar[str] = "evicts back to its budget after each chunk, scoring with what the chunk shows it"
     #: whether evictkit.eval may replay this policy on a cache filled by one shared full-attention
     #: prefill (False for a policy whose observe() must see every forward as it happens)
     shared_prefill: ClassVar[bool] = True

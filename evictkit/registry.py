@@ -19,6 +19,7 @@ import re
 import threading
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import pluggy

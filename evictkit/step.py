@@ -94,8 +94,8 @@ class Guard:
             return Selection(idx, gather, counts, pad)
         if not policy.exact_budget and isinstance(sel, torch.Tensor) and sel.dim() == 3:
             want = min(max(sel.shape[-1], 1), want)  # LaCache frees whole ladder blocks: fewer, never more
-        check_indices(sel, B, H, T, want, policy.name)  # raises unless an int tensor [B, H, want]
         idx = cast(torch.Tensor, sel)
+        check_indices(idx, B, H, T, want, policy.name)  # raises unless an int tensor [B, H, want]
         return Selection(idx, idx.long())
 
     def before_observe(self, obs: Observation) -> None:
@@ -231,7 +231,9 @@ def observe(
     return obs
 
 
-def choose(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard = CORE_GUARD) -> tuple[int, Selection | None]:
+def choose(
+    cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard = CORE_GUARD
+) -> tuple[int, Selection | None]:
     """Steps 4-5: (limit, checked selection) when the layer holds more real entries than
     H_kv x limit (limit = budget, plus slack while decoding); (limit, None) otherwise."""
     B, Hkv, T, _ = obs.keys.shape
@@ -250,12 +252,13 @@ def choose(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard = COR
 def compact(cfg: StepConfig, st: LayerState, obs: Observation, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 6: K, V, positions and every side tensor gathered with one selection; returns K, V."""
     names = list(st.state)
-    out = compact_many([obs.keys, obs.values, st.positions, *st.state.values()], sel.gather)
+    out = compact_many([obs.keys, obs.values, cast(torch.Tensor, st.positions), *st.state.values()], sel.gather)
     keys, values, st.positions = out[0], out[1], out[2]
     st.state = dict(zip(names, out[3:]))
     st.pad = sel.pad
     if sel.pad is not None:
-        st.positions = st.positions.masked_fill(~ragged.valid_mask(sel.pad, sel.gather.shape[-1]), -1)
+        st.positions = st.positions.masked_fill(
+            ~ragged.valid_mask(sel.pad, sel.gather.shape[-1]), -1)  # type: ignore[operator]  # not None: pad is set
     if cfg.inv_freq is not None:
         keys = shift_to_slots(keys, sel.gather, cfg.inv_freq)
     return keys, values

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evictkit.selection import pool1d
+from evictkit.helpers import pool1d
 
 SPATIALS = ("none", "avg", "max", "adaptive")
 #: elements per temporary of `_count_and_position_sum` on CPU (about 1 MiB; as the indicator's
@@ -115,7 +115,9 @@ def aws_drift_bounds(attn: torch.Tensor, k: int, stride: int = DRIFT_STRIDE) -> 
     return (front_lo - rear_hi) / n, (front_hi - rear_lo) / n
 
 
-def aws_kernel(t: torch.Tensor, beta: float, k_min: int, *, reference_edge: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def aws_kernel(
+    t: torch.Tensor, beta: float, k_min: int, *, reference_edge: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head kernel and shift from the drift t: k = max(k_min, 2 floor(|t|/beta) + 1),
     shift = t/beta truncated toward zero. Both int64, shaped like t.
 

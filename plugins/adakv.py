@@ -55,11 +55,9 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
+from evictkit.helpers import a_bool, int_at_least
 from evictkit.plugins.pyramidkv import pyramid_budgets
-from evictkit.plugins.snapkv import a_bool, int_at_least
-from evictkit.contract import Needs, ScorePolicy
-from evictkit.specs.hookspecs import hookimpl
 
 
 def allocate_head_budgets(
@@ -135,6 +133,10 @@ class AdaKV(ScorePolicy):
     name: ClassVar[str] = "adakv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "SnapKV scores with per-head budgets from a global top-k (prefill, ragged heads)"
+    chunked: ClassVar[str] = (
+        "scores the cache with the chunk's last `window` queries (the rolling window when a chunk is shorter) and "
+        "re-allocates the layer's budget across heads after each chunk; the reference defines one-shot prefill only"
+    )
 
     scorer: str = attrs.field(default="snapkv")
     alpha: float = attrs.field(default=0.2, validator=_check_alpha)
@@ -180,7 +182,9 @@ class AdaKV(ScorePolicy):
         sinks, window = self.protected()
         return pyramid_budgets(budget, sinks + window, n_layers, length, self.pyram_beta)[layer_idx]
 
-    def select(self, obs: Observation, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(  # type: ignore[override]  # a plain (idx, counts) tuple, not contract.RaggedSelection
+        self, obs: Observation, budget: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ragged selection: (idx [B, H_kv, K] right-aligned per head, counts [B, H_kv])."""
         scores = self.score(obs).float()
         B, H, T = scores.shape

@@ -7,9 +7,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from evictkit.contract import Policy
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Observation, Policy, hookimpl
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -19,6 +17,7 @@ class Full(Policy):
     name: ClassVar[str] = "full"
     phases: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = "no eviction (reference)"
+    chunked: ClassVar[str] = "keeps every entry"
 
     def check_budget(self, budget: int) -> None:
         return None

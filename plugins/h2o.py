@@ -39,11 +39,8 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.attention import attention_column_sums
-from evictkit.observation import Observation
-from evictkit.contract import Needs, ScorePolicy
-from evictkit.selection import reduce_gqa, select_topk
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
+from evictkit.helpers import attention_column_sums, reduce_gqa, select_topk
 
 STATE = "h2o"
 
@@ -85,6 +82,10 @@ class H2O(ScorePolicy):
     name: ClassVar[str] = "h2o"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "accumulated attention (heavy hitters) + recent window, every step"
+    chunked: ClassVar[str] = (
+        "adds each chunk's queries' attention to the running scores and evicts to the budget, "
+        "as the reference does token by token"
+    )
 
     recent: int | None = attrs.field(default=None, validator=_recent_valid)
 

@@ -30,12 +30,9 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.attention import attention_column_sums
-from evictkit.observation import Observation
-from evictkit.plugins.snapkv import int_at_least, one_of
-from evictkit.contract import Needs, ScorePolicy
-from evictkit.selection import GQA_REDUCTIONS, reduce_gqa
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
+from evictkit.helpers import GQA_REDUCTIONS, attention_column_sums, int_at_least, one_of, reduce_gqa
+
 
 @attrs.define(frozen=True, kw_only=True)
 class H2OPrefill(ScorePolicy):
@@ -47,6 +44,10 @@ class H2OPrefill(ScorePolicy):
     name: ClassVar[str] = "h2o_prefill"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "H2O-prefill (KVCache-Factory variant): all-query attention sums, one shot"
+    chunked: ClassVar[str] = (
+        "column sums of the chunk's own queries (entries kept from earlier chunks were chosen by theirs); "
+        "the reference defines one-shot prefill only"
+    )
 
     window: int = attrs.field(default=32, validator=int_at_least(1))
     gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))
@@ -59,7 +60,8 @@ class H2OPrefill(ScorePolicy):
 
     def score(self, obs: Observation) -> torch.Tensor:
         if obs.phase == "prefill":
-            sums = attention_column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap)
+            sums = attention_column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling,
+                                         obs.softcap)
         else:
             sums = obs.window_attention.sum(dim=2)
         return reduce_gqa(sums, obs.n_kv_heads, self.gqa)

@@ -57,24 +57,14 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from evictkit.contract import Policy
-from evictkit.positions import POSITION_MODES
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Observation, Policy, hookimpl
+from evictkit.helpers import POSITION_MODES, int_at_least
 
 SCRATCH = "lacache"
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _int_valid(low: int):
-    def check(instance: object, attribute: attrs.Attribute, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{attribute.name}={value!r}: must be an int >= {low}")
-
-    return check
 
 
 @attrs.frozen
@@ -216,11 +206,14 @@ class LaCache(Policy):
     name: ClassVar[str] = "lacache"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "ladder-shaped cache across layers, iterative compaction (positional)"
+    chunked: ClassVar[str] = (
+        "its iterative ladder compaction after each chunk, as the reference's streaming loop does"
+    )
     exact_budget: ClassVar[bool] = False
 
-    span: int = attrs.field(default=16, validator=_int_valid(1))
-    overlap: int = attrs.field(default=0, validator=_int_valid(0))
-    sinks: int = attrs.field(default=4, validator=_int_valid(0))
+    span: int = attrs.field(default=16, validator=int_at_least(1))
+    overlap: int = attrs.field(default=0, validator=int_at_least(0))
+    sinks: int = attrs.field(default=4, validator=int_at_least(0))
     positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))
 
     def __attrs_post_init__(self) -> None:

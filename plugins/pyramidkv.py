@@ -35,8 +35,8 @@ from typing import ClassVar
 
 import attrs
 
+from evictkit import hookimpl
 from evictkit.plugins.snapkv import SnapKV, int_at_least
-from evictkit.specs.hookspecs import hookimpl
 
 
 def pyramid_budgets(budget: int, window: int, n_layers: int, length: int, beta: int = 20) -> list[int]:
@@ -77,6 +77,10 @@ class PyramidKV(SnapKV):
     name: ClassVar[str] = "pyramidkv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "SnapKV with per-layer budgets falling with depth (prefill)"
+    chunked: ClassVar[str] = (
+        "as SnapKV per chunk; the per-layer schedule uses the whole prompt's length with compress(prefill_chunk=N), "
+        "the first chunk's with generate(prefill_chunk_size=N)"
+    )
 
     beta: int = attrs.field(default=20, validator=int_at_least(1))
 

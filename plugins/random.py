@@ -7,9 +7,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from evictkit.contract import ScorePolicy
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Observation, ScorePolicy, hookimpl
 
 
 def _an_int(_inst: object, attr: attrs.Attribute, value: object) -> None:
@@ -28,6 +26,7 @@ class Random(ScorePolicy):
     name: ClassVar[str] = "random"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "seeded random subset (floor)"
+    chunked: ClassVar[str] = "a fresh seeded draw over the cache after each chunk"
 
     seed: int = attrs.field(default=0, validator=_an_int)
 

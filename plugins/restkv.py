@@ -69,15 +69,22 @@ query. The exact single-token identity holds for the latter (tests/test_restkv.p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from collections.abc import Mapping
-
-from evictkit.attention import attention_weights
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
+from evictkit.helpers import (
+    GQA_REDUCTIONS,
+    attention_weights,
+    int_at_least,
+    odd_kernel,
+    one_of,
+    reduce_gqa,
+    select_topk,
+)
 from evictkit.plugins._restkv_math import (
     INDICATORS,
     METRIC_MODES,
@@ -91,10 +98,6 @@ from evictkit.plugins._restkv_math import (
     temporal_weights,
     value_gram_norms,
 )
-from evictkit.plugins.snapkv import int_at_least, odd_kernel, one_of
-from evictkit.contract import Needs, ScorePolicy
-from evictkit.selection import GQA_REDUCTIONS, reduce_gqa, select_topk
-from evictkit.specs.hookspecs import hookimpl
 
 
 def _alpha(inst, attr, value):
@@ -125,6 +128,10 @@ class RestKV(ScorePolicy):
     name: ClassVar[str] = "restkv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "output-reconstruction score + EMA + adaptive smoothing (ReST-KV)"
+    chunked: ClassVar[str] = (
+        "output-reconstruction scores with EMA and adaptive smoothing over the chunk's last `window` queries "
+        "(the rolling window when a chunk is shorter); the paper defines one-shot prefill only"
+    )
 
     window: int = attrs.field(default=32, validator=int_at_least(1))
     alpha: float = attrs.field(default=0.3, validator=_alpha)
@@ -192,7 +199,8 @@ class RestKV(ScorePolicy):
                 for t in range(rows.shape[2]):
                     n += 1
                     if self.temporal == "ema":
-                        a = a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1 else rows[:, :, t]
+                        a = (a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1
+                             else rows[:, :, t])
                     elif self.temporal == "mean":
                         a = a + (rows[:, :, t] - a) / n
                     else:  # "none": the newest query only

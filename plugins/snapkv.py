@@ -36,44 +36,13 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from evictkit.contract import Needs, ScorePolicy
-from evictkit.selection import GQA_REDUCTIONS, POOLS, pool1d, reduce_gqa
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
+from evictkit.helpers import GQA_REDUCTIONS, POOLS, a_bool, int_at_least, odd_kernel, one_of, pool1d, reduce_gqa
+
+__all__ = ["SnapKV", "a_bool", "int_at_least", "odd_kernel", "one_of", "window_scores"]  # validators re-exported
 
 
 # --- validators shared by the built-in policies (pyramidkv, adakv, h2o_prefill, tova, restkv) --
-def int_at_least(lo: int):
-    """attrs validator: an int (not bool) >= lo, else ValueError naming the parameter."""
-
-    def check(_inst: object, attr: attrs.Attribute, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{attr.name}={value!r}: must be an int >= {lo}")
-
-    return check
-
-
-def a_bool(_inst: object, attr: attrs.Attribute, value: object) -> None:
-    """attrs validator: True or False only (not 0/1 or a string)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{attr.name}={value!r}: must be True or False")
-
-
-def odd_kernel(_inst: object, attr: attrs.Attribute, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(
-            f"{attr.name}={value!r}: must be a positive odd int (an even kernel shifts the pooled scores by one key)"
-        )
-
-
-def one_of(choices: tuple[str, ...]):
-    def check(_inst: object, attr: attrs.Attribute, value: object) -> None:
-        if value not in choices:
-            raise ValueError(f"{attr.name}={value!r}: must be one of {', '.join(map(repr, choices))}")
-
-    return check
-
-
 def window_scores(obs: Observation, window: int, kernel: int, pool: str, gqa: str) -> torch.Tensor:
     """SnapKV scores [B, H_kv, T] (fp32): window-attention column sums, GQA-reduced, prefix pooled.
 
@@ -102,6 +71,10 @@ class SnapKV(ScorePolicy):
     name: ClassVar[str] = "snapkv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "observation-window attention, pooled (prefill)"
+    chunked: ClassVar[str] = (
+        "scores the cache with the chunk's last `window` queries (the rolling window when a chunk is shorter); "
+        "the reference defines one-shot prefill only"
+    )
 
     window: int = attrs.field(default=32, validator=int_at_least(1))
     kernel: int = attrs.field(default=7, validator=odd_kernel)

@@ -30,11 +30,8 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from evictkit.contract import Policy
-from evictkit.plugins.snapkv import int_at_least
-from evictkit.positions import POSITION_MODES
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Observation, Policy, hookimpl
+from evictkit.helpers import POSITION_MODES, int_at_least
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -44,6 +41,7 @@ class StreamingLLM(Policy):
     name: ClassVar[str] = "streaming_llm"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "attention sinks + recent window (positional)"
+    chunked: ClassVar[str] = "sinks + the newest entries after each chunk: the same kept set as one shot"
 
     sinks: int = attrs.field(default=4, validator=int_at_least(0))  # refuses True/False too
     positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))

@@ -29,11 +29,8 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit.observation import Observation
-from evictkit.plugins.snapkv import a_bool
-from evictkit.contract import Needs, ScorePolicy
-from evictkit.selection import reduce_gqa
-from evictkit.specs.hookspecs import hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
+from evictkit.helpers import a_bool, reduce_gqa
 
 
 def last_query_scores(attention: torch.Tensor, n_kv_heads: int, head_wise: bool) -> torch.Tensor:
@@ -55,6 +52,7 @@ class TOVA(ScorePolicy):
     name: ClassVar[str] = "tova"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "last query's attention, averaged over heads, every step"
+    chunked: ClassVar[str] = "the chunk's last query's attention, as at every decode step"
     may_evict_newest: ClassVar[bool] = True
 
     head_wise: bool = attrs.field(default=False, validator=a_bool)

@@ -31,8 +31,12 @@ class SyntheticData:
 
 @attrs.frozen
 class Case:
-    """One layer driven through a prefill of `prompt` tokens and then decode chunks of `decode`
-    tokens each, with `budget` entries per KV head (before the policy's per-layer schedule)."""
+    """One layer driven through a prefill of `prompt` tokens and then continuations of `decode`
+    tokens each, with `budget` entries per KV head (before the policy's per-layer schedule).
+
+    `chunk` > 0 feeds the prompt in forwards of `chunk` tokens (chunked prefill, as
+    `evictkit.compress(..., prefill_chunk=chunk)` does); a continuation of one token is a decode
+    step, one of several tokens a prefill chunk."""
 
     batch: int
     kv_heads: int
@@ -47,6 +51,7 @@ class Case:
     n_layers: int
     style: str
     seed: int
+    chunk: int = 0
 
     @property
     def heads(self) -> int:
@@ -58,7 +63,10 @@ class Case:
 
     @property
     def chunks(self) -> tuple[int, ...]:
-        return (self.prompt, *self.decode)
+        """Tokens per forward: the prompt (in `chunk`-token pieces when chunked), then `decode`."""
+        c = self.chunk if 0 < self.chunk < self.prompt else self.prompt
+        pieces = [c] * (self.prompt // c) + ([self.prompt % c] if self.prompt % c else [])
+        return (*pieces, *self.decode)
 
     @property
     def finite(self) -> bool:

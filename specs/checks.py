@@ -110,13 +110,15 @@ def compare_runs(first: list[Step], second: list[Step]) -> str | None:
     for s1, s2 in zip(first, second):
         if (s1.idx is None) != (s2.idx is None):
             return f"{s1.where}: one run evicted and the other did not"
-        if s1.idx is not None and not torch.equal(s1.idx.long(), s2.idx.long()):
-            bad = s1.idx.long() != s2.idx.long() if s1.idx.shape == s2.idx.shape else torch.ones(1, 1, 1, dtype=torch.bool)
+        # s2's idx, counts are not None where s1's are not (checked just before)
+        if s1.idx is not None and not torch.equal(s1.idx.long(), s2.idx.long()):  # type: ignore[union-attr]
+            bad = (s1.idx.long() != s2.idx.long() if s1.idx.shape == s2.idx.shape  # type: ignore[union-attr]
+                   else torch.ones(1, 1, 1, dtype=torch.bool))
             b, h = _first_bad_row(bad)
             return (f"{s1.where}: kept indices differ (batch {b}, head {h}): "
-                    f"{_row(s1.idx[b, h])} vs {_row(s2.idx[b, h])}")
+                    f"{_row(s1.idx[b, h])} vs {_row(s2.idx[b, h])}")  # type: ignore[index]
         if (s1.counts is None) != (s2.counts is None) or (
-                s1.counts is not None and not torch.equal(s1.counts, s2.counts)):
+                s1.counts is not None and not torch.equal(s1.counts, s2.counts)):  # type: ignore[arg-type]
             return f"{s1.where}: the per-head counts differ"
         for name in s1.after:
             if name not in s2.after or not _bit_equal(s1.after[name], s2.after[name]):
@@ -141,9 +143,12 @@ def budget(policy: Policy, case: Case, *, label: str | None = None) -> None:
     for s in drive(policy, case, ctx) or ():
         H = s.before["keys"].shape[1]
         if s.idx is not None:
-            problem = budget_problem(s.idx, s.counts, s.real, s.T, s.budget, policy.exact_budget)
+            problem = budget_problem(s.idx, s.counts, s.real, s.T, s.budget, policy.exact_budget)  # type: ignore[arg-type]
             if problem:
                 raise ctx.fail(f"{s.where}: {problem}")
+        if s.phase == "prefill" and "prefill" in policy.phases and s.entries_after() > H * s.budget:
+            raise ctx.fail(f"{s.where}: {s.entries_after()} entries in the layer's {H} heads after a prefill "
+                           f"{'chunk' if s.index else 'forward'}, above H_kv x budget = {H * s.budget}")
         if s.phase == "decode" and "decode" in policy.phases and s.entries_after() > H * (s.budget + case.slack):
             raise ctx.fail(f"{s.where}: {s.entries_after()} entries in the layer's {H} heads after a decode step, "
                            f"above H_kv x (budget + slack) = {H * (s.budget + case.slack)}")
@@ -151,7 +156,7 @@ def budget(policy: Policy, case: Case, *, label: str | None = None) -> None:
 
 def _reference_after(s: Step) -> dict[str, torch.Tensor]:
     """What compaction must produce: a plain gather of every tensor, padding positions -1."""
-    out = {name: _gather(t, s.gather) for name, t in s.before.items()}
+    out = {name: _gather(t, s.gather) for name, t in s.before.items()}  # type: ignore[arg-type]  # set with idx
     if s.valid_after is not None:
         out["positions"] = out["positions"].masked_fill(~s.valid_after, -1)
     return out
@@ -162,7 +167,7 @@ def order(policy: Policy, case: Case, *, label: str | None = None) -> None:
     side tensor compacted with the same indices."""
     ctx = LawContext("order", label or describe(policy), case)
     for s in drive(policy, case, ctx) or ():
-        problem = order_problem(s.idx, s.real) if s.idx is not None else None
+        problem = order_problem(s.idx, s.real) if s.idx is not None else None  # type: ignore[arg-type]  # real: with idx
         if problem:
             raise ctx.fail(f"{s.where}: {problem}")
         pos = s.after["positions"]
@@ -192,7 +197,7 @@ def protection(policy: Policy, case: Case, *, label: str | None = None) -> None:
         if s.idx is None:
             continue
         newest = s.phase == "decode" and not policy.may_evict_newest
-        problem = protection_problem(s.idx, s.real, s.before["positions"], sinks, window, newest)
+        problem = protection_problem(s.idx, s.real, s.before["positions"], sinks, window, newest)  # type: ignore[arg-type]
         if problem:
             raise ctx.fail(f"{s.where}: {problem}")
 

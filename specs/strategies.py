@@ -72,6 +72,7 @@ def cases(draw, *, lo: int = 1, limits: Limits = Limits(), noop: bool = False, s
         n_layers=n_layers,
         style=draw(st.sampled_from(styles)),
         seed=draw(st.integers(0, 2**16)),
+        chunk=draw(st.integers(0, prompt)),  # 0 (and >= prompt): one forward
     )
 
 
@@ -118,13 +119,21 @@ def _fewest_layers(policy: Policy, budget: int, length: int, most: int = 64) -> 
     return next((n for n in range(1, most + 1) if budget_ok(policy, budget, n, length)), None)
 
 
+#: decode steps of the long-decode edge case, run in every profile
+LONG_DECODE = 64
+
+
 def edge_cases(policy: Policy, lo: int, *, noop: bool = False) -> list[Case]:
     """Hand-picked boundary cases run before the random ones: the smallest accepted budget, a
     prompt one entry over it, several decode steps, and exact ties in GQA with reduced precision."""
     out = []
-    for prompt, decode, shape, style in (
-        (lo + 1, (1, 1, 1), (1, 1, 1, "float32"), "normal"),
-        (lo + 3, (2, 1), (2, 2, 2, "bfloat16"), "ties"),
+    for prompt, decode, shape, style, chunk in (
+        (lo + 1, (1, 1, 1), (1, 1, 1, "float32"), "normal", 0),
+        (lo + 3, (2, 1), (2, 2, 2, "bfloat16"), "ties", 0),
+        # a long decode: a cache that creeps past its budget after a few evictions is caught
+        (lo + 2, (1,) * LONG_DECODE, (1, 1, 1, "float32"), "normal", 0),
+        # a prompt in chunks of 2: the budget holds at every chunk boundary
+        (lo + 5, (1,), (1, 2, 1, "float32"), "normal", 2),
     ):
         total = prompt + sum(decode)
         budget = max(lo, total) if noop else lo
@@ -134,7 +143,7 @@ def edge_cases(policy: Policy, lo: int, *, noop: bool = False) -> list[Case]:
         batch, kv_heads, group, dtype = shape
         out.append(Case(batch=batch, kv_heads=kv_heads, group=group, head_dim=8, dtype=dtype, prompt=prompt,
                         decode=decode, budget=budget, slack=0, layer=n_layers - 1, n_layers=n_layers, style=style,
-                        seed=0))
+                        seed=0, chunk=chunk))
     return out
 
 

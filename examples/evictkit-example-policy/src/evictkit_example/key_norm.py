@@ -24,8 +24,7 @@ import attrs
 import torch
 
 import evictkit
-
-_count = [attrs.validators.instance_of(int), attrs.validators.ge(0)]
+from evictkit.helpers import int_at_least
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -36,8 +35,8 @@ class KeyNorm(evictkit.ScorePolicy):
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "keys with the smallest L2 norm (KnormPress)"
 
-    sinks: int = attrs.field(default=0, validator=_count)
-    window: int = attrs.field(default=0, validator=_count)
+    sinks: int = attrs.field(default=0, validator=int_at_least(0))
+    window: int = attrs.field(default=0, validator=int_at_least(0))
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, self.window)

@@ -1,0 +1,34 @@
+"""What a policy may use beyond `evictkit`'s top level: selection, attention and validation helpers.
+
+Built-in policies import only from `evictkit` and this module, as a third-party policy does.
+
+- selection: `select_topk` (scores -> sorted kept indices, protected slots forced in, ties to the
+  newer slot), `reduce_gqa`, `pool1d`, `RaggedSelection` (per-head counts);
+- attention: `attention_weights` (softmax of queries over cached keys, causal by true position),
+  `attention_column_sums` (chunked column sums of a whole forward's attention), `project_queries`;
+- validators: `int_at_least`, `one_of`, `odd_kernel`, `a_bool` (attrs validators with messages that
+  name the parameter, the value and the valid range).
+"""
+
+from evictkit.attention import attention_column_sums, attention_weights, project_queries
+from evictkit.contract import RaggedSelection
+from evictkit.positions import POSITION_MODES
+from evictkit.selection import GQA_REDUCTIONS, POOLS, pool1d, reduce_gqa, select_topk
+from evictkit.validators import a_bool, int_at_least, odd_kernel, one_of
+
+__all__ = [
+    "GQA_REDUCTIONS",
+    "POOLS",
+    "POSITION_MODES",
+    "RaggedSelection",
+    "a_bool",
+    "attention_column_sums",
+    "attention_weights",
+    "int_at_least",
+    "odd_kernel",
+    "one_of",
+    "pool1d",
+    "project_queries",
+    "reduce_gqa",
+    "select_topk",
+]
