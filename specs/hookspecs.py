@@ -15,9 +15,12 @@ with functions marked `@evictkit.hookimpl`::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    from evictkit.stats import EvictEvent
 
 PROJECT = "evictkit"
 
@@ -31,7 +34,7 @@ def evictkit_register_policies(register: Callable[[type], None]) -> None:
 
 
 @hookspec
-def evictkit_after_evict(event: Any) -> None:
+def evictkit_after_evict(event: EvictEvent) -> None:
     """Observe one eviction (an `evictkit.EvictEvent`): layer, phase, sizes before and after.
 
     Called after the cache layer has been rewritten. Observers must not modify the cache.
