@@ -17,8 +17,9 @@ from layer 0, and eager attention adds it without slicing).
 
 A policy asks for this layout by returning `(idx, counts)` from `select()`: `idx` [B, H_kv, K]
 int64 with head h's kept slots, strictly increasing, in its last `counts[b, h]` columns
-(right-aligned), `counts` [B, H_kv] int, and K = counts.max(); the columns before are padding and
-their values are ignored. Each batch row must keep `H_kv * min(T, budget)` entries in total.
+(right-aligned), `counts` [B, H_kv] int64 (int32 is refused: convert with `.long()`), and
+K = counts.max(); the columns before are padding and their values are ignored. Each batch row
+must keep `H_kv * min(T, budget)` entries in total.
 The memory saved is that of the longest head, not of the average one.
 """
 
@@ -59,10 +60,11 @@ def check_ragged(
 
     keep: entries per head on average, min(T, budget); every batch row must keep H * keep.
     """
-    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"policy {policy!r}: select() must return integer tensors, got {type(idx).__name__}")
-    if not isinstance(counts, torch.Tensor) or counts.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"policy {policy!r}: select() counts must be an integer tensor")
+    for what, t in (("idx", idx), ("counts", counts)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"policy {policy!r}: a ragged select() must return int64 {what}, got {got}; "
+                            "convert with `.long()`")
     if idx.dim() != 3 or tuple(idx.shape[:2]) != (B, H) or tuple(counts.shape) != (B, H):
         raise ValueError(
             f"policy {policy!r}: a ragged select() must return idx [B, H_kv, K] and counts [B, H_kv] = {(B, H)}, "
@@ -110,8 +112,12 @@ def attention_mask(
     attn_impl: str | None,
     dtype: torch.dtype,
     device: torch.device,
+    new_pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mask for `q` new tokens over a compacted layer of `past` cached slots.
+
+    new_pad: [B] padding tokens among the q new ones (a left-padded batch's first forwards): no
+    query sees them, except each padding query itself, which keeps its (unused) output finite.
 
     Every cached entry is older than the new tokens, so they see all of them (except each head's
     padding when `pad` [B, H_kv] is given) and, causally, each other. Shape [B, H_q, q, past + q]
@@ -121,10 +127,16 @@ def attention_mask(
     cols = torch.arange(past + q, device=device)
     rows = torch.arange(q, device=device)
     causal = (cols[None, :] < past) | (cols[None, :] - past <= rows[:, None])  # [q, S]
+    if new_pad is not None:
+        new = cols - past  # >= 0 on the new tokens' columns
+        hidden = (new >= 0) & (new < new_pad.to(device)[:, None])  # [B, S]
+        own = new[None, :] == rows[:, None]  # [q, S], the diagonal of the new block
+        causal = causal & ~(hidden[:, None, :] & ~own[None])  # [B, q, S]
     if pad is None:
-        visible = causal.expand(batch, 1, q, past + q)
+        visible = causal.expand(batch, 1, q, past + q) if causal.dim() == 2 else causal[:, None]
     else:
-        visible = (cols >= pad.to(device)[..., None])[:, :, None, :] & causal  # [B, H_kv, q, S]
+        per_row = causal if causal.dim() == 2 else causal[:, None]  # [q, S] or [B, 1, q, S]
+        visible = (cols >= pad.to(device)[..., None])[:, :, None, :] & per_row  # [B, H_kv, q, S]
         visible = visible.repeat_interleave(n_heads // pad.shape[1], dim=1)
     additive = like.dtype != torch.bool if isinstance(like, torch.Tensor) else attn_impl == "eager"
     if not additive:

@@ -51,7 +51,11 @@ def select_topk(
 ) -> torch.Tensor:
     """Keep the top-`k` of `scores` [B, H, T] plus the protected slots; returns sorted [B, H, min(k, T)].
 
-    Ties are broken toward the more recent slot. NaN scores raise ValueError.
+    Ties are broken toward the more recent slot. NaN scores raise ValueError. Scores are compared
+    in fp32 (`scores.float()`; an fp64 score is rounded to fp32), so the result does not depend on
+    the dtype of the cache. The cast cannot undo a lower precision: bf16/fp16 scores have already
+    rounded distinct values to ties, which flips the top-k, so `ScorePolicy.score` returns fp32
+    (compute with `.float()`). Returns int64 indices, as `select()` must.
     """
     B, H, T = scores.shape
     if k >= T:
@@ -70,10 +74,16 @@ def select_topk(
     return (T - 1 - order).sort(dim=-1).values
 
 
+def _kind(x: object) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def check_indices(idx: torch.Tensor, B: int, H: int, T: int, k: int, policy: str) -> None:
-    """Validate a policy's selection before it touches the cache."""
-    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"policy {policy!r}: select() must return an integer tensor, got {type(idx).__name__}")
+    """Validate a policy's selection before it touches the cache: int64 only (an int32 selection is
+    refused rather than cast, so that the docs, the core and the conformance kit state one rule)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
+        raise TypeError(f"policy {policy!r}: select() must return an int64 tensor [B, H_kv, K], got "
+                        f"{_kind(idx)}; convert with `.long()`")
     if tuple(idx.shape) != (B, H, k):
         raise ValueError(f"policy {policy!r}: select() returned shape {tuple(idx.shape)}, expected {(B, H, k)}")
     if k == 0:

@@ -52,6 +52,9 @@ class Case:
     style: str
     seed: int
     chunk: int = 0
+    #: seeds of each batch row's content: row b holds what a batch-1 case with seed rows[b] holds
+    #: (the batch-rows law copies a row, or changes one); () draws the whole batch from `seed`
+    rows: tuple[int, ...] = ()
 
     @property
     def heads(self) -> int:
@@ -78,6 +81,12 @@ class Case:
 
     def data(self) -> SyntheticData:
         """Keys, values and hidden states for every token of the sequence, in `dtype`."""
+        if self.rows:
+            if len(self.rows) != self.batch:
+                raise ValueError(f"rows={self.rows} must give one seed per batch row (batch={self.batch})")
+            parts = [attrs.evolve(self, batch=1, seed=seed, rows=()).data() for seed in self.rows]
+            return SyntheticData(keys=torch.cat([p.keys for p in parts]), values=torch.cat([p.values for p in parts]),
+                                 hidden=torch.cat([p.hidden for p in parts]))
         B, H, N, D, C = self.batch, self.kv_heads, self.total, self.head_dim, self.heads * self.head_dim
         g = torch.Generator().manual_seed(self.seed)
 

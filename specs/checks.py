@@ -10,8 +10,13 @@ them into Hypothesis properties; they are also usable on a hand-written case.
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
 from collections.abc import Callable
+from typing import Any
 
+import attrs
 import torch
 
 from evictkit.contract import Policy
@@ -92,14 +97,21 @@ def protection_problem(idx: torch.Tensor, real: torch.Tensor, positions: torch.T
     slots = torch.arange(T)
     required = (slots >= max(T - window, 0)).expand_as(real_before).clone()
     required |= (slots >= first_real[..., None]) & (slots < first_real[..., None] + sinks)
+    declared = required.clone()  # what protected() alone asks for
     if newest:
         required[..., T - 1] = True
     missing = required & real_before & ~kept_mask(idx, real, T)
     if bool(missing.any()):
         b, h = _first_bad_row(missing)
         why = f"sinks={sinks}, window={window}" + (", and the newest token at decode" if newest else "")
-        return (f"protected slot(s) {missing[b, h].nonzero().flatten().tolist()} were evicted (batch {b}, head {h}; "
-                f"{why}); kept {_row(idx[b, h][real[b, h]])}")
+        problem = (f"protected slot(s) {missing[b, h].nonzero().flatten().tolist()} were evicted (batch {b}, "
+                   f"head {h}; {why}); kept {_row(idx[b, h][real[b, h]])}")
+        if newest and bool((missing & ~declared)[..., T - 1].any()):
+            problem += (". At decode the newest token is protected even though protected() does not cover it: "
+                        "keep it with a window >= 1 at decode (protected() returning window >= 1, or "
+                        "select_topk(..., window=max(window, 1)) when obs.phase == 'decode'), or declare "
+                        "`may_evict_newest = True` if the policy means to evict it (as TOVA does)")
+        return problem
     return None
 
 
@@ -268,6 +280,137 @@ def reset(make: Callable[[], Policy], first: Case, second: Case, *, label: str |
                        f"from the first sequence): {diff}")
 
 
+def _kept_positions(s: Step, b: int) -> list[list[int]]:
+    """Per KV head, the true positions batch row `b` kept in step `s` (a ragged layer's padding width
+    depends on the whole batch, so slots are not comparable between batches; positions are)."""
+    kept, pos = s.kept()[b], s.before["positions"][b]
+    return [pos[h][kept[h]].tolist() for h in range(kept.shape[0])]
+
+
+def batch_rows(policy: Policy, case: Case, *, label: str | None = None) -> None:
+    """Batch rows are independent: identical rows keep identical sets, and a row keeps what it keeps
+    alone, whatever the other rows of its batch hold (unpadded batches of at least two rows)."""
+    B = max(case.batch, 2)
+    same = attrs.evolve(case, batch=B, rows=(case.seed,) * B)
+    ctx = LawContext("batch rows", label or describe(policy), same)
+    fix = ("score and select each row from that row alone: no statistics, normalization or tie-breaks across the "
+           "batch dimension, and no draws that depend on the row index")
+    for s in drive(policy, same, ctx) or ():
+        if s.idx is None:
+            continue
+        first = _kept_positions(s, 0)
+        for r in range(1, B):
+            other = _kept_positions(s, r)
+            if other != first:
+                h = next(h for h in range(len(first)) if first[h] != other[h])
+                raise ctx.fail(f"{s.where}: batch rows 0 and {r} hold identical tokens but keep different positions "
+                               f"(head {h}: {_row(torch.tensor(first[h]))} vs {_row(torch.tensor(other[h]))}); {fix}")
+    mixed = attrs.evolve(case, batch=B, rows=tuple(case.seed + r for r in range(B)))
+    alone = attrs.evolve(case, batch=1, rows=(case.seed,))  # row 0 of `mixed`, in a batch of one
+    ctx = LawContext("batch rows", label or describe(policy), mixed)
+    together, by_itself = drive(policy, mixed, ctx), drive(policy, alone, ctx)
+    if (together is None) != (by_itself is None):
+        raise ctx.fail("the policy refused the batch and accepted its row 0 alone, or the reverse")
+    for s, a in zip(together or (), by_itself or ()):
+        if (s.idx is None) != (a.idx is None):
+            raise ctx.fail(f"{s.where}: the batch evicted and its row 0 alone did not, or the reverse")
+        if s.idx is None:
+            continue
+        kept, ref = _kept_positions(s, 0), _kept_positions(a, 0)
+        if kept != ref:
+            h = next(h for h in range(len(kept)) if kept[h] != ref[h])
+            raise ctx.fail(f"{s.where}: batch row 0 keeps positions {_row(torch.tensor(kept[h]))} in head {h}, but "
+                           f"{_row(torch.tensor(ref[h]))} when it is run alone ({alone!r}): what a row keeps "
+                           f"depends on the other rows of its batch; {fix}")
+
+
+# --- process-global state: a sequence run after another one vs. the same sequence in a fresh process ----------
+
+#: imported once by the process that forks the fresh ones, so each starts in milliseconds
+_FRESH_PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "evictkit.specs.driver"]
+#: seconds one fresh-process drive may take
+FRESH_TIMEOUT = 600.0
+
+
+def _fresh_context() -> Any:
+    """A multiprocessing context whose processes have run no policy code.
+
+    forkserver (POSIX): a server process, started once, imports torch, transformers and the kit and
+    forks one child per drive; it never calls a policy, so each child holds the policy module's
+    globals as they are at import. spawn elsewhere (a new interpreter per drive: slower, as fresh).
+    """
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_FRESH_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _drive_fresh(payload: bytes, out: str) -> None:
+    """In the fresh process: unpickle (imports the policy's module here), drive, write the steps."""
+    try:
+        threads, cls, params, case, label = pickle.loads(payload)
+        torch.set_num_threads(threads)  # the same reductions as the parent's, so results compare bit for bit
+        result: tuple[str, Any] = ("ok", drive(Subject(cls, params).make(), case,
+                                               LawContext("fresh process", label, case)))
+    except BaseException as exc:  # reported by the parent, with the law's name
+        result = ("error", f"{type(exc).__name__}: {exc}")
+    with open(out, "wb") as f:
+        pickle.dump(result, f)
+
+
+def drive_in_fresh_process(subject: Subject, case: Case, label: str) -> list[Step] | None:
+    """`drive(subject.make(), case)` in a new process that has run no policy code."""
+    try:
+        payload = pickle.dumps((torch.get_num_threads(), subject.cls, subject.params, case, label))
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ValueError(
+            f"the fresh-process law runs {label} in a new Python process, which imports its class by module path: "
+            f"{subject.cls.__module__}.{subject.cls.__qualname__} cannot be imported that way (define the class at "
+            f"the top level of a module) and its parameters must pickle ({exc})") from exc
+    with tempfile.TemporaryDirectory(prefix="evictkit-fresh-") as tmp:
+        out = os.path.join(tmp, "steps.pkl")
+        proc = _fresh_context().Process(target=_drive_fresh, args=(payload, out), daemon=True)
+        proc.start()
+        proc.join(FRESH_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise RuntimeError(f"the fresh-process drive of {label} took over {FRESH_TIMEOUT:.0f} s")
+        if not os.path.exists(out):
+            raise RuntimeError(f"the fresh process driving {label} exited with code {proc.exitcode} and no result")
+        with open(out, "rb") as f:
+            status, result = pickle.load(f)
+    if status != "ok":
+        raise LawViolation("fresh process", label, f"in a fresh process: {result}", case)
+    return result
+
+
+def fresh_process(policy: Policy | type[Policy] | Subject, first: Case, second: Case, *,
+                  label: str | None = None) -> None:
+    """A sequence run after another one in the same process gives what it gives when run first in a
+    fresh process: no state at module level (a global, a class attribute, a cache) that a first
+    call calibrates or later calls accumulate."""
+    subject = as_subject(policy)
+    label = label or subject.label
+    ctx = LawContext("fresh process", label, (first, second))
+    drive(subject.make(), first, ctx)
+    after = drive(subject.make(), second, ctx)
+    fresh = drive_in_fresh_process(subject, second, label)
+    if (after is None) != (fresh is None):
+        raise ctx.fail("after a first sequence the policy refuses an input that it accepts when it runs first in a "
+                       "fresh process, or the reverse")
+    diff = compare_runs(after or [], fresh or [])
+    if diff:
+        raise ctx.fail(f"the second sequence, run after the first in this process, differs from the same sequence run "
+                       f"first in a fresh process, on a fresh instance both times: {diff}. State outside the instance "
+                       "(a module-level global, a class attribute, a cache) carries from one sequence to the next; "
+                       "keep per-sequence state in observe()'s side tensors or obs.scratch, and compute constants "
+                       "from the parameters, not from the first call")
+
+
 #: direct laws taking (policy, case)
 DIRECT = {
     "budget": budget,
@@ -276,4 +419,5 @@ DIRECT = {
     "determinism": determinism,
     "noop": noop,
     "integrity": integrity,
+    "batch_rows": batch_rows,
 }

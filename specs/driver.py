@@ -185,7 +185,12 @@ def _checked_scores(
     s = ctx.call(f"score() at step {i}", policy.score, obs, value_error_ok=not finite)
     if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape or not s.is_floating_point():
         raise ctx.fail(f"score() at step {i} returned {type(s).__name__} {tuple(getattr(s, 'shape', ()))} "
-                       f"{getattr(s, 'dtype', '')}; it must be floating point [B, H_kv, T] = {shape}")
+                       f"{getattr(s, 'dtype', '')}; it must be float32 [B, H_kv, T] = {shape}")
+    if s.dtype != torch.float32:
+        # select_topk compares in fp32, but a bf16/fp16 score has already rounded distinct values to
+        # ties (which flips the top-k); fp64 is refused too, so that every policy states one dtype
+        raise ctx.fail(f"score() at step {i} returned {s.dtype} scores on a {obs.keys.dtype} cache; scores must "
+                       "be float32: compute them in fp32 (e.g. `obs.keys.float()`) or return `scores.float()`")
     if finite and bool(torch.isnan(s).any()):
         n = int(torch.isnan(s).sum())
         raise ctx.fail(f"score() at step {i} returned NaN scores ({n} of {s.numel()}) on finite inputs; "
@@ -213,9 +218,10 @@ def _indexable(selection: object, pad: torch.Tensor | None, B: int, H: int, T: i
                            "(idx, counts)")
         selection, counts = selection
     idx = selection
-    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
         raise ctx.fail(f"select() at step {i} returned {type(idx).__name__} "
-                       f"{getattr(idx, 'dtype', '')}; it must return an int64 tensor [B, H_kv, K]")
+                       f"{getattr(idx, 'dtype', '')}; it must return an int64 tensor [B, H_kv, K] "
+                       "(convert with `.long()`)")
     if idx.dim() != 3 or tuple(idx.shape[:2]) != (B, H):
         raise ctx.fail(f"select() at step {i} returned shape {tuple(idx.shape)}; expected [B, H_kv, K] with "
                        f"B, H_kv = {B}, {H}")
@@ -225,10 +231,11 @@ def _indexable(selection: object, pad: torch.Tensor | None, B: int, H: int, T: i
     if counts is None:
         real = torch.ones_like(idx, dtype=torch.bool)
     else:
-        if (not isinstance(counts, torch.Tensor) or counts.dtype not in (torch.int64, torch.int32)
+        if (not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64
                 or tuple(counts.shape) != (B, H)):
             raise ctx.fail(f"select() at step {i} returned counts {type(counts).__name__} "
-                           f"{tuple(getattr(counts, 'shape', ()))}; a ragged selection needs int counts [B, H_kv]")
+                           f"{tuple(getattr(counts, 'shape', ()))} {getattr(counts, 'dtype', '')}; a ragged "
+                           "selection needs int64 counts [B, H_kv] (convert with `.long()`)")
         counts = counts.long().to(idx.device)
         if int(counts.min()) < 0 or int(counts.max()) != K:
             raise ctx.fail(f"select() at step {i} returned counts {counts.tolist()}; they must lie in [0, K] with "

@@ -13,7 +13,10 @@ that Hypothesis shrank to.
 
 Profiles: `ci` (default; small sizes, few examples, derandomized so every run draws the same
 examples) and `thorough` (prompts up to thousands of tokens, many examples), chosen with the
-environment variable EVICTKIT_HYPOTHESIS_PROFILE or the `profile` argument.
+environment variable EVICTKIT_HYPOTHESIS_PROFILE or the `profile` argument. A law may run in some
+profiles only (`Law.profiles`: `fresh_process`, which starts processes, runs in `thorough`):
+`conformance_tests` skips it elsewhere and `check_all` leaves it out, while `check_law` runs it
+whenever it is named.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import attrs
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import FlakyFailure
+from hypothesis.errors import FlakyFailure, Unsatisfiable
 
 from evictkit.specs import checks, endtoend
 from evictkit.specs.cases import FINITE_STYLES, STYLES
@@ -43,17 +46,20 @@ class Profile:
     model_examples: int
     limits: Limits
     derandomize: bool
+    process_examples: int = 3  # examples of the fresh-process law (each drive runs in a new process)
 
-    def settings(self, *, model: bool = False) -> settings:
+    def settings(self, *, model: bool = False, process: bool = False) -> settings:
         return settings(
-            max_examples=self.model_examples if model else self.direct_examples,
+            max_examples=(self.process_examples if process else self.model_examples if model
+                          else self.direct_examples),
             derandomize=self.derandomize,
             database=None,  # nothing written next to the caller's tests
             deadline=None,  # shared CI machines: no timing
             report_multiple_bugs=False,  # one LawViolation, the minimal one
             print_blob=False,
-            # no explain phase: it replays many variations of the failing example, each a model run
-            phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+            # no explain phase: it replays many variations of the failing example, each a model run;
+            # no shrinking for the fresh-process law: each attempt would start a process
+            phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, *(() if process else (Phase.shrink,))),
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
         )
 
@@ -68,6 +74,7 @@ PROFILES = {
                       head_dims=(2, 4, 8, 16, 32, 64), layers=64, slack=8, model_prompt=256, model_new=16,
                       model_layers=(1, 2, 3, 18, 32), model_head_dims=(8, 16, 32), archs=("llama", "qwen2", "mistral")),
         derandomize=False,
+        process_examples=20,
     ),
 }
 
@@ -88,6 +95,38 @@ class Law:
     name: str
     doc: str | None  # the check's docstring
     run: Callable[[Subject, Profile], None]
+    profiles: tuple[str, ...] | None = None  # the profiles whose conformance tests run it; None: all
+
+    def runs_in(self, prof: Profile) -> bool:
+        return self.profiles is None or prof.name in self.profiles
+
+    def check(self, subject: Subject, prof: Profile) -> None:
+        """Run the law; a law that found no example to run is reported as a violation with its cause."""
+        try:
+            self.run(subject, prof)
+        except Unsatisfiable as exc:
+            raise LawViolation(self.name, subject.label, _unsatisfiable(subject, prof)) from exc
+
+
+def _unsatisfiable(subject: Subject, prof: Profile) -> str:
+    """Why no drawn example had a budget the policy accepts, and what to change."""
+    policy = subject.make()
+    lo = min_valid_budget(policy, subject.label)
+    refusal = ""
+    probes = [(lo + length, li, n, length) for length in (1, 2, lo, lo + 1, lo + prof.limits.prompt)
+              for n in (1, 2, 18) for li in range(n)]  # budget >= length: what a no-op needs
+    for args in probes:
+        try:
+            policy.layer_budget(*args)
+        except ValueError as exc:
+            refusal = f"; for example layer_budget{args} raised ValueError: {exc}"
+            break
+        except Exception:  # not a refusal: the laws report other errors themselves
+            continue
+    return ("every budget drawn for this law was refused by check_budget() or layer_budget() (a ValueError), so "
+            f"not one example could run{refusal}. The smallest budget check_budget() accepts is {lo}; a policy "
+            "must then accept every larger budget, including budget >= length (nothing to evict: return a layer "
+            "budget >= length, a no-op), and layer_budget() must accept every layer count and length")
 
 
 def _violations(exc: BaseException):
@@ -185,6 +224,22 @@ def _model(check: Callable[..., None], *, noop: bool = False, second: bool = Fal
     return run
 
 
+def _fresh_process(subject: Subject, prof: Profile) -> None:
+    policy = subject.make()
+    lo = min_valid_budget(policy, subject.label)
+    strategy = cases(lo=lo, limits=prof.limits, policy=policy)
+
+    @prof.settings(process=True)
+    @given(first=strategy, second=strategy)
+    def law(first, second):
+        checks.fresh_process(subject, first, second, label=subject.label)
+
+    _run(law)
+    edges = edge_cases(policy, lo)
+    if len(edges) >= 2:  # the smallest budget after exact ties under GQA
+        checks.fresh_process(subject, edges[1], edges[0], label=subject.label)
+
+
 def _invalid_budgets(subject: Subject, prof: Profile) -> None:
     endtoend.invalid_budgets(subject.make, label=subject.label)
 
@@ -198,7 +253,9 @@ LAWS: dict[str, Law] = {
         Law("determinism", checks.determinism.__doc__, _direct(checks.determinism)),
         Law("noop", checks.noop.__doc__, _direct(checks.noop, noop=True)),
         Law("integrity", checks.integrity.__doc__, _direct(checks.integrity, styles=STYLES)),
+        Law("batch_rows", checks.batch_rows.__doc__, _direct(checks.batch_rows)),
         Law("reset", checks.reset.__doc__, _reset),
+        Law("fresh_process", checks.fresh_process.__doc__, _fresh_process, profiles=("thorough",)),
         Law("invalid_budget", endtoend.invalid_budgets.__doc__, _invalid_budgets),
         Law("compress", endtoend.compress_run.__doc__, _model(endtoend.compress_run)),
         Law("generation", endtoend.generation.__doc__, _model(endtoend.generation, noop=True)),
@@ -214,17 +271,20 @@ def check_law(
     *,
     profile_name: str | None = None,
 ) -> None:
-    """Run one law (a name from `LAWS`) as a Hypothesis property; raises LawViolation."""
+    """Run one law (a name from `LAWS`) as a Hypothesis property; raises LawViolation. A law named
+    here runs whatever its `profiles`."""
     if law not in LAWS:
         raise ValueError(f"unknown law {law!r}; laws: {', '.join(LAWS)}")
-    LAWS[law].run(as_subject(policy, params), profile(profile_name))
+    LAWS[law].check(as_subject(policy, params), profile(profile_name))
 
 
 def check_all(policy: str | type | Any, params: Mapping[str, Any] | None = None, *,
               profile_name: str | None = None) -> None:
-    """Run every law; the first violation is raised."""
+    """Run every law of the profile; the first violation is raised."""
+    prof = profile(profile_name)
     for law in LAWS:
-        check_law(law, policy, params, profile_name=profile_name)
+        if LAWS[law].runs_in(prof):
+            check_law(law, policy, params, profile_name=prof.name)
 
 
 def conformance_tests(
@@ -251,7 +311,11 @@ def conformance_tests(
 
     def make_test(name: str):
         def test(self, subject: Subject) -> None:
-            LAWS[name].run(subject, profile())
+            prof = profile()
+            if not LAWS[name].runs_in(prof):
+                pytest.skip(f"law {name!r} runs in the {' and '.join(LAWS[name].profiles or ())} profile "
+                            f"({PROFILE_ENV}=thorough), not in {prof.name!r}")
+            LAWS[name].check(subject, prof)
 
         test.__name__ = f"test_{name}"
         test.__doc__ = LAWS[name].doc
