@@ -22,9 +22,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from evictkit import ragged
+from evictkit import ragged, rows
 from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import PHASES, Policy
+from evictkit.debug import guard_from_env
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
@@ -62,6 +63,8 @@ class Compression:
         self._prompt_known = False  # whether the current sequence's schedule came from its whole prompt
         self._decoded = False  # whether the current sequence has had a one-token forward
         self._as_decode = False  # inside `as_decode()`
+        self._new_pad: torch.Tensor | None = None  # [B] padding tokens among the current forward's new ones
+        self._pad_before: torch.Tensor | None = None  # [B] padding of the whole prompt the chunker runs
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an evictkit.Policy or a registered name, got {type(policy).__name__}")
         self.budget = check_budget(budget)
@@ -93,6 +96,7 @@ class Compression:
             self._inv_freq = rope_inv_freq(model)
         self._layers: dict[int, LayerState] = {}
         self._schedules: dict[int, list[int]] = {}
+        self._guard = guard_from_env()  # EVICTKIT_DEBUG_READONLY=1: checksums around every policy call
         self._step = StepConfig(policy=policy, needs=self._needs, phases=self.phases, slack=slack,
                                 inv_freq=self._inv_freq)
         self._handles: list[Any] = []
@@ -214,24 +218,34 @@ class Compression:
         for name, param in self._signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:  # e.g. a deprecated `past_key_values`
                 bound.update(bound.pop(name, None) or {})
-        mask = bound.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            raise ValueError(
-                "evictkit.compress does not support padded batches yet (the attention_mask has zeros): "
-                "run sequences of equal length, or one at a time"
-            )
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
         if tokens is None:
             return None
         q = tokens.shape[1]
+        self._new_pad = _left_padding(bound.get("attention_mask"), q)
         cache = bound.get("cache", bound.get("past_key_values"))
         empty = cache is None or cache.get_seq_length() == 0
         if self.prefill_chunk is not None and q > self.prefill_chunk and not self._chunking:
             return self._run_chunks(self.prefill_chunk, args, kwargs, bound, tokens, cache, empty)
         if empty:
             self.schedule(self._known_prompt or q)  # validate the budgets before anything is computed
+        rows = None if empty else next((s.rows for s in self._layers.values() if s.rows is not None), None)
+        if self._new_pad is not None or rows is not None:  # a left-padded batch (evictkit.rows)
+            if self._inv_freq is not None:
+                raise ValueError(f"policy {self.policy.name!r} with positions='shift' does not support padded batches")
+            if bound.get("position_ids") is not None or "position_ids" not in self._signature.parameters:
+                return None
+            if rows is None:  # each row's first real token is position 0, as generate() numbers it
+                start = -(bound["attention_mask"].long() == 0).sum(-1)
+            else:  # each row continues from its own true length
+                start = torch.tensor([0 if r is None else r.seen for r in rows])
+            positions = start.to(tokens.device)[:, None] + torch.arange(q, device=tokens.device)
+            kwargs = dict(kwargs)
+            kwargs["position_ids"] = positions.clamp(min=0)
+            return args, kwargs
+        if empty:
             return None
         seen = next((s.seen for s in self._layers.values() if s.positions is not None), None)
         if self._inv_freq is not None and seen is not None:
@@ -266,28 +280,42 @@ class Compression:
             cache = DynamicCache(config=self.model.config)  # type: ignore[arg-type]  # nn.Module does not type .config
         if empty:
             self._known_prompt = n
+            self._pad_before = _left_padding(bound.get("attention_mask"), n)
             self.schedule(n)  # validate the budgets before anything is computed
         seen = 0 if empty else next((s.seen for s in self._layers.values() if s.positions is not None), 0)
         given = bound.get("position_ids")
-        positions = given if given is not None else torch.arange(seen, seen + n, device=tokens.device).unsqueeze(0)
+        mask = bound.get("attention_mask") if isinstance(bound.get("attention_mask"), torch.Tensor) else None
+        padded = mask is not None and not bool(mask.all())
+        if given is not None:
+            positions = given
+        elif mask is not None and padded and empty:  # a new left-padded batch: rows count from their first token
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
+        else:
+            positions = torch.arange(seen, seen + n, device=tokens.device).unsqueeze(0)
         extra = {"logits_to_keep": 1} if "logits_to_keep" in self._signature.parameters else {}
-        starts = range(0, n, c)
+        # aligned to the end: the first chunk takes the remainder, so each row of a left-padded
+        # batch is cut at the same distances from its end as it is alone (the batch law), and the
+        # last chunk, whose queries score the final eviction, is always whole
+        bounds = [0, *range(n % c or c, n + 1, c)]
         self._chunking = True
         try:
-            for start in starts[:-1]:
-                self.model(**{key: tokens[:, start:start + c], cache_kw: cache, "use_cache": True,
-                              "position_ids": positions[..., start:start + c]}, **extra)
+            for start, end in zip(bounds[:-2], bounds[1:-1]):
+                if mask is not None and padded:  # each chunk needs the padding in its mask; all ones needs none
+                    extra["attention_mask"] = mask[:, : seen + end]
+                self.model(**{key: tokens[:, start:end], cache_kw: cache, "use_cache": True,
+                              "position_ids": positions[..., start:end]}, **extra)
         finally:
             self._chunking = False
-            self._known_prompt = None
-        last = starts[-1]
+            self._known_prompt = self._pad_before = None
+        last = bounds[-2]
         call = self._signature.bind_partial(*args, **kwargs)
         call.arguments.pop("past_key_values" if cache_kw == "cache" else "cache", None)
         call.arguments[key] = tokens[:, last:]
         call.arguments[cache_kw] = cache
         call.arguments["position_ids"] = positions[..., last:]
-        if isinstance(bound.get("attention_mask"), torch.Tensor):  # all ones: checked above
-            call.arguments["attention_mask"] = bound["attention_mask"][:, : seen + n]
+        if isinstance(mask, torch.Tensor):
+            call.arguments["attention_mask"] = mask[:, : seen + n]
+        self._new_pad = _left_padding(call.arguments.get("attention_mask"), n - last)  # the last chunk's
         return call.args, call.kwargs
 
     # module: Any, a transformers attention module: layer_idx, head_dim, o_proj are attributes nn.Module does not type
@@ -304,6 +332,9 @@ class Compression:
         hidden = cast(torch.Tensor, kwargs.get("hidden_states", args[0] if args else None))
         T, q = layer.keys.shape[2], hidden.shape[1]
         st = self._layers.get(li)
+        if (T == q and self._new_pad is not None) or (st is not None and st.rows is not None and T != q):
+            self._after_attention_rows(module, layer, st, hidden, kwargs)
+            return
         if T == q or st is None:  # a new sequence
             if T != q:
                 raise RuntimeError(
@@ -333,7 +364,7 @@ class Compression:
             values=layer.values, hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
             # in "shift" mode position_ids are cache slots; the step counts the true positions itself
             position_ids=None if self._inv_freq is not None else kwargs.get("position_ids"),
-            as_decode=self._as_decode,
+            as_decode=self._as_decode, guard=self._guard,
         )
         layer.keys, layer.values = result.keys, result.values
         if result.selection is not None:
@@ -353,6 +384,53 @@ class Compression:
             self._decoded = True
 
     # module: Any, as in _after_attention
+    def _after_attention_rows(self, module: Any, layer: Any, st: LayerState | None, hidden: torch.Tensor,
+                              kwargs: dict) -> None:
+        """A left-padded batch: each row stepped alone on its view of the layer (evictkit.rows)."""
+        li = module.layer_idx
+        T, q = layer.keys.shape[2], hidden.shape[1]
+        new_pad = self._new_pad.tolist() if self._new_pad is not None else [0] * layer.keys.shape[0]
+        stats = self._layer_stats(li)
+        index = self.modules.index(module)
+        if self._inv_freq is not None:
+            raise ValueError(f"policy {self.policy.name!r} with positions='shift' does not support padded batches")
+        if st is None or T == q:  # a new sequence
+            st = self._layers[li] = LayerState(budget=0)
+            st.rows, st.offsets = rows.start_rows(layer.keys.shape[0])
+            self._prompt_known, self._decoded = self._known_prompt is not None, False
+            stats.prompt_length, stats.budget, stats.evictions, stats.peak = 0, 0, 0, 0
+        known, pad_before = self._known_prompt, self._pad_before
+
+        def row_budget(b: int, length: int) -> int:
+            if known is not None and pad_before is not None:  # the chunker saw the row's whole prompt
+                length = known - int(pad_before[b])
+            return self.schedule(length)[index]
+
+        keys, values, evicted = rows.rows_step(
+            self._step, st, module=module, layer_idx=li, n_layers=self.n_layers, keys=layer.keys,
+            values=layer.values, hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
+            position_ids=kwargs.get("position_ids"), new_pad=new_pad, row_budget=row_budget,
+            as_decode=self._as_decode, guard=self._guard,
+        )
+        layer.keys, layer.values = keys, values
+        started = [r for r in st.rows or () if r is not None]
+        st.budget = max((r.budget for r in started), default=0)
+        phase = "decode" if q == 1 and T != q else "prefill"
+        if evicted:
+            stats.evictions += 1
+            if self._observers.get_hookimpls():
+                self._observers(event=EvictEvent(policy=self.policy.name, layer=li, phase=phase, before=T,
+                                                 after=keys.shape[2], budget=st.budget))
+        stats.budget = st.budget
+        stats.size = keys.shape[2]
+        stats.entries = rows.real_entries(st)
+        stats.peak = max(stats.peak, stats.size)
+        if phase == "prefill" and not self._decoded:
+            stats.prompt_length = max((r.seen for r in started), default=0)
+            stats.after_prefill = stats.size
+        else:
+            self._decoded = True
+
     def _before_attention(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size: per-head padding hidden on ragged layers,
         and the right length where layers differ in length (the model sizes one mask for all)."""
@@ -367,13 +445,15 @@ class Compression:
         if past != st.positions.shape[-1]:  # a new sequence starts: nothing of ours applies
             return None
         mask, q = kwargs.get("attention_mask"), hidden.shape[1]
-        if st.pad is None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
+        # a padded batch's own mask hides the slots where its padding was, wherever entries are now
+        if st.pad is None and st.rows is None and not (
+                isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
             return None
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = ragged.attention_mask(
             st.pad, past, q, batch=hidden.shape[0], n_heads=module.o_proj.weight.shape[1] // module.head_dim,
             like=mask, attn_impl=getattr(module.config, "_attn_implementation", None), dtype=hidden.dtype,
-            device=hidden.device,
+            device=hidden.device, new_pad=self._new_pad if st.rows is not None else None,
         )
         return args, kwargs
 
@@ -387,6 +467,20 @@ class Compression:
         return s
 
 
+def _left_padding(mask: object, q: int) -> torch.Tensor | None:
+    """Padding tokens among a forward's q new tokens, per row [B] (None: no padding), from a
+    2-D attention mask; refuses anything but left padding."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return None
+    m = mask.long()
+    if bool((m.cummax(dim=1).values != m).any()):
+        raise ValueError(
+            "evictkit.compress supports left-padded batches only (the attention_mask has a 0 after a 1): "
+            "set tokenizer.padding_side = 'left' before tokenizing the batch"
+        )
+    return (m[:, -q:] == 0).sum(dim=1) if m.shape[1] >= q else (m == 0).sum(dim=1)
+
+
 def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, phase: str | None = None,
              slack: int = 0, prefill_chunk: int | None = None, **params: Any) -> Compression:
     """Evict from `model`'s KV cache under `policy` while the returned context is active.
@@ -398,7 +492,8 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
     slack: while decoding, evict only when a layer exceeds budget + slack (0 = every step)
     prefill_chunk: split any forward of more than this many tokens into chunks of it, evicting
         after each, so the cache holds at most budget + prefill_chunk entries per layer per KV head;
-        the forward then returns the last chunk's outputs only (None: no chunking). transformers'
+        the chunks are aligned to the prompt's end (the first takes the remainder), and the forward
+        returns the last chunk's outputs only (None: no chunking). transformers'
         own `generate(..., prefill_chunk_size=N)` and hand-written loops of forwards are chunked
         prefill too, without this option.
     """

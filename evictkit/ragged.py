@@ -112,8 +112,12 @@ def attention_mask(
     attn_impl: str | None,
     dtype: torch.dtype,
     device: torch.device,
+    new_pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mask for `q` new tokens over a compacted layer of `past` cached slots.
+
+    new_pad: [B] padding tokens among the q new ones (a left-padded batch's first forwards): no
+    query sees them, except each padding query itself, which keeps its (unused) output finite.
 
     Every cached entry is older than the new tokens, so they see all of them (except each head's
     padding when `pad` [B, H_kv] is given) and, causally, each other. Shape [B, H_q, q, past + q]
@@ -123,10 +127,16 @@ def attention_mask(
     cols = torch.arange(past + q, device=device)
     rows = torch.arange(q, device=device)
     causal = (cols[None, :] < past) | (cols[None, :] - past <= rows[:, None])  # [q, S]
+    if new_pad is not None:
+        new = cols - past  # >= 0 on the new tokens' columns
+        hidden = (new >= 0) & (new < new_pad.to(device)[:, None])  # [B, S]
+        own = new[None, :] == rows[:, None]  # [q, S], the diagonal of the new block
+        causal = causal & ~(hidden[:, None, :] & ~own[None])  # [B, q, S]
     if pad is None:
-        visible = causal.expand(batch, 1, q, past + q)
+        visible = causal.expand(batch, 1, q, past + q) if causal.dim() == 2 else causal[:, None]
     else:
-        visible = (cols >= pad.to(device)[..., None])[:, :, None, :] & causal  # [B, H_kv, q, S]
+        per_row = causal if causal.dim() == 2 else causal[:, None]  # [q, S] or [B, 1, q, S]
+        visible = (cols >= pad.to(device)[..., None])[:, :, None, :] & per_row  # [B, H_kv, q, S]
         visible = visible.repeat_interleave(n_heads // pad.shape[1], dim=1)
     additive = like.dtype != torch.bool if isinstance(like, torch.Tensor) else attn_impl == "eager"
     if not additive:

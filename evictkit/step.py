@@ -44,6 +44,10 @@ class LayerState:
     window: tuple[torch.Tensor, torch.Tensor] | None = None  # rolling (queries [B, H_q, w, D], positions [B, w])
     seen: int = 0  # tokens of the sequence so far (the next token's true position)
     pad: torch.Tensor | None = None  # [B, H_kv] leading padding slots of a ragged layer (evictkit.ragged)
+    # a left-padded batch (evictkit.rows): one state per row (None before its first real token),
+    # and where each row's view of the layer starts
+    rows: list[LayerState | None] | None = None
+    offsets: list[int] | None = None
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ def _an_int(_inst: object, attr: attrs.Attribute, value: object) -> None:
 @attrs.define(frozen=True, kw_only=True)
 class Random(ScorePolicy):
     """Uniformly random scores, a fresh draw per (seed, layer, cache length), so runs repeat exactly.
+    Every batch row gets the same draw, so a row keeps what it keeps alone (the batch law).
 
     Parameters: `seed` (0).
     """
@@ -33,7 +34,7 @@ class Random(ScorePolicy):
     def score(self, obs: Observation) -> torch.Tensor:
         B, H, T = obs.positions.shape
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + obs.layer_idx * 10_007 + T)
-        return torch.rand((B, H, T), generator=gen).to(obs.keys.device)
+        return torch.rand((1, H, T), generator=gen).to(obs.keys.device).expand(B, H, T)
 
 
 @hookimpl

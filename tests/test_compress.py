@@ -162,13 +162,14 @@ def test_unknown_policy_and_parameters():
         evictkit.compress(tiny_model(), "streaming_llm", budget=8, slack=-1)
 
 
-def test_padded_batch_is_refused_and_cache_untouched():
+def test_right_padded_batch_is_refused_and_cache_untouched():
+    """Left-padded batches work (tests/test_batches.py); right padding is refused before any layer runs."""
     model = tiny_model()
     ids = prompt(batch=2)
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
+    mask[1, -5:] = 0
     with evictkit.compress(model, "streaming_llm", budget=8) as run:
-        with pytest.raises(ValueError, match="padded"):
+        with pytest.raises(ValueError, match="left-padded batches only"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2)
     assert run.stats.layers == []
 

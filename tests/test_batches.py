@@ -1,0 +1,126 @@
+"""Left-padded batches: a row of a batch gets exactly what its prompt gets alone (the batch law)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import evictkit
+from evictkit.specs.tiny import tiny_model
+
+BUDGET, CHUNK, NEW = 24, 16, 6
+#: every built-in, with parameters small enough for a 2-layer tiny model
+POLICIES = [
+    ("full", {}),
+    ("streaming_llm", {}),
+    ("snapkv", {"window": 8}),
+    ("pyramidkv", {"window": 8}),
+    ("adakv", {"window": 8}),
+    ("h2o", {}),
+    ("h2o_prefill", {"window": 8}),
+    ("tova", {}),
+    ("restkv", {"window": 8}),
+    ("lacache", {"span": 1}),
+    ("random", {}),
+]
+IDS = [p for p, _ in POLICIES]
+
+
+def test_every_registered_built_in_is_covered():
+    built_in = {name for name, cls in evictkit.policies().items() if cls.__module__.startswith("evictkit.plugins.")}
+    assert built_in == set(IDS)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(layers=2)
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+
+
+def _left_padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def _run(model, ids, mask, name, params, **kw):
+    with evictkit.compress(model, name, budget=kw.pop("budget", BUDGET), **params, **kw) as run:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        kept = run.kept_positions()
+    return out, kept, run
+
+
+def _kept_rows(kept, row):
+    """Per layer, the real kept positions of one row, [H_kv] lists (padding, -1, dropped)."""
+    return {li: [h[h >= 0].tolist() for h in pos[row]] for li, pos in kept.items()}
+
+
+def _assert_batch_law(model, prompts, name, params, **kw):
+    ids, mask = _left_padded(prompts)
+    width = ids.shape[1]
+    out, kept, run = _run(model, ids, mask, name, params, **kw)
+    for i, p in enumerate(prompts):
+        alone, kept_alone, _ = _run(model, p[None], torch.ones(1, len(p), dtype=torch.long), name, params, **kw)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p):]), (name, i)
+        assert _kept_rows(kept, i) == _kept_rows(kept_alone, 0), (name, i)
+        for step, (b, a) in enumerate(zip(out.scores, alone.scores)):
+            torch.testing.assert_close(b[i], a[0], atol=1e-4, rtol=0, msg=f"{name} row {i} step {step}")
+    return run
+
+
+@pytest.mark.parametrize("chunk", [None, CHUNK], ids=["one-shot", "chunked"])
+@pytest.mark.parametrize("name,params", POLICIES, ids=IDS)
+def test_a_row_gets_what_it_gets_alone(model, name, params, chunk):
+    run = _assert_batch_law(model, _prompts([60, 45, 30, 12]), name, params, prefill_chunk=chunk)
+    if name != "full":
+        # each row keeps min(its own prompt, budget) per head: the 12-token row loses nothing
+        assert run.stats.layers[0].evictions >= 1
+
+
+@pytest.mark.parametrize("name,params", [p for p in POLICIES if p[0] in ("snapkv", "restkv", "h2o", "tova")],
+                         ids=["snapkv", "restkv", "h2o", "tova"])
+def test_the_batch_law_holds_with_decode_time_eviction(model, name, params):
+    _assert_batch_law(model, _prompts([40, 27, 33], seed=1), name, params, phase="both")
+
+
+def test_a_fraction_budget_is_a_fraction_of_each_row(model):
+    prompts = _prompts([80, 40])
+    ids, mask = _left_padded(prompts)
+    _, kept, _ = _run(model, ids, mask, "snapkv", {"window": 4}, budget=0.25)
+    assert [len(_kept_rows(kept, i)[0][0]) for i in range(2)] == [20 + NEW - 1, 10 + NEW - 1]
+
+
+def test_padding_is_never_kept_or_scored(model):
+    """A padding token's id changes nothing in any row: it is neither scored nor kept."""
+    prompts = _prompts([50, 20])
+    ids, mask = _left_padded(prompts)
+    first, kept, _ = _run(model, ids, mask, "h2o", {})
+    ids[1, :30] = 7  # other padding ids
+    second, kept2, _ = _run(model, ids, mask, "h2o", {})
+    assert torch.equal(first.sequences[:, ids.shape[1]:], second.sequences[:, ids.shape[1]:])
+    assert _kept_rows(kept, 1) == _kept_rows(kept2, 1)
+    assert all(min(h) >= 0 and len(h) <= BUDGET + NEW for h in _kept_rows(kept, 1)[0])
+
+
+def test_right_padding_is_refused_with_the_fix(model):
+    ids = torch.randint(3, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with pytest.raises(ValueError, match="left-padded batches only.*padding_side = 'left'"):
+        with evictkit.compress(model, "snapkv", budget=4, window=2):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(lengths=st.lists(st.integers(1, 50), min_size=2, max_size=3), seed=st.integers(0, 100))
+def test_the_batch_law_over_random_lengths(lengths, seed):
+    model = tiny_model(layers=2)
+    _assert_batch_law(model, _prompts(lengths, seed), "snapkv", {"window": 4}, budget=16, prefill_chunk=8)
