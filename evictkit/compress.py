@@ -29,7 +29,7 @@ from evictkit.debug import guard_from_env
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
-from evictkit.step import LayerState, StepConfig, evict_step
+from evictkit.step import LayerState, StepConfig, evict_step, follow_rows
 
 PHASE_CHOICES = ("prefill", "decode", "both")
 
@@ -332,6 +332,8 @@ class Compression:
         hidden = cast(torch.Tensor, kwargs.get("hidden_states", args[0] if args else None))
         T, q = layer.keys.shape[2], hidden.shape[1]
         st = self._layers.get(li)
+        if st is not None and T > q:  # beam search may have reordered the rows since the last step
+            follow_rows(st, layer.keys[:, :, T - q - 1])
         if (T == q and self._new_pad is not None) or (st is not None and st.rows is not None and T != q):
             self._after_attention_rows(module, layer, st, hidden, kwargs)
             return
@@ -367,6 +369,7 @@ class Compression:
             as_decode=self._as_decode, guard=self._guard,
         )
         layer.keys, layer.values = result.keys, result.values
+        st.last_keys = layer.keys[:, :, -1].clone()
         if result.selection is not None:
             stats.evictions += 1
             if self._observers.get_hookimpls():
@@ -413,6 +416,7 @@ class Compression:
             as_decode=self._as_decode, guard=self._guard,
         )
         layer.keys, layer.values = keys, values
+        st.last_keys = keys[:, :, -1].clone()
         started = [r for r in st.rows or () if r is not None]
         st.budget = max((r.budget for r in started), default=0)
         phase = "decode" if q == 1 and T != q else "prefill"

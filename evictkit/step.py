@@ -48,6 +48,9 @@ class LayerState:
     # and where each row's view of the layer starts
     rows: list[LayerState | None] | None = None
     offsets: list[int] | None = None
+    # [B, H_kv, D] the newest cached key of each row after the last step: a row that moved
+    # between forwards (beam search's reorder_cache) is found by it (evictkit.step.follow_rows)
+    last_keys: torch.Tensor | None = None
 
 
 @attrs.frozen
@@ -121,6 +124,50 @@ class StepResult(NamedTuple):
     limit: int  # the size above which this step evicted
     obs: Observation
     selection: Selection | None  # None when the step did not evict
+
+
+def follow_rows(st: LayerState, old_keys: torch.Tensor) -> None:
+    """Follow a permutation of the batch rows made outside evictkit since the last step.
+
+    `old_keys` [B, H_kv, D] is the newest key each row of the cache holds before this forward.
+    Beam search (`Cache.reorder_cache`) reorders and duplicates the rows of K and V between
+    forwards; the newest key of a row depends on its whole history, so matching it against the
+    keys recorded after the last step tells where every row came from, and every per-row
+    tensor of the state follows. Raises RuntimeError when a row matches none.
+    """
+    last = st.last_keys
+    if last is None or (old_keys.shape == last.shape and torch.equal(old_keys, last)):
+        return
+    if old_keys.shape[1:] != last.shape[1:]:
+        raise RuntimeError("the cache's rows changed shape outside evictkit; start the sequence inside the block")
+    same = (old_keys[:, None] == last[None].to(old_keys.device)).flatten(2).all(-1)  # [B_new, B_old]
+    if not bool(same.any(-1).all()):
+        raise RuntimeError("a batch row of the cache was changed outside evictkit (it matches no row evictkit "
+                           "left); reorder rows with the cache's reorder_cache only")
+    perm = same.int().argmax(-1).to(last.device)
+    reorder_rows(st, perm)
+
+
+def reorder_rows(st: LayerState, perm: torch.Tensor) -> None:
+    """New row b takes old row perm[b]'s per-row state (positions, side tensors, window, padding)."""
+    idx = perm.tolist()
+    if st.positions is not None:
+        st.positions = st.positions[perm.to(st.positions.device)]
+    st.state = {n: t[perm.to(t.device)] for n, t in st.state.items()}
+    if st.window is not None:
+        st.window = (st.window[0][perm.to(st.window[0].device)], st.window[1][perm.to(st.window[1].device)])
+    if st.pad is not None:
+        st.pad = st.pad[perm.to(st.pad.device)]
+    if st.rows is not None and st.offsets is not None:
+        st.rows = [None if st.rows[i] is None else _copy_row(st.rows[i]) for i in idx]
+        st.offsets = [st.offsets[i] for i in idx]
+    if st.last_keys is not None:
+        st.last_keys = st.last_keys[perm.to(st.last_keys.device)]
+
+
+def _copy_row(row: LayerState | None) -> LayerState | None:
+    # duplicated beams must not share the dicts a later step writes into
+    return None if row is None else attrs.evolve(row, state=dict(row.state), scratch=dict(row.scratch))
 
 
 def new_positions(position_ids: torch.Tensor | None, seen: int, B: int, q: int, device: torch.device) -> torch.Tensor:
