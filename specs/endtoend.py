@@ -265,6 +265,51 @@ def sequences(make: Callable[[], Policy], case: ModelCase, *, label: str | None 
                        f"first differ at generated token {step}")
 
 
+def batched(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:
+    """The batch law: a left-padded batch of two prompts of different lengths gives each row what
+    its prompt gives alone (kept positions, greedy tokens, logits within 1e-4 in fp32), in one
+    forward and in prefill chunks."""
+    import evictkit
+
+    ctx = LawContext("batch (through evictkit.compress)", label or describe(make()), case)
+    if case.dtype != "float32" or not case.prompt_b:
+        return  # padding changes reduced-precision rounding; the law is stated in fp32
+    model = case.model()
+    prompts = [case.ids(case.prompt, seed_offset=0)[0], case.ids(case.prompt_b, seed_offset=1)[0]]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+
+    def run(x: torch.Tensor, m: torch.Tensor, chunk: int | None):
+        with evictkit.compress(model, make(), budget=case.budget, slack=case.slack, prefill_chunk=chunk) as c:
+            out = model.generate(x, attention_mask=m, max_new_tokens=case.new, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+            kept = c.kept_positions()
+        return out, kept
+
+    for chunk in (None, max(1, min(len(p) for p in prompts) // 2)):
+        try:
+            out, kept = run(ids, mask, chunk)
+        except Exception as exc:
+            raise ctx.fail(f"generate() on a left-padded batch raised {type(exc).__name__}: {exc}") from exc
+        for i, p in enumerate(prompts):
+            alone, kept_alone = run(p[None], torch.ones(1, len(p), dtype=torch.long), chunk)
+            how = f"row {i} ({len(p)} tokens, chunk {chunk})"
+            if not torch.equal(out.sequences[i, width:], alone.sequences[0, len(p):]):
+                raise ctx.fail(f"{how} generates differently in the batch than alone")
+            for li, pos in kept.items():
+                got = [h[h >= 0].tolist() for h in pos[i]]
+                want = [h[h >= 0].tolist() for h in kept_alone[li][0]]
+                if got != want:
+                    raise ctx.fail(f"{how}, layer {li}: keeps {got} in the batch, {want} alone")
+            for step, (b, a) in enumerate(zip(out.scores, alone.scores)):
+                err = float((b[i] - a[0]).abs().max())
+                if err > 1e-4:
+                    raise ctx.fail(f"{how}: the logits of generated token {step} differ by {err:.2e} (> 1e-4)")
+
+
 def invalid_budgets(make: Callable[[], Policy], *, label: str | None = None) -> None:
     """Budgets the policy cannot work with, and malformed budgets, raise ValueError before any
     forward runs; the smallest valid budget is accepted."""

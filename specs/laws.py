@@ -260,6 +260,7 @@ LAWS: dict[str, Law] = {
         Law("compress", endtoend.compress_run.__doc__, _model(endtoend.compress_run)),
         Law("generation", endtoend.generation.__doc__, _model(endtoend.generation, noop=True)),
         Law("reset_compress", endtoend.sequences.__doc__, _model(endtoend.sequences, second=True)),
+        Law("batch", endtoend.batched.__doc__, _model(endtoend.batched, second=True)),
     )
 }
 
