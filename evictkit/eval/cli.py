@@ -21,6 +21,9 @@ Writes into --out: results.jsonl (one line per sample x variant), summary.md, su
 plots/*.png and config.json. Rerunning with the same --out resumes (finished samples are
 skipped); a rerun that only adds samples, tasks, policies or budgets extends that run (only
 the new rows run); any other change there is refused unless --force.
+
+Under torchrun (`torchrun --nproc_per_node=N -m evictkit eval ...`, one node or several) the
+samples are split over the processes, and rank 0 merges their results into the same files.
 """
 
 EPILOG = """\
@@ -40,6 +43,8 @@ examples:
   evictkit eval --tasks ruler:qa_1 --policies full,restkv:alpha=0.3,beta=2000 --budgets 0.1,0.25,0.5 --out runs/qa
   evictkit eval --tasks longbench:hotpotqa,longbench:narrativeqa --data ~/LongBench/data --length 7500 \
       --policies full,snapkv --budgets 256,1024 --samples 20 --out runs/longbench
+  torchrun --standalone --nproc_per_node=2 -m evictkit eval --tasks ruler:vt --policies full,snapkv \
+      --budgets 256 --samples 8 --out runs/two-processes
 """
 
 
@@ -84,6 +89,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="use the raw prompt, not the tokenizer's chat template")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: float32)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="place the model with accelerate: 'auto' (GPUs, then CPU memory, then disk), or a device "
+                        "such as 'cuda:0' (default: the CPU; under torchrun with GPUs, cuda:LOCAL_RANK)")
     p.add_argument("--no-shared-prefill", action="store_true",
                    help="give every variant its own prefill (slower; same results)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -93,6 +101,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `evictkit eval` with parsed arguments; returns the exit status."""
+    from evictkit.eval import distributed
     from evictkit.eval.config import EvalConfig
     from evictkit.eval.runner import run_eval
 
@@ -105,11 +114,12 @@ def main(args: argparse.Namespace) -> int:
         )
         result = run_eval(config, args.out, force=args.force, command=sys.argv,
                           progress=not args.no_progress, shared_prefill=not args.no_shared_prefill,
-                          plots=not args.no_plots)
+                          plots=not args.no_plots, device_map=args.device_map)
     except ValueError as exc:
         print(f"evictkit eval: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{result['ran']} runs done, {result['skipped']} already there; summary: {result['out']}/summary.md")
+    if distributed.from_env().main:  # one line for the run, not one per rank
+        print(f"{result['ran']} runs done, {result['skipped']} already there; summary: {result['out']}/summary.md")
     return 0
 
 

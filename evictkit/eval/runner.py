@@ -3,6 +3,10 @@
 The output folder holds `config.json` (the configuration, seeds, package versions, command
 line), `results.jsonl` (one line per sample x variant, appended and flushed as each finishes,
 so an interrupted run resumes where it stopped), `summary.md`, `summary.csv` and `plots/`.
+
+Under torchrun the samples are split over the ranks (evictkit.eval.distributed): each rank
+appends to `results.rank{R}.jsonl` and rank 0 merges them into the same results.jsonl, in the
+same order, as one process writes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, cast
 import torch
 
 from evictkit.budget import resolve_budget
-from evictkit.eval import engine, longbench, scoring, store
+from evictkit.eval import distributed, engine, longbench, scoring, store
 from evictkit.eval.config import EvalConfig, Variant, build_variants
 from evictkit.eval.report import write_report
 from evictkit.eval.store import CONFIG, RESULTS, load_results  # also still importable from here
@@ -153,28 +157,52 @@ def check_schedules(model, variants: Sequence[Variant], config: EvalConfig) -> N
                 raise ValueError(f"policy {v.label} with budget {v.budget} at {L} tokens: {exc}") from None
 
 
+def input_device(model) -> torch.device:
+    """Where the prompt's token ids go: the model's device, or for a model dispatched by accelerate
+    (`device_map`) its main device, the first GPU of the map (CPU when it has none); accelerate's
+    hooks move every layer's inputs to that layer's device."""
+    placed = getattr(model, "hf_device_map", None)
+    if isinstance(placed, dict) and placed:
+        gpus = [d for d in placed.values() if d not in ("cpu", "disk")]
+        if not gpus:
+            return torch.device("cpu")
+        return torch.device("cuda", gpus[0]) if isinstance(gpus[0], int) else torch.device(gpus[0])
+    return next(model.parameters()).device
+
+
 def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenizer=None, force: bool = False,
              command: Sequence[str] | None = None, progress: bool = True, shared_prefill: bool = True,
-             plots: bool = True) -> dict:
-    """Run the evaluation into `out`; returns {"ran": n, "skipped": n, "out": path}.
+             plots: bool = True, device_map: str | dict | None = None) -> dict:
+    """Run the evaluation into `out`; returns {"ran": n, "skipped": n, "out": path} (over all ranks).
 
     `model`/`tokenizer`: use these instead of loading `config.model` (tests pass a tiny model and
-    a `ByteTokenizer`). Nothing in `out` is touched until every input has been validated.
+    a `ByteTokenizer`). `device_map` goes to `evictkit.load_model` ("auto": accelerate spreads the
+    model over the GPUs, then CPU memory, then disk). Nothing in `out` is touched until every input
+    has been validated. Under torchrun (RANK and WORLD_SIZE set) every rank calls this, runs its
+    share of the samples, and rank 0 merges the results; a rank's model goes to cuda:LOCAL_RANK
+    when the machine has GPUs and no `device_map` is given.
     """
     out = Path(out)
+    dist = distributed.from_env()
     variants = build_variants(config)
     mode = check_out_dir(out, config, force)
+    if dist.enabled:
+        # the ranks of a node share its cores: one intra-op pool each, not several fighting
+        torch.set_num_threads(distributed.cpu_threads(dist))
     if model is None:
         import evictkit
 
         dtype = getattr(torch, config.dtype)
-        model, loaded_tok = evictkit.load_model(config.model, dtype=dtype)
+        gpu = distributed.cuda_device(dist)
+        if device_map is None and gpu is not None:
+            device_map = {"": gpu.index}
+        model, loaded_tok = evictkit.load_model(config.model, dtype=dtype, device_map=device_map)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a model object (e.g. evictkit.eval.ByteTokenizer for tiny models)")
     check_model_length(model, config, config.model)
     check_schedules(model, variants, config)
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     codec = Codec(tokenizer, chat=config.chat, eos_ids=eos)
@@ -184,11 +212,92 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
         make_sample(task, index, length, codec, seed=config.seed, depth=depth, continuation=config.continuation,
                     max_new_tokens=config.max_new_tokens, data_dir=config.data)
 
-    if plots and missing("plots"):
+    if plots and missing("plots") and dist.main:
         # said before the run, not as a traceback after it: results and summary are written all the
         # same, and summary.md says the plots were not drawn
         print(f"evictkit eval: matplotlib is not installed, so no plots will be drawn ({hint('plots')} to get them)",
               file=sys.stderr)
+    distributed.init(dist, device)  # every rank is past the checks: no rank waits on one that failed them
+    try:
+        return _run_all(config, out, model, variants, codec, plan, mode, device, dist, command=command,
+                        progress=progress, shared_prefill=shared_prefill, plots=plots)
+    finally:
+        distributed.finish(dist)
+
+
+def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], codec: Codec,
+             plan: list[tuple[str, int, int, float | None]], mode: str, device: torch.device,
+             dist: distributed.Dist, *, command: Sequence[str] | None, progress: bool, shared_prefill: bool,
+             plots: bool) -> dict:
+    """The run proper, once the inputs are checked: set up `out` (rank 0), run this rank's share,
+    merge the shards (rank 0) and write the report."""
+    position: dict[str, int] = {}  # a row's place in the one-process run order, which the merge keeps
+    for t, i, _, _ in plan:
+        for v in variants:
+            position[_row_key(t, i, v.key)] = len(position)
+
+    def order(key: tuple[str, int, str]) -> float:
+        return position.get(_row_key(*key), float("inf"))
+
+    if dist.main:
+        _set_up(out, config, codec, mode, command)
+        store.merge_shards(out, order)  # rows a killed run left in shards count as done
+    distributed.barrier(dist)  # rank 0 has set up `out`: the others may read it
+    done = {_row_key(r["task"], r["index"], r["variant"]) for r in load_results(out / RESULTS, repair=dist.main)}
+    pending = [p for p in plan if any(_row_key(p[0], p[1], v.key) not in done for v in variants)]
+    # a static split of what is left (so a resumed run is balanced too): every rank reads the same
+    # results.jsonl, so they agree on it without talking
+    mine = dist.share(pending)
+
+    total = len(plan) * len(variants)
+    ran = 0
+    bar = None
+    if progress and dist.main:  # one bar: rank 0's share stands for the others' (same size, within one sample)
+        from tqdm import tqdm
+
+        if dist.enabled:
+            todo_units = sum(1 for t, i, _, _ in mine for v in variants if _row_key(t, i, v.key) not in done)
+            bar = tqdm(total=todo_units, unit="run", dynamic_ncols=True,
+                       desc=f"evictkit eval (rank 0 of {dist.world})")
+        else:
+            bar = tqdm(total=total, initial=min(len(done), total), unit="run", dynamic_ncols=True,
+                       desc="evictkit eval")
+    sink_path = out / (store.shard_name(dist.rank) if dist.enabled else RESULTS)
+    try:
+        with open(sink_path, "a") as sink:
+            for task, index, length, depth in mine:
+                todo = [v for v in variants if _row_key(task, index, v.key) not in done]
+                if bar is not None:
+                    bar.set_postfix_str(f"{task} #{index}")
+                sample = make_sample(task, index, length, codec, seed=config.seed, depth=depth,
+                                     continuation=config.continuation, max_new_tokens=config.max_new_tokens,
+                                     data_dir=config.data)
+                # seeded per sample, so a sample's rows do not depend on which rank ran what before it
+                torch.manual_seed(config.seed)
+                rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
+                for v, row in rows:
+                    store.append_result(sink, row)
+                    done.add(_row_key(task, index, v.key))
+                    ran += 1
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if dist.enabled and sink_path.exists() and sink_path.stat().st_size == 0:
+        sink_path.unlink()  # a rank with nothing to do leaves no empty shard behind
+    ran = distributed.total(dist, ran, device)
+    distributed.barrier(dist)  # every shard is complete
+    if dist.main:
+        store.merge_shards(out, order)
+        if ran or not (out / store.SUMMARY_MD).exists():
+            write_report(out, plots=plots)
+    distributed.barrier(dist)  # no rank returns before the merged results are there
+    return {"ran": ran, "skipped": total - ran, "out": str(out)}
+
+
+def _set_up(out: Path, config: EvalConfig, codec: Codec, mode: str, command: Sequence[str] | None) -> None:
+    """Create `out` and write (or extend) its config.json; a new run clears what was there."""
     out.mkdir(parents=True, exist_ok=True)
     if mode == "extend":
         meta = store.read_config(out)
@@ -208,40 +317,6 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         store.write_config(out, meta)
-    done = {_row_key(r["task"], r["index"], r["variant"]) for r in load_results(out / RESULTS)}
-
-    torch.manual_seed(config.seed)
-    total = len(plan) * len(variants)
-    ran = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=min(len(done), total), unit="run", dynamic_ncols=True, desc="evictkit eval")
-    try:
-        with open(out / RESULTS, "a") as sink:
-            for task, index, length, depth in plan:
-                todo = [v for v in variants if _row_key(task, index, v.key) not in done]
-                if not todo:
-                    continue
-                if bar is not None:
-                    bar.set_postfix_str(f"{task} #{index}")
-                sample = make_sample(task, index, length, codec, seed=config.seed, depth=depth,
-                                     continuation=config.continuation, max_new_tokens=config.max_new_tokens,
-                                     data_dir=config.data)
-                rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
-                for v, row in rows:
-                    store.append_result(sink, row)
-                    done.add(_row_key(task, index, v.key))
-                    ran += 1
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    if ran or not (out / store.SUMMARY_MD).exists():
-        write_report(out, plots=plots)
-    return {"ran": ran, "skipped": total - ran, "out": str(out)}
 
 
 def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: EvalConfig, codec: Codec, device,
