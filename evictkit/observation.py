@@ -134,4 +134,10 @@ class Observation:
     @property
     def o_proj_weight(self) -> torch.Tensor:
         """The layer's output projection W_O, [hidden, H_q * D]."""
-        return self.module.o_proj.weight
+        proj = self.module.o_proj
+        weight = proj.weight
+        # accelerate's offload leaves the weight on the meta device outside o_proj's own forward
+        hook = getattr(proj, "_hf_hook", None)
+        if weight.device.type == "meta" and getattr(hook, "weights_map", None) is not None:
+            weight = hook.weights_map["weight"].to(hook.execution_device)
+        return weight

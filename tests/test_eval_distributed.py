@@ -127,15 +127,8 @@ def test_torchrun_environment():
         distributed.from_env({"RANK": "a", "WORLD_SIZE": "2"})
 
 
-#: RestKV reads o_proj's weight outside o_proj's forward, where accelerate's disk offload leaves it on
-#: the meta device; fixed once Observation.o_proj_weight (evictkit/observation.py) fetches the weight
-#: from the offload hook (`proj._hf_hook.weights_map["weight"]`): then this xfail fails, remove it
-READS_OFFLOADED_WEIGHT = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                           reason="Observation.o_proj_weight is meta under disk offload")
-
-
 @pytest.mark.parametrize("policy, budget", [("snapkv", 40), ("h2o", 24), ("streaming_llm", 24), ("tova", 24),
-                                            ("adakv", 48), pytest.param("restkv", 48, marks=READS_OFFLOADED_WEIGHT)])
+                                            ("adakv", 48), ("restkv", 48)])
 def test_offloaded_layers_generate_the_same_tokens(tmp_path, policy, budget):
     """Layers on the CPU and on disk (accelerate's offload: weights on the meta device until their
     forward) give the tokens of the model held in memory, with eviction in every layer."""
