@@ -28,8 +28,9 @@ from evictkit.contract import PHASES, Policy
 from evictkit.debug import guard_from_env
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
+from evictkit.ragged_cache import SUPPORTED_IMPLS, RaggedLayer, newest_keys, use_varlen_attention
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
-from evictkit.step import LayerState, StepConfig, evict_step, follow_rows
+from evictkit.step import LayerState, StepConfig, evict_step, follow_rows, needs_step, track
 
 PHASE_CHOICES = ("prefill", "decode", "both")
 
@@ -52,7 +53,15 @@ class Compression:
         phase: str | None = None,
         slack: int = 0,
         prefill_chunk: int | None = None,
+        ragged_layout: str = "varlen",
     ) -> None:
+        if ragged_layout not in RAGGED_LAYOUTS:
+            raise ValueError(f"ragged_layout={ragged_layout!r}: must be one of {', '.join(RAGGED_LAYOUTS)} (how "
+                             "layers whose KV heads keep different counts are stored)")
+        self.ragged_layout = ragged_layout
+        self._varlen = contextlib.ExitStack()  # evictkit's attention implementation, while a layer is ragged
+        self._varlen_on = False
+        self._ragged_caches: list[Any] = []  # weak references to caches holding RaggedLayers
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be None (no chunking) or an int >= 1 "
@@ -139,11 +148,45 @@ class Compression:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._unragged()
+        self._varlen.close()
+        self._varlen_on = False
         with _ACTIVE_LOCK:
             for m in self.modules:
                 if _ACTIVE.get(m) is self:
                     del _ACTIVE[m]
             self._owner = None
+
+    def _unragged(self) -> None:
+        """Give every cache the block made ragged its padded layout back: outside the block the
+        model's own attention reads the cache again (its mask does not hide per-head padding, so
+        decode inside the block, as the README says)."""
+        for ref in self._ragged_caches:
+            cache = ref()
+            for i, layer in enumerate(getattr(cache, "layers", ())):
+                if isinstance(layer, RaggedLayer):
+                    keys, values, _ = layer.padded()
+                    cache.layers[i] = _dense_layer(keys, values)
+        self._ragged_caches.clear()
+
+    def _store(self, cache: Any, li: int, module: Any, st: LayerState, keys: torch.Tensor,
+               values: torch.Tensor) -> None:
+        """Write a step's K/V back: ragged (flattened, one length per head) when the layer's heads
+        differ and the varlen path serves this model, else in the padded layout."""
+        layer = cache.layers[li]
+        impl = getattr(module.config, "_attn_implementation", None)
+        if st.pad is not None and self.ragged_layout == "varlen" and (
+                impl in SUPPORTED_IMPLS or (isinstance(impl, str) and impl.startswith("evictkit_varlen_"))):
+            if not self._varlen_on:  # the first ragged layer of this block
+                self._varlen.enter_context(use_varlen_attention(module.config))
+                self._varlen_on = True
+            if not any(ref() is cache for ref in self._ragged_caches):
+                self._ragged_caches.append(weakref.ref(cache))
+            cache.layers[li] = RaggedLayer.from_padded(keys, values, st.pad)
+        elif isinstance(layer, RaggedLayer):
+            cache.layers[li] = _dense_layer(keys, values)
+        else:
+            layer.keys, layer.values = keys, values
 
     def _busy(self, what: str) -> str:
         """Why `what` is refused while this block is active on its model (nesting, threads)."""
@@ -164,22 +207,34 @@ class Compression:
         (-1 on the padding slots of ragged layers)."""
         return {li: st.positions for li, st in sorted(self._layers.items()) if st.positions is not None}
 
-    def replay(self, cache: Any, inputs: dict[int, dict]) -> None:
+    def replay(self, cache: Any, inputs: dict[int, dict], padding: torch.Tensor | None = None) -> None:
         """Apply this compression's step to a cache filled by a full-attention forward run outside it.
 
         `inputs[layer_idx]` holds the keyword arguments that layer's attention module received
         (hidden_states, position_embeddings, position_ids, ...). One full prefill can then be
         shared by many (policy, budget) variants, each replayed on its own copy of the cache
         (evictkit.eval does this). Must run inside the `with` block.
+        padding: for a left-padded batch, the padding tokens leading each row [B] (what the
+        forward's attention mask held); every row is then stepped alone, as in that forward.
         """
         if not self._handles:
             raise RuntimeError("Compression.replay() must run inside its `with` block")
-        for module in self.modules:
-            if module.layer_idx in self._sliding:
-                continue
-            kwargs = dict(inputs[module.layer_idx])
-            kwargs["cache"] = cache
-            self._after_attention(module, (), kwargs, None)
+        if padding is not None:
+            padding = torch.as_tensor(padding, dtype=torch.long).reshape(-1)
+            rows = next(iter(inputs.values()))["hidden_states"].shape[0] if inputs else padding.shape[0]
+            if padding.shape[0] != rows:
+                raise ValueError(f"replay(padding=...): {padding.shape[0]} rows of padding for a batch of {rows}")
+        # the model pre-hook sets this from the mask in a live forward; a replay has no forward
+        previous, self._new_pad = self._new_pad, padding
+        try:
+            for module in self.modules:
+                if module.layer_idx in self._sliding:
+                    continue
+                kwargs = dict(inputs[module.layer_idx])
+                kwargs["cache"] = cache
+                self._after_attention(module, (), kwargs, None)
+        finally:
+            self._new_pad = previous
 
     @contextlib.contextmanager
     def as_decode(self) -> Iterator[None]:
@@ -330,10 +385,11 @@ class Compression:
                 self.stats.skipped_layers.append(li)
             return
         hidden = cast(torch.Tensor, kwargs.get("hidden_states", args[0] if args else None))
-        T, q = layer.keys.shape[2], hidden.shape[1]
+        is_ragged = isinstance(layer, RaggedLayer)
+        T, q = (layer.get_seq_length() if is_ragged else layer.keys.shape[2]), hidden.shape[1]
         st = self._layers.get(li)
         if st is not None and T > q:  # beam search may have reordered the rows since the last step
-            follow_rows(st, layer.keys[:, :, T - q - 1])
+            follow_rows(st, newest_keys(layer, q) if is_ragged else layer.keys[:, :, T - q - 1])
         if (T == q and self._new_pad is not None) or (st is not None and st.rows is not None and T != q):
             self._after_attention_rows(module, layer, st, hidden, kwargs)
             return
@@ -361,26 +417,40 @@ class Compression:
                 "or let evictkit chunk the prompt with evictkit.compress(..., prefill_chunk=N)"
             )
         stats = self._layer_stats(li)
-        result = evict_step(
-            self._step, st, module=module, layer_idx=li, n_layers=self.n_layers, keys=layer.keys,
-            values=layer.values, hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
-            # in "shift" mode position_ids are cache slots; the step counts the true positions itself
-            position_ids=None if self._inv_freq is not None else kwargs.get("position_ids"),
-            as_decode=self._as_decode, guard=self._guard,
-        )
-        layer.keys, layer.values = result.keys, result.values
-        st.last_keys = layer.keys[:, :, -1].clone()
-        if result.selection is not None:
+        # in "shift" mode position_ids are cache slots; the step counts the true positions itself
+        position_ids = None if self._inv_freq is not None else kwargs.get("position_ids")
+        if is_ragged and not needs_step(self._step, st, q, as_decode=self._as_decode):
+            # nothing reads the entries: keep the ragged layer as update() left it
+            track(self._step, st, module=module, hidden_states=hidden,
+                  position_embeddings=kwargs["position_embeddings"], position_ids=position_ids,
+                  n_kv_heads=layer.shape[1], device=layer.keys.device)
+            phase, evicted = ("prefill" if q > 1 and not self._as_decode else "decode"), False
+        else:
+            keys, values = (layer.padded()[:2]) if is_ragged else (layer.keys, layer.values)
+            result = evict_step(
+                self._step, st, module=module, layer_idx=li, n_layers=self.n_layers, keys=keys, values=values,
+                hidden_states=hidden, position_embeddings=kwargs["position_embeddings"], position_ids=position_ids,
+                as_decode=self._as_decode, guard=self._guard,
+            )
+            phase, evicted = result.phase, result.selection is not None
+            if evicted or not is_ragged:
+                self._store(cache, li, module, st, result.keys, result.values)
+        layer = cache.layers[li]
+        if isinstance(layer, RaggedLayer):
+            size, entries = layer.get_seq_length(), layer.real_entries()
+            st.last_keys = newest_keys(layer)
+        else:
+            size = layer.keys.shape[2]
+            entries = ragged.real_entries(st.pad, layer.keys.shape[1], size)
+            st.last_keys = layer.keys[:, :, -1].clone()
+        if evicted:
             stats.evictions += 1
             if self._observers.get_hookimpls():
-                self._observers(
-                    event=EvictEvent(policy=self.policy.name, layer=li, phase=result.phase, before=T,
-                                     after=layer.keys.shape[2], budget=st.budget)
-                )
-        stats.size = layer.keys.shape[2]
-        stats.entries = ragged.real_entries(st.pad, layer.keys.shape[1], stats.size)
+                self._observers(event=EvictEvent(policy=self.policy.name, layer=li, phase=phase, before=T, after=size,
+                                                 budget=st.budget))
+        stats.size, stats.entries = size, entries
         stats.peak = max(stats.peak, stats.size)
-        if result.phase == "prefill" and not self._decoded:  # the prompt, in one forward or in chunks
+        if phase == "prefill" and not self._decoded:  # the prompt, in one forward or in chunks
             stats.prompt_length = max(stats.prompt_length, st.seen)
             stats.after_prefill = stats.size
         else:
@@ -445,6 +515,8 @@ class Compression:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if cache is None or hidden is None or module.layer_idx >= len(cache.layers):
             return None
+        if isinstance(cache.layers[module.layer_idx], RaggedLayer):
+            return None  # evictkit's varlen attention reads each head's own entries: no mask
         past = cache.layers[module.layer_idx].get_seq_length()
         if past != st.positions.shape[-1]:  # a new sequence starts: nothing of ours applies
             return None
@@ -471,6 +543,21 @@ class Compression:
         return s
 
 
+#: how layers whose KV heads keep different counts are stored: "varlen" (evictkit.ragged_cache:
+#: each head its own length, varlen attention; sdpa and eager models) or "padded" (left-padded to
+#: the longest head, per-head masks: evictkit.ragged)
+RAGGED_LAYOUTS = ("varlen", "padded")
+
+
+def _dense_layer(keys: torch.Tensor, values: torch.Tensor) -> Any:
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer
+
+
 def _left_padding(mask: object, q: int) -> torch.Tensor | None:
     """Padding tokens among a forward's q new tokens, per row [B] (None: no padding), from a
     2-D attention mask; refuses anything but left padding."""
@@ -486,7 +573,8 @@ def _left_padding(mask: object, q: int) -> torch.Tensor | None:
 
 
 def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, phase: str | None = None,
-             slack: int = 0, prefill_chunk: int | None = None, **params: Any) -> Compression:
+             slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen",
+             **params: Any) -> Compression:
     """Evict from `model`'s KV cache under `policy` while the returned context is active.
 
     policy: a policy instance, or a registered name with its parameters as keyword arguments
@@ -500,6 +588,10 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         returns the last chunk's outputs only (None: no chunking). transformers'
         own `generate(..., prefill_chunk_size=N)` and hand-written loops of forwards are chunked
         prefill too, without this option.
+    ragged_layout: where a policy keeps different counts per KV head (AdaKV): "varlen" stores
+        each head with exactly its own entries and attends with evictkit's varlen attention (sdpa
+        and eager models; left-padded batches and positions='shift' keep the padded layout);
+        "padded" left-pads every head to the longest one and hides the padding with masks.
     """
     if isinstance(policy, str):
         from evictkit.registry import build_policy
@@ -507,4 +599,5 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         policy = cast(Policy, build_policy(policy, **params))
     elif params:
         raise ValueError(f"parameters {sorted(params)} can only be given with a policy name, not an instance")
-    return Compression(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk)
+    return Compression(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk,
+                       ragged_layout=ragged_layout)

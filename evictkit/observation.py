@@ -137,7 +137,7 @@ class Observation:
         proj = self.module.o_proj
         weight = proj.weight
         # accelerate's offload leaves the weight on the meta device outside o_proj's own forward
-        hook = getattr(proj, "_hf_hook", None)
+        hook: Any = getattr(proj, "_hf_hook", None)
         if weight.device.type == "meta" and getattr(hook, "weights_map", None) is not None:
             weight = hook.weights_map["weight"].to(hook.execution_device)
         return weight

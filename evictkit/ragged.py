@@ -93,7 +93,7 @@ def check_ragged(
     pad = K - counts
     if not bool(pad.any()):
         return idx, None
-    if attn_impl not in MASKED_IMPLS:
+    if attn_impl not in MASKED_IMPLS and not (isinstance(attn_impl, str) and attn_impl.startswith("evictkit_varlen_")):
         raise ValueError(
             f"policy {policy!r} keeps a different number of entries per KV head, which needs per-head attention "
             f"masks: load the model with attn_implementation in {MASKED_IMPLS} (it uses {attn_impl!r})"

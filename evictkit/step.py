@@ -252,20 +252,13 @@ def observe(
     first = st.positions is None
     phase = "decode" if as_decode and not first else phase_of(st, q)
 
-    new_pos = new_positions(position_ids, st.seen, B, q, keys.device)
-    appended = new_pos.unsqueeze(1).expand(B, Hkv, q)
-    st.positions = appended if st.positions is None else torch.cat([st.positions, appended], dim=-1)
-    for name, t in st.state.items():
-        st.state[name] = torch.cat([t, t.new_zeros(B, Hkv, q, *t.shape[3:])], dim=2)
-    st.seen += q
-
-    # the first forward's window comes from the Observation (lazily); later ones roll it on
+    new_pos = _append(cfg, st, module=module, hidden_states=hidden_states, position_embeddings=position_embeddings,
+                      position_ids=position_ids, n_kv_heads=Hkv, device=keys.device)
     w = cfg.needs.window
-    if w and not first:
-        st.window = roll_window(module, st.window, hidden_states, position_embeddings, new_pos, w)
     obs = Observation(
         module=module, layer_idx=layer_idx, n_layers=n_layers, phase=phase, keys=keys, values=values,
-        positions=st.positions, state=st.state, scratch=st.scratch, hidden_states=hidden_states,
+        positions=cast(torch.Tensor, st.positions),  # set by _append
+        state=st.state, scratch=st.scratch, hidden_states=hidden_states,
         position_embeddings=position_embeddings, query_positions=new_pos, window=w,
         window_buffer=None if first else st.window, valid=ragged.valid_mask(st.pad, T), phases=cfg.phases,
     )
@@ -280,6 +273,43 @@ def observe(
     for name, t in returned.items():
         st.state[name] = guard.side_tensor(policy, name, t, (B, Hkv, T))
     return obs
+
+
+def _append(cfg: StepConfig, st: LayerState, *, module: nn.Module, hidden_states: torch.Tensor,
+            position_embeddings: tuple[torch.Tensor, torch.Tensor], position_ids: torch.Tensor | None,
+            n_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Steps 1-2: the new tokens' true positions and zero side-tensor rows appended, the window
+    rolled (the first forward's comes from its Observation, lazily). Returns the positions [B, q]."""
+    B, q = hidden_states.shape[:2]
+    first = st.positions is None
+    new_pos = new_positions(position_ids, st.seen, B, q, device)
+    appended = new_pos.unsqueeze(1).expand(B, n_kv_heads, q)
+    st.positions = appended if st.positions is None else torch.cat([st.positions, appended], dim=-1)
+    for name, t in st.state.items():
+        st.state[name] = torch.cat([t, t.new_zeros(B, n_kv_heads, q, *t.shape[3:])], dim=2)
+    st.seen += q
+    w = cfg.needs.window
+    if w and not first:
+        st.window = roll_window(module, st.window, hidden_states, position_embeddings, new_pos, w)
+    return new_pos
+
+
+def track(cfg: StepConfig, st: LayerState, *, module: nn.Module, hidden_states: torch.Tensor,
+          position_embeddings: tuple[torch.Tensor, torch.Tensor], position_ids: torch.Tensor | None,
+          n_kv_heads: int, device: torch.device) -> None:
+    """Steps 1-2 alone, for a forward in which the policy neither observes (it keeps the default
+    `observe`) nor evicts: the layer's entries need not be read at all (a ragged layer is then
+    never laid out padded)."""
+    _append(cfg, st, module=module, hidden_states=hidden_states, position_embeddings=position_embeddings,
+            position_ids=position_ids, n_kv_heads=n_kv_heads, device=device)
+
+
+def needs_step(cfg: StepConfig, st: LayerState, q: int, *, as_decode: bool = False) -> bool:
+    """Whether this forward's step reads the layer: the policy evicts in its phase, or observes."""
+    from evictkit.contract import Policy
+
+    phase = "decode" if as_decode and st.positions is not None else phase_of(st, q)
+    return phase in cfg.phases or type(cfg.policy).observe is not Policy.observe
 
 
 def choose(
@@ -316,4 +346,5 @@ def compact(cfg: StepConfig, st: LayerState, obs: Observation, sel: Selection) -
 
 
 __all__ = ["CORE_GUARD", "Guard", "LayerState", "RaggedSelection", "Selection", "StepConfig", "StepResult",
-           "choose", "compact", "evict_step", "new_positions", "observe", "phase_of", "roll_window"]
+           "choose", "compact", "evict_step", "follow_rows", "needs_step", "new_positions", "observe", "phase_of",
+           "reorder_rows", "roll_window", "track"]

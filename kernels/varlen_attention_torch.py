@@ -61,6 +61,7 @@ def varlen_attention_torch(
     # the chunk's causal triangle over the segment's last q - 1 entries: query i hides entry
     # L - q + 1 + t for t >= i (upper triangle, diagonal included, of a [q, q - 1] matrix)
     hide = torch.ones(q, q - 1, dtype=torch.bool, device=queries.device).triu() if q > 1 else None
+    grad = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad or values.requires_grad)
     bounds = offsets.tolist()  # one host copy of B * H_kv + 1 numbers; the loop needs them as ints
     for b in range(B):
         for h in range(Hkv):
@@ -69,9 +70,12 @@ def varlen_attention_torch(
             v = values[lo:hi].float()
             scores = torch.mm(grouped[b, h], k.T)  # [g * q, L]
             if softcap is not None:
-                scores.div_(softcap).tanh_().mul_(softcap)
+                scores = torch.tanh(scores / softcap) * softcap
             if hide is not None:
                 L = hi - lo
                 scores.view(g, q, L)[:, :, L - q + 1 :].masked_fill_(hide, float("-inf"))
-            torch.mm(torch.softmax(scores, dim=-1), v, out=out[b, h])
+            if grad:  # autograd does not follow out=: a plain forward (no torch.no_grad) must still run
+                out[b, h] = torch.mm(torch.softmax(scores, dim=-1), v)
+            else:
+                torch.mm(torch.softmax(scores, dim=-1), v, out=out[b, h])
     return out.view(queries.shape).to(queries.dtype)

@@ -140,7 +140,7 @@ def test_recon_ignores_the_padding_of_ragged_layers(model):
     compressed = engine.copy_cache(pre.cache)
     from evictkit.compress import Compression
 
-    comp = Compression(model, evictkit.policy("adakv"), 40)
+    comp = Compression(model, evictkit.policy("adakv"), 40, ragged_layout="padded")  # read below as [B, H, T, D]
     with comp:
         engine.replay(comp, compressed, pre.inputs)
     for i, module in enumerate(engine.attention_modules(model)):

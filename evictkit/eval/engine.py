@@ -31,6 +31,7 @@ from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
 from evictkit.contract import Policy
 from evictkit.models import attention_modules
+from evictkit.ragged_cache import dense_kv
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -243,10 +244,10 @@ def recon_errors(model: nn.Module, cache, kept: dict[int, torch.Tensor], ref: Re
     errors = []
     modules = {m.layer_idx: m for m in attention_modules(model)}
     for li, q in ref.queries.items():
-        layer = cache.layers[li]
+        ctx_keys, ctx_values = dense_kv(cache.layers[li])
         ck, cv = ref.cont_kv[li]
-        keys = torch.cat([layer.keys, ck], dim=2)
-        values = torch.cat([layer.values, cv], dim=2)
+        keys = torch.cat([ctx_keys, ck], dim=2)
+        values = torch.cat([ctx_values, cv], dim=2)
         ctx_pos = kept[li]
         # padding slots of ragged layers (per-head budgets) carry position -1: hide them from every query
         ctx_pos = torch.where(ctx_pos < 0, torch.full_like(ctx_pos, torch.iinfo(ctx_pos.dtype).max), ctx_pos)

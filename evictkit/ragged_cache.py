@@ -1,0 +1,204 @@
+"""Ragged cache layers: each (batch row, KV head) stores exactly its own kept entries.
+
+A policy that keeps a different number of entries per KV head (AdaKV) would otherwise leave
+the layer left-padded to its longest head (evictkit.ragged), which saves memory only down to
+that head's length. A `RaggedLayer` stores the kept entries flattened, `keys`/`values` [N, D]
+in (row, head) order with `offsets` [B * H_kv + 1] (cu_seqlens style), and appends each new
+token at the end of every segment.
+
+It plugs into transformers through its public extension points, never by patching:
+
+- `RaggedLayer` is a cache layer of the Cache API (a `DynamicLayer` subclass put in the
+  cache's `layers` list in place of the layer it replaces);
+- `varlen_attention` (kernels/varlen_attention*.py) is registered with transformers'
+  `AttentionInterface` (and the matching mask function with `AttentionMaskInterface`) under a
+  name of evictkit's own, and the model's config points at it only inside the `compress` block:
+  `use_varlen_attention` sets both and restores them on exit. Layers that are not ragged are
+  handed to the model's own attention implementation unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from evictkit.kernels import varlen_attention
+
+#: attention implementations the varlen path can stand in front of (the others keep the padded layout)
+SUPPORTED_IMPLS = ("sdpa", "eager")
+_LOCK = threading.Lock()
+_USERS: dict[str, int] = {}  # registered name -> active compress blocks using it
+
+
+class RaggedLayer(DynamicLayer):
+    """One layer's cache with a kept length of its own per (row, KV head).
+
+    keys, values: [N, D] flattened segments in (row, head) order; `counts` [B, H_kv] the entries
+    of each segment (a Python-side copy in `_counts` avoids a host sync per decode step).
+    """
+
+    keys: torch.Tensor  # [N, D]
+    values: torch.Tensor
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.counts = counts.to(device=keys.device, dtype=torch.long)
+        self._counts: list[int] = self.counts.flatten().tolist()
+        self.device = keys.device
+        self.is_initialized = True
+
+    @classmethod
+    def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor) -> RaggedLayer:
+        """From the padded layout: [B, H_kv, K, D] with each head's first `pad[b, h]` slots padding."""
+        K = keys.shape[2]
+        counts = K - pad.to(keys.device)
+        valid = torch.arange(K, device=keys.device) >= pad.to(keys.device)[..., None]  # [B, H, K]
+        return cls(keys[valid], values[valid], counts)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.counts.shape)  # type: ignore[return-value]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """[B * H_kv + 1] int64 segment starts in `keys`/`values`."""
+        flat = self.counts.flatten()
+        return torch.cat([flat.new_zeros(1), flat.cumsum(0)])
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The padded layout: keys, values [B, H_kv, K, D] (zeros before each head's entries) and
+        pad [B, H_kv], K the longest segment."""
+        B, H = self.shape
+        K = max(self._counts, default=0)
+        pad = K - self.counts
+        valid = torch.arange(K, device=self.device) >= pad[..., None]
+        out = []
+        for flat in (self.keys, self.values):
+            dense = flat.new_zeros(B, H, K, flat.shape[-1])
+            dense[valid] = flat
+            out.append(dense)
+        return out[0], out[1], pad
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append [B, H_kv, q, D] new entries at the end of every segment; returns the flat K/V."""
+        B, H, q, D = key_states.shape
+        self.keys = _append(self.keys, self._counts, key_states.reshape(B * H, q, D))
+        self.values = _append(self.values, self._counts, value_states.reshape(B * H, q, D))
+        self.counts = self.counts + q
+        self._counts = [c + q for c in self._counts]
+        _RAGGED[id(self.keys)] = self  # the attention function finds the layer from the keys it gets
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """The longest segment: the length of the padded layout this layer replaces."""
+        return max(self._counts, default=0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def real_entries(self) -> int:
+        """Entries summed over the KV heads of the fullest row."""
+        return int(self.counts.sum(-1).max())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        B, H = self.shape
+        rows = beam_idx.tolist()
+        seg_k = list(self.keys.split(self._counts))
+        seg_v = list(self.values.split(self._counts))
+        order = [b * H + h for b in rows for h in range(H)]
+        self.keys = torch.cat([seg_k[s] for s in order])
+        self.values = torch.cat([seg_v[s] for s in order])
+        self.counts = self.counts[beam_idx.to(self.counts.device)]
+        self._counts = self.counts.flatten().tolist()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a ragged evictkit cache layer cannot be cropped")
+
+
+def _append(flat: torch.Tensor, counts: list[int], new: torch.Tensor) -> torch.Tensor:
+    """Interleave: segment s of `flat` followed by new[s], for every segment."""
+    parts: list[torch.Tensor] = []
+    for seg, add in zip(flat.split(counts), new.unbind(0)):
+        parts += [seg, add]
+    return torch.cat(parts)
+
+
+# id(flat keys) -> the ragged layer that returned them from update(); weak, and checked by
+# identity in the attention function (an id may be reused once its tensor is freed)
+_RAGGED: weakref.WeakValueDictionary[int, RaggedLayer] = weakref.WeakValueDictionary()
+
+
+def dense_kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any cache layer's K/V as [B, H_kv, T, D] (a ragged one in its padded layout)."""
+    if isinstance(layer, RaggedLayer):
+        keys, values, _ = layer.padded()
+        return keys, values
+    return layer.keys, layer.values
+
+
+def newest_keys(layer: RaggedLayer, before: int = 0) -> torch.Tensor:
+    """[B, H_kv, D] each segment's newest key, `before` entries back from its end."""
+    B, H = layer.shape
+    return layer.keys[layer.offsets[1:] - 1 - before].view(B, H, -1)
+
+
+def _name(impl: str) -> str:
+    return f"evictkit_varlen_{impl}"
+
+
+def _attention(impl: str):
+    """The registered attention function: varlen over a ragged layer, the model's own otherwise."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        layer = _RAGGED.get(id(key))
+        if layer is None or layer.keys is not key:  # not ragged: the model's own implementation, its own mask
+            own = (sys.modules[type(module).__module__].eager_attention_forward if impl == "eager"
+                   else ALL_ATTENTION_FUNCTIONS[impl])  # eager is each modeling file's own function
+            return own(module, query, key, value, attention_mask, *args, **kwargs)
+        scale = kwargs.get("scaling")
+        out = varlen_attention(query, key, value, layer.offsets,
+                               scale=float(scale) if scale is not None else query.shape[-1] ** -0.5,
+                               softcap=kwargs.get("softcap"))
+        return out.transpose(1, 2).contiguous(), None  # [B, q, H_q, D], as transformers' functions return
+
+    return attend
+
+
+@contextlib.contextmanager
+def use_varlen_attention(config: Any) -> Iterator[None]:
+    """Point `config` at evictkit's varlen attention (registered under a name of its own) for the
+    duration; restore the implementation and unregister on exit, exceptions included."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = config._attn_implementation
+    if impl not in SUPPORTED_IMPLS:
+        raise ValueError(f"ragged layers need attn_implementation in {SUPPORTED_IMPLS}, got {impl!r}")
+    name = _name(impl)
+    with _LOCK:
+        if _USERS.get(name, 0) == 0:
+            ALL_ATTENTION_FUNCTIONS.register(name, _attention(impl))
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+        _USERS[name] = _USERS.get(name, 0) + 1
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = impl
+        with _LOCK:
+            _USERS[name] -= 1
+            if _USERS[name] == 0:
+                del ALL_ATTENTION_FUNCTIONS._global_mapping[name]
+                del ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name]
+                del _USERS[name]
