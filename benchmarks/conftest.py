@@ -102,6 +102,8 @@ def pytest_addoption(parser):
                     help="tiny sizes, each benchmark run once (smoke test for CI); implies --benchmark-disable")
     group.addoption("--bench-contexts", default=None,
                     help="comma-separated prefill context lengths (default 1024,4096; add 8192 if time allows)")
+    group.addoption("--bench-decode-ctx", type=int, default=0,
+                    help="prompt length of the decode and ragged suites (default 4096; --quick: 192)")
     group.addoption("--bench-rounds", type=int, default=0,
                     help="rounds per prefill benchmark at every context (default: 2 at 1k, 1 at 4k and 8k)")
     group.addoption("--device", default="cpu",
@@ -152,6 +154,8 @@ def sizes_of(config) -> Sizes:
         lengths = tuple(int(x) for x in ctx.split(",") if x.strip())
         rounds = {n: base.prefill_rounds.get(n, 1 if n >= 8192 else 2) for n in lengths}
         base = attrs.evolve(base, prefill_ctx=lengths, prefill_rounds=rounds)
+    if config.getoption("bench_decode_ctx"):
+        base = attrs.evolve(base, decode_ctx=config.getoption("bench_decode_ctx"))
     if config.getoption("bench_rounds") > 0:
         n = config.getoption("bench_rounds")
         base = attrs.evolve(base, prefill_rounds={c: n for c in base.prefill_ctx})
