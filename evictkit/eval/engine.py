@@ -32,6 +32,7 @@ from evictkit.compress import Compression
 from evictkit.contract import Policy
 from evictkit.models import attention_modules
 from evictkit.ragged_cache import dense_kv
+from evictkit.stats import CompressionStats, LayerStats
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -73,6 +74,12 @@ class Prefill:
     logits: torch.Tensor  # [B, V] at the last prompt position
     length: int
     seconds: float
+    pad: tuple[int, ...] = ()  # a left-padded batch's leading padding per row (() for one prompt)
+    mask: torch.Tensor | None = None  # its 2-D attention mask [B, length]
+
+    @property
+    def batch(self) -> int:
+        return max(1, len(self.pad))
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, cache, start: int, keep_logits: int = 1):
@@ -306,3 +313,223 @@ def _finish(model: nn.Module, comp: Compression, cache, sample, prompt: list[int
 
 def perplexity(nll: float) -> float:
     return math.exp(min(nll, 50.0))
+
+
+# --- left-padded batches (evictkit eval --batch-size) -----------------------------------------
+#
+# A batch of samples runs as one left-padded batch: the core steps every row alone on its view of
+# the shared cache (evictkit.rows), so each row gets what its sample gets alone. The harness adds
+# per-row positions and masks for the forwards after the prompt, per-row stopping, and per-row
+# views of what a row alone reports (kept positions, sizes, bytes). Every row of a batch must run
+# the same forwards after the prompt: the runner batches only samples whose question and
+# continuation have the same length (the core refuses padding after a row's first token).
+
+
+def batchable(policy: Policy) -> bool:
+    """Whether the core runs `policy` on a left-padded batch (positions='shift' renumbers the cache
+    and does not: such a variant runs its samples one at a time)."""
+    return policy.position_mode() != "shift"
+
+
+def sample_prompt(sample, query_aware: bool) -> list[int]:
+    """What the prefill of `sample` holds: the context, and the question when query-aware."""
+    return list(sample.context_ids) + (list(sample.question_ids) if query_aware else [])
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, longest] token ids and 2-D attention mask, every row right-aligned (left padding)."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, L - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _prefill_rows(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache):
+    # each row's first real token is position 0, as when the row runs alone
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                 **{cache_kwarg(model): cache})
+
+
+def _forward_rows(model: nn.Module, ids: torch.Tensor, cache, mask: torch.Tensor, seen: torch.Tensor,
+                  keep_logits: int = 1):
+    """[B, q] new tokens, row b continuing at its own true position seen[b]; returns (output, grown mask).
+    The mask grows as generate() grows it, so the core sees the batch's padding as it does there."""
+    q = ids.shape[1]
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], q)], dim=1)
+    positions = seen.to(ids.device)[:, None] + torch.arange(q, device=ids.device)
+    kwargs: dict[str, Any] = {cache_kwarg(model): cache, "use_cache": True, "position_ids": positions,
+                              "attention_mask": mask}
+    if keep_logits:
+        kwargs["logits_to_keep"] = keep_logits
+    return model(input_ids=ids, **kwargs), mask
+
+
+@torch.no_grad()
+def shared_prefill_batch(model: nn.Module, prompts: Sequence[Sequence[int]], device) -> Prefill:
+    """`shared_prefill` of a left-padded batch of prompts (one forward)."""
+    ids, mask = left_pad(prompts, device)
+    inputs: dict[int, dict] = {}
+    handles = _capture(model, inputs)
+    t0 = time.perf_counter()
+    try:
+        cache = new_cache(model)
+        out = _prefill_rows(model, ids, mask, cache)
+    finally:
+        for h in handles:
+            h.remove()
+    L = ids.shape[1]
+    return Prefill(cache=cache, inputs=inputs, logits=out.logits[:, -1].float(), length=L,
+                   seconds=time.perf_counter() - t0, pad=tuple(L - len(p) for p in prompts), mask=mask)
+
+
+def _row_sizes(kept: dict[int, torch.Tensor]) -> list[list[int]]:
+    """Per row, per managed layer: the entries per KV head the row holds (its view's length, the
+    most real entries of any of its heads), which is the layer's length when the row runs alone."""
+    per_layer = [(pos >= 0).sum(-1).amax(-1).tolist() for pos in kept.values()]
+    return [list(col) for col in zip(*per_layer)]
+
+
+class _RowSizes:
+    """Each row's layer sizes after every forward that row would have run alone (its CompressionStats)."""
+
+    def __init__(self, comp: Compression, batch: int) -> None:
+        self.comp = comp
+        self.kept = comp.kept_positions()
+        self.layers = list(self.kept)
+        self.now = _row_sizes(self.kept) if self.kept else [[] for _ in range(batch)]
+        self.after_prefill = [list(s) for s in self.now]
+        self.peak = [list(s) for s in self.now]
+
+    def update(self, active: Sequence[bool]) -> None:
+        self.kept = self.comp.kept_positions()
+        sizes = _row_sizes(self.kept) if self.kept else [[] for _ in active]
+        for b, on in enumerate(active):
+            if on:  # a row that stopped alone would not have run this forward
+                self.now[b] = sizes[b]
+                self.peak[b] = [max(p, s) for p, s in zip(self.peak[b], sizes[b])]
+
+    def row_kept(self, b: int) -> dict[int, torch.Tensor]:
+        """Row b's kept positions as alone: the last `size` slots of its row (the rest is batch padding)."""
+        return {li: pos[b:b + 1, :, pos.shape[-1] - n:] for (li, pos), n in zip(self.kept.items(), self.now[b])}
+
+    def stats(self, b: int) -> CompressionStats:
+        return CompressionStats(layers=[
+            LayerStats(layer=li, after_prefill=a, size=s, peak=p)
+            for li, a, s, p in zip(self.layers, self.after_prefill[b], self.now[b], self.peak[b])
+        ])
+
+
+def _row_bytes(cache, kept: dict[int, torch.Tensor], b: int, sizes: dict[int, int], length: int) -> int:
+    """K/V bytes row b holds alone: its own length on managed layers, min(layer, prompt) on the others
+    (a sliding layer of the batch holds the longest prompt's window); a layer stored flattened
+    ([N, D], evictkit.ragged_cache) holds exactly the row's real entries."""
+    total = 0
+    for li, layer in enumerate(cache.layers):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.dim() == 4:
+                total += sizes.get(li, min(t.shape[2], length)) * t.shape[1] * t.shape[3] * t.element_size()
+            elif li in kept:
+                total += int((kept[li][b] >= 0).sum()) * t.shape[-1] * t.element_size()
+    return total
+
+
+def run_variant_batch(model: nn.Module, policy: Policy, budget: int | float, samples: Sequence, pre: Prefill | None,
+                      *, device, eos: frozenset[int], query_aware: bool) -> list[Outcome] | None:
+    """`run_variant` on a left-padded batch of samples whose questions (and continuations) have one
+    length; `pre` is their `shared_prefill_batch` (None: a prefill of its own). One Outcome per sample,
+    what `run_variant` gives it alone. None when the rows would feed their question differently alone
+    (some rows' layers hold equal lengths, others' not; see `greedy`): run those samples alone."""
+    prompts = [sample_prompt(s, query_aware) for s in samples]
+    B = len(samples)
+    outs = [Outcome() for _ in samples]
+    comp = Compression(model, policy, budget)
+    with comp:
+        t0 = time.perf_counter()
+        if pre is not None and can_share(policy):
+            cache = copy_cache(pre.cache)
+            comp.replay(cache, pre.inputs, padding=torch.tensor(pre.pad))
+            logits, mask = pre.logits, cast(torch.Tensor, pre.mask)  # set by shared_prefill_batch
+        else:
+            ids, mask = left_pad(prompts, device)
+            cache = new_cache(model)
+            with torch.no_grad():
+                logits = _prefill_rows(model, ids, mask, cache).logits[:, -1].float()
+        evict_s = time.perf_counter() - t0
+        track = _RowSizes(comp, B)
+        for b, res in enumerate(outs):
+            res.cache_bytes = _row_bytes(cache, track.kept, b, dict(zip(track.layers, track.now[b])), len(prompts[b]))
+        t0 = time.perf_counter()
+        with comp.as_decode(), torch.no_grad():
+            ok = _finish_batch(model, samples, prompts, query_aware, cache, mask, logits, outs, track, device, eos)
+        decode_s = time.perf_counter() - t0
+    if not ok:
+        return None
+    for b, res in enumerate(outs):
+        res.evict_s, res.decode_s, res.stats = evict_s / B, decode_s / B, track.stats(b)
+    return outs
+
+
+def _finish_batch(model: nn.Module, samples: Sequence, prompts: list[list[int]], query_aware: bool, cache,
+                  mask: torch.Tensor, logits: torch.Tensor, outs: list[Outcome], track: _RowSizes, device,
+                  eos: frozenset[int]) -> bool:
+    """`_finish` for every row of a batch; False when the rows cannot share the question's forwards."""
+    B = len(samples)
+    seen = torch.tensor([len(p) for p in prompts], device=device)
+    everyone = [True] * B
+    metric = samples[0].metric
+    if metric == "recon":
+        raise ValueError("recon samples run one at a time (their reference is per sample)")
+    if metric == "ppl":
+        for b, res in enumerate(outs):
+            res.kept = track.row_kept(b)
+        targets = torch.tensor([list(s.continuation_ids) for s in samples], device=device)
+        all_logits = logits[:, None, :].float()
+        if targets.shape[1] > 1:
+            out, mask = _forward_rows(model, targets[:, :-1], cache, mask, seen, keep_logits=0)
+            all_logits = torch.cat([all_logits, out.logits.float()], dim=1)
+            track.update(everyone)
+        for b, res in enumerate(outs):
+            res.nll = float(torch.nn.functional.cross_entropy(all_logits[b], targets[b], reduction="mean"))
+        return True
+    questions = [[] if query_aware else list(s.question_ids) for s in samples]
+    q = len(questions[0])
+    if q:
+        uniform = [len(set(sizes)) <= 1 for sizes in track.now]  # what `greedy` checks, per row
+        if not all(uniform) and any(uniform):
+            return False
+        step = q if all(uniform) else 1
+        for i in range(0, q, step):
+            chunk = torch.tensor([qs[i:i + step] for qs in questions], device=device)
+            out, mask = _forward_rows(model, chunk, cache, mask, seen)
+            logits, seen = out.logits[:, -1], seen + chunk.shape[1]
+            track.update(everyone)
+    for b, res in enumerate(outs):
+        res.kept = track.row_kept(b)
+    max_new = samples[0].max_new_tokens
+    active = [True] * B
+    for step in range(max_new):
+        nxt = logits.argmax(-1)
+        for b in range(B):
+            if not active[b]:
+                continue
+            token = int(nxt[b])
+            if token in eos:
+                active[b] = False
+                continue
+            outs[b].tokens.append(token)
+            if step == max_new - 1:
+                active[b] = False
+        if not any(active):
+            break
+        # rows that stopped keep decoding (their own argmax) until the last one stops; nothing of
+        # theirs is recorded, and no row attends to another's entries
+        out, mask = _forward_rows(model, nxt[:, None], cache, mask, seen)
+        logits, seen = out.logits[:, -1], seen + 1
+        track.update(active)
+    return True

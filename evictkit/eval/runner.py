@@ -172,7 +172,7 @@ def input_device(model) -> torch.device:
 
 def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenizer=None, force: bool = False,
              command: Sequence[str] | None = None, progress: bool = True, shared_prefill: bool = True,
-             plots: bool = True, device_map: str | dict | None = None) -> dict:
+             plots: bool = True, device_map: str | dict | None = None, batch_size: int = 1) -> dict:
     """Run the evaluation into `out`; returns {"ran": n, "skipped": n, "out": path} (over all ranks).
 
     `model`/`tokenizer`: use these instead of loading `config.model` (tests pass a tiny model and
@@ -180,8 +180,11 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
     model over the GPUs, then CPU memory, then disk). Nothing in `out` is touched until every input
     has been validated. Under torchrun (RANK and WORLD_SIZE set) every rank calls this, runs its
     share of the samples, and rank 0 merges the results; a rank's model goes to cuda:LOCAL_RANK
-    when the machine has GPUs and no `device_map` is given.
+    when the machine has GPUs and no `device_map` is given. `batch_size` > 1: samples of similar
+    length run as left-padded batches (see `batches`); the results are those of batch 1.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1 (samples per left-padded batch)")
     out = Path(out)
     dist = distributed.from_env()
     variants = build_variants(config)
@@ -220,7 +223,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
     distributed.init(dist, device)  # every rank is past the checks: no rank waits on one that failed them
     try:
         return _run_all(config, out, model, variants, codec, plan, mode, device, dist, command=command,
-                        progress=progress, shared_prefill=shared_prefill, plots=plots)
+                        progress=progress, shared_prefill=shared_prefill, plots=plots, batch_size=batch_size)
     finally:
         distributed.finish(dist)
 
@@ -228,7 +231,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
 def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], codec: Codec,
              plan: list[tuple[str, int, int, float | None]], mode: str, device: torch.device,
              dist: distributed.Dist, *, command: Sequence[str] | None, progress: bool, shared_prefill: bool,
-             plots: bool) -> dict:
+             plots: bool, batch_size: int = 1) -> dict:
     """The run proper, once the inputs are checked: set up `out` (rank 0), run this rank's share,
     merge the shards (rank 0) and write the report."""
     position: dict[str, int] = {}  # a row's place in the one-process run order, which the merge keeps
@@ -245,9 +248,18 @@ def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], code
     distributed.barrier(dist)  # rank 0 has set up `out`: the others may read it
     done = {_row_key(r["task"], r["index"], r["variant"]) for r in load_results(out / RESULTS, repair=dist.main)}
     pending = [p for p in plan if any(_row_key(p[0], p[1], v.key) not in done for v in variants)]
+
+    def make(task: str, index: int, length: int, depth: float | None) -> Sample:
+        return make_sample(task, index, length, codec, seed=config.seed, depth=depth,
+                           continuation=config.continuation, max_new_tokens=config.max_new_tokens,
+                           data_dir=config.data)
+
     # a static split of what is left (so a resumed run is balanced too): every rank reads the same
-    # results.jsonl, so they agree on it without talking
-    mine = dist.share(pending)
+    # results.jsonl, so they agree on it without talking. With batches the unit is a batch, formed
+    # from every pending sample the same way on every rank
+    units: list[list[Any]] = ([[p] for p in pending] if batch_size == 1
+                              else batches([make(*p) for p in pending], batch_size, config.query_aware))
+    mine = [p for unit in dist.share(units) for p in unit]
 
     total = len(plan) * len(variants)
     ran = 0
@@ -256,16 +268,36 @@ def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], code
         from tqdm import tqdm
 
         if dist.enabled:
-            todo_units = sum(1 for t, i, _, _ in mine for v in variants if _row_key(t, i, v.key) not in done)
+            todo_units = sum(1 for p in mine for v in variants if _row_key(*_ident(p), v.key) not in done)
             bar = tqdm(total=todo_units, unit="run", dynamic_ncols=True,
                        desc=f"evictkit eval (rank 0 of {dist.world})")
         else:
             bar = tqdm(total=total, initial=min(len(done), total), unit="run", dynamic_ncols=True,
                        desc="evictkit eval")
-    sink_path = out / (store.shard_name(dist.rank) if dist.enabled else RESULTS)
+    # batches finish out of the run order: their rows go to a shard, which the merge below puts in order
+    sharded = dist.enabled or batch_size > 1
+    sink_path = out / (store.shard_name(dist.rank) if sharded else RESULTS)
+
+    def write(sink, sample: Sample, v: Variant, row: dict) -> None:
+        nonlocal ran
+        store.append_result(sink, row)
+        done.add(_row_key(sample.task, sample.index, v.key))
+        ran += 1
+        if bar is not None:
+            bar.update(1)
+
     try:
         with open(sink_path, "a") as sink:
-            for task, index, length, depth in mine:
+            for unit in (dist.share(units) if batch_size > 1 else []):
+                group = [s for s in unit if any(_row_key(s.task, s.index, v.key) not in done for v in variants)]
+                need = [v for v in variants if any(_row_key(s.task, s.index, v.key) not in done for s in group)]
+                if bar is not None:
+                    bar.set_postfix_str(f"{group[0].task} #{','.join(str(s.index) for s in group)}")
+                torch.manual_seed(config.seed)
+                for sample, v, row in _run_batch(model, group, need, config, codec, device, shared_prefill):
+                    if _row_key(sample.task, sample.index, v.key) not in done:  # a resumed batch reruns done rows
+                        write(sink, sample, v, row)
+            for task, index, length, depth in (mine if batch_size == 1 else []):
                 todo = [v for v in variants if _row_key(task, index, v.key) not in done]
                 if bar is not None:
                     bar.set_postfix_str(f"{task} #{index}")
@@ -276,15 +308,11 @@ def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], code
                 torch.manual_seed(config.seed)
                 rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
                 for v, row in rows:
-                    store.append_result(sink, row)
-                    done.add(_row_key(task, index, v.key))
-                    ran += 1
-                    if bar is not None:
-                        bar.update(1)
+                    write(sink, sample, v, row)
     finally:
         if bar is not None:
             bar.close()
-    if dist.enabled and sink_path.exists() and sink_path.stat().st_size == 0:
+    if sharded and sink_path.exists() and sink_path.stat().st_size == 0:
         sink_path.unlink()  # a rank with nothing to do leaves no empty shard behind
     ran = distributed.total(dist, ran, device)
     distributed.barrier(dist)  # every shard is complete
@@ -341,6 +369,58 @@ def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: Eval
         yield v, _row(sample, v, res, pre, config, codec, peak)
 
 
+def _ident(p: Any) -> tuple[str, int]:
+    """(task, index) of a plan entry or a Sample."""
+    return (p.task, p.index) if isinstance(p, Sample) else (p[0], p[1])
+
+
+def batches(samples: Sequence[Sample], size: int, query_aware: bool) -> list[list[Sample]]:
+    """Samples of similar length in batches of up to `size`, deterministically: per task, and per
+    length of what follows the prompt (the question when query-agnostic, the continuation), which
+    every row of a batch runs in the same forwards; within that, by prompt length (ties: run
+    order). recon samples run one at a time (their reference is per sample)."""
+    groups: dict[tuple, list[Sample]] = {}
+    for s in samples:
+        tail = 0 if query_aware else len(s.question_ids)
+        groups.setdefault((s.task, s.metric, tail, len(s.continuation_ids), s.max_new_tokens), []).append(s)
+    out: list[list[Sample]] = []
+    for key, group in groups.items():
+        n = 1 if key[1] == "recon" else size
+        group = sorted(group, key=lambda s: len(engine.sample_prompt(s, query_aware)))  # stable
+        out += [group[i:i + n] for i in range(0, len(group), n)]
+    return out
+
+
+def _run_batch(model, samples: Sequence[Sample], variants: Sequence[Variant], config: EvalConfig, codec: Codec,
+               device, shared: bool):
+    """Yield (sample, variant, result row) for a batch of samples: one left-padded shared prefill,
+    then each variant on the whole batch. A batch of one is `_run_sample`."""
+    if len(samples) == 1:
+        for v, row in _run_sample(model, samples[0], variants, config, codec, device, shared):
+            yield samples[0], v, row
+        return
+    pre = None
+    if shared and any(engine.can_share(v.policy) for v in variants):
+        prompts = [engine.sample_prompt(s, config.query_aware) for s in samples]
+        pre = engine.shared_prefill_batch(model, prompts, device)
+    for v in variants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        budget = 1.0 if v.budget is None else v.budget
+        used = pre if engine.can_share(v.policy) else None
+        outs = None
+        if engine.batchable(v.policy):
+            outs = engine.run_variant_batch(model, v.policy, budget, samples, used, device=device,
+                                            eos=codec.eos_ids, query_aware=config.query_aware)
+        if outs is None:  # the rows would feed their question differently alone, or cannot be padded: alone
+            used = None
+            outs = [engine.run_variant(model, v.policy, budget, s, None, device=device, eos=codec.eos_ids,
+                                       query_aware=config.query_aware) for s in samples]
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        for s, res in zip(samples, outs):
+            yield s, v, _row(s, v, res, used, config, codec, peak)
+
+
 def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfig, codec: Codec, peak) -> dict:
     layers = res.stats.layers if res.stats is not None else []
     after = [s.after_prefill for s in layers]
@@ -364,7 +444,8 @@ def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfi
         "cache_peak": max((s.peak for s in layers), default=None),
         "kv_bytes": res.cache_bytes,
         "metric": sample.metric,
-        "prefill_s": round(pre.seconds, 4) if pre is not None and engine.can_share(v.policy) else None,
+        # a batch's prefill is shared by its rows: each gets its share of the time
+        "prefill_s": round(pre.seconds / pre.batch, 4) if pre is not None and engine.can_share(v.policy) else None,
         "shared_prefill": pre is not None and engine.can_share(v.policy),
         "evict_s": round(res.evict_s, 4),
         "decode_s": round(res.decode_s, 4),
