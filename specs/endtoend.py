@@ -16,7 +16,7 @@ from evictkit.budget import resolve_budget
 from evictkit.contract import Policy
 from evictkit.specs.cases import ModelCase
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
-from evictkit.specs.subject import LawContext, describe, min_valid_budget
+from evictkit.specs.subject import LawContext, LawViolation, describe, min_valid_budget
 
 
 class _Recorder(Policy):
@@ -308,6 +308,63 @@ def batched(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
                 err = float((b[i] - a[0]).abs().max())
                 if err > 1e-4:
                     raise ctx.fail(f"{how}: the logits of generated token {step} differ by {err:.2e} (> 1e-4)")
+
+
+def chunked(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:
+    """Chunked prefill: a chunk as long as the prompt is the one-shot prefill (same tokens, same
+    kept positions); in smaller chunks every layer holds <= its budget after every chunk, with the
+    true positions; with a budget above the whole sequence, generation equals the full cache
+    whatever the chunk."""
+    import evictkit
+
+    ctx = LawContext("chunked prefill (through evictkit.compress)", label or describe(make()), case)
+    model, ids = case.model(), case.ids()
+
+    def run(budget: int | float, chunk: int | None) -> tuple[torch.Tensor, dict[int, torch.Tensor], Any]:
+        try:
+            with evictkit.compress(model, make(), budget=budget, slack=case.slack, prefill_chunk=chunk) as c:
+                out = _generate(model, ids, case.new)
+                return out, c.kept_positions(), c
+        except Exception as exc:
+            raise ctx.fail(f"generate() with prefill_chunk={chunk} raised {type(exc).__name__}: {exc}") from exc
+
+    one_shot, kept, _ = run(case.budget, None)
+    whole, kept_whole, _ = run(case.budget, case.prompt)
+    if not torch.equal(one_shot, whole) or any(not torch.equal(kept[li], kept_whole[li]) for li in kept):
+        raise ctx.fail(f"prefill_chunk={case.prompt} (the whole prompt) differs from the one-shot prefill")
+    chunk = max(2, case.prompt // 3)  # a one-token forward is a decode step, not a chunk
+    bounds = [0, *range(case.prompt % chunk or chunk, case.prompt + 1, chunk)]  # cut from the end, as evictkit
+    if isinstance(case.budget, float) or "prefill" not in make().phases:
+        bounds = []  # a fraction of a prompt that arrives in pieces is refused, by design; no prefill: no bound
+    cache = None
+    try:
+        with evictkit.compress(model, make(), budget=case.budget, slack=case.slack) as c:
+            for start, seen in zip(bounds[:-1], bounds[1:]):
+                out = model(ids[:, start:seen], use_cache=True, **({"cache": cache} if cache else {}))
+                cache = _cache_of(out)
+                for s in c.stats.layers:
+                    H = case.kv_heads
+                    if s.entries > H * min(seen, s.budget):
+                        raise ctx.fail(f"layer {s.layer}: {s.entries} entries in {H} KV heads after the chunk "
+                                       f"ending at token {seen}, above H_kv x min(seen, budget) = "
+                                       f"{H * min(seen, s.budget)}")
+                for li, pos in c.kept_positions().items():
+                    real = pos[pos >= 0]
+                    if real.numel() and (int(real.max()) >= seen or int(real.min()) < 0):
+                        raise ctx.fail(f"layer {li}: kept positions {real.unique().tolist()} are not positions of "
+                                       f"the {seen} tokens seen")
+    except LawViolation:
+        raise
+    except Exception as exc:
+        raise ctx.fail(f"a loop of {chunk}-token forwards raised {type(exc).__name__}: {exc}") from exc
+    roomy = max(case.prompt + case.new + 1, case.budget if isinstance(case.budget, int) else 0,
+                min_valid_budget(make(), ctx.label))
+    full = _generate(model, ids, case.new)
+    for c_len in (1, chunk):
+        got, _, _ = run(roomy, c_len)
+        if not torch.equal(got, full):
+            raise ctx.fail(f"with budget {roomy} >= length and prefill_chunk={c_len} the tokens differ from the full "
+                           "cache")
 
 
 def invalid_budgets(make: Callable[[], Policy], *, label: str | None = None) -> None:

@@ -261,6 +261,7 @@ LAWS: dict[str, Law] = {
         Law("generation", endtoend.generation.__doc__, _model(endtoend.generation, noop=True)),
         Law("reset_compress", endtoend.sequences.__doc__, _model(endtoend.sequences, second=True)),
         Law("batch", endtoend.batched.__doc__, _model(endtoend.batched, second=True)),
+        Law("chunked", endtoend.chunked.__doc__, _model(endtoend.chunked)),
     )
 }
 

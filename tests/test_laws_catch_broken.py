@@ -142,6 +142,7 @@ class BadBudgetCheck(ScorePolicy):
 
 
 LAW_NAMES = {"noop": "no-op", "invalid_budget": "invalid budget", "compress": "budget (through evictkit.compress)",
+             "chunked": "chunked prefill (through evictkit.compress)",
              "reset_compress": "reset (through evictkit.compress)"}
 
 
@@ -288,3 +289,23 @@ def test_profiles_come_from_the_environment(monkeypatch):
     monkeypatch.setenv(PROFILE_ENV, "fast")
     with pytest.raises(ValueError, match="EVICTKIT_HYPOTHESIS_PROFILE='fast': must be one of ci, thorough"):
         profile()
+
+
+@attrs.define(frozen=True, kw_only=True)
+class OneShotOnly(ScorePolicy):
+    """Evicts in the forward that starts a sequence only: later prefill chunks pile up."""
+
+    name: ClassVar[str] = "broken_one_shot_only"
+
+    def score(self, obs):
+        return _recency(obs)
+
+    def select(self, obs, budget):
+        if obs.q_len != obs.length:  # a chunk: keeps everything (more than the budget)
+            B, H, T = obs.positions.shape
+            return torch.arange(T).expand(B, H, T)
+        return super().select(obs, budget)
+
+
+def test_chunked_law_catches_a_policy_that_ignores_chunks():
+    _violation("chunked", OneShotOnly, "entries in .* KV heads after the chunk|raised ValueError")
