@@ -7,6 +7,23 @@ import torch
 import evictkit
 
 
+#: every built-in policy with parameters small enough for a 2-layer tiny model (window 8: the
+#: default 32 exceeds the budgets these tests use; LaCache's ladder span must fit 2 layers)
+TINY_POLICIES = [
+    ("full", {}),
+    ("streaming_llm", {}),
+    ("snapkv", {"window": 8}),
+    ("pyramidkv", {"window": 8}),
+    ("adakv", {"window": 8}),
+    ("h2o", {}),
+    ("h2o_prefill", {"window": 8}),
+    ("tova", {}),
+    ("restkv", {"window": 8}),
+    ("lacache", {"span": 1}),
+    ("random", {}),
+]
+
+
 def prompt_ids(n: int, seed: int = 0) -> torch.Tensor:
     """[1, n] random token ids in [3, 128), reproducible by seed."""
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))

@@ -7,22 +7,10 @@ from hypothesis import strategies as st
 
 import evictkit
 from evictkit.specs.tiny import tiny_model
+from generation import TINY_POLICIES
 
 BUDGET, CHUNK, NEW = 24, 16, 6
-#: every built-in, with parameters small enough for a 2-layer tiny model
-POLICIES = [
-    ("full", {}),
-    ("streaming_llm", {}),
-    ("snapkv", {"window": 8}),
-    ("pyramidkv", {"window": 8}),
-    ("adakv", {"window": 8}),
-    ("h2o", {}),
-    ("h2o_prefill", {"window": 8}),
-    ("tova", {}),
-    ("restkv", {"window": 8}),
-    ("lacache", {"span": 1}),
-    ("random", {}),
-]
+POLICIES = TINY_POLICIES
 IDS = [p for p, _ in POLICIES]
 
 

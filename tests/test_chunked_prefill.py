@@ -7,22 +7,11 @@ from transformers import DynamicCache
 
 import evictkit
 from evictkit.specs.tiny import tiny_model
+from generation import TINY_POLICIES
 
 PROMPT, CHUNK, BUDGET = 100, 16, 40
 H_KV = 2  # tiny_model's default
-#: (policy, params) small enough for a 2-layer tiny model
-POLICIES = [
-    ("streaming_llm", {}),
-    ("snapkv", {"window": 8}),
-    ("pyramidkv", {"window": 8}),
-    ("adakv", {"window": 8}),
-    ("h2o", {}),
-    ("h2o_prefill", {"window": 8}),
-    ("tova", {}),
-    ("restkv", {"window": 8}),
-    ("lacache", {"span": 1}),
-    ("random", {}),
-]
+POLICIES = [p for p in TINY_POLICIES if p[0] != "full"]
 IDS = [p for p, _ in POLICIES]
 
 
