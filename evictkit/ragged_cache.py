@@ -69,9 +69,13 @@ class RaggedLayer(DynamicLayer):
 
     @property
     def offsets(self) -> torch.Tensor:
-        """[B * H_kv + 1] int64 segment starts in `keys`/`values`."""
-        flat = self.counts.flatten()
-        return torch.cat([flat.new_zeros(1), flat.cumsum(0)])
+        """[B * H_kv + 1] int64 segment starts in `keys`/`values` (computed once per `counts`: the
+        attention and the step both read it every forward)."""
+        cached = getattr(self, "_offsets", None)
+        if cached is None or cached[0] is not self.counts:
+            flat = self.counts.flatten()
+            cached = self._offsets = (self.counts, torch.cat([flat.new_zeros(1), flat.cumsum(0)]))
+        return cached[1]
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The padded layout: keys, values [B, H_kv, K, D] (zeros before each head's entries) and

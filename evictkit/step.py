@@ -306,8 +306,6 @@ def track(cfg: StepConfig, st: LayerState, *, module: nn.Module, hidden_states: 
 
 def needs_step(cfg: StepConfig, st: LayerState, q: int, *, as_decode: bool = False) -> bool:
     """Whether this forward's step reads the layer: the policy evicts in its phase, or observes."""
-    from evictkit.contract import Policy
-
     phase = "decode" if as_decode and st.positions is not None else phase_of(st, q)
     return phase in cfg.phases or type(cfg.policy).observe is not Policy.observe
 
