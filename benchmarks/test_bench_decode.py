@@ -27,7 +27,8 @@ import torch
 import evictkit
 from benchutil import prompt_ids, run_timed
 from conftest import DECODE_VARIANTS, sync, synced
-from evictkit.eval.engine import cache_bytes, cache_kwarg
+from evictkit.eval.engine import cache_bytes
+from evictkit.hf import cache_kwarg, cache_of
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def full_cache(sizes, device, model_and_tokenizer):
     model, tok = model_and_tokenizer
     with torch.inference_mode():
         out = model(prompt_ids(tok, sizes.decode_ctx).to(device), use_cache=True, logits_to_keep=1)
-    return {"cache": out.past_key_values, "tok": out.logits[:, -1:].argmax(-1)}
+    return {"cache": cache_of(out), "tok": out.logits[:, -1:].argmax(-1)}
 
 
 @pytest.mark.benchmark(group="decode")
@@ -63,7 +64,7 @@ def test_decode(benchmark, sizes, report, device, model_and_tokenizer, full_cach
 
     with comp if comp is not None else contextlib.nullcontext(), torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
-    mine = {"cache": out.past_key_values, "tok": out.logits[:, -1:].argmax(-1)}
+    mine = {"cache": cache_of(out), "tok": out.logits[:, -1:].argmax(-1)}
     prefill_bytes = peak = cache_bytes(mine["cache"])
     paired: list[float] = []
 

@@ -19,7 +19,8 @@ from benchutil import prompt_ids
 from conftest import sync
 
 import evictkit
-from evictkit.eval.engine import cache_bytes, cache_kwarg
+from evictkit.eval.engine import cache_bytes
+from evictkit.hf import cache_kwarg, cache_of
 
 BUDGET = 256
 
@@ -36,7 +37,7 @@ def test_ragged_vs_padded(benchmark, sizes, device, model_and_tokenizer):
         with comp, torch.inference_mode():
             out = model(ids, use_cache=True, logits_to_keep=1)
         # held is measured inside the block (the cache leaves it in the padded layout again)
-        runs[layout] = {"comp": comp, "cache": out.past_key_values, "tok": out.logits[:, -1:].argmax(-1),
+        runs[layout] = {"comp": comp, "cache": cache_of(out), "tok": out.logits[:, -1:].argmax(-1),
                         "times": []}
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     budget = min(BUDGET, ctx // 4)

@@ -48,6 +48,7 @@ import evictkit
 from evictkit import CompressionStats, Policy, params_of
 from evictkit.budget import check_budget
 from evictkit.compress import PHASE_CHOICES
+from evictkit.hf import cache_arg
 from evictkit.models import MODELS, attention_modules
 
 try:
@@ -228,9 +229,7 @@ class EvictkitLM(HFLM):
         decode steps (evictkit.compress gives the new tokens their true positions)."""
         from transformers import DynamicCache
 
-        # transformers >= 5.24 names the argument `cache`, earlier 5.x `past_key_values`
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        kwargs = {name: DynamicCache(config=self.model.config), "use_cache": True}
+        kwargs = {**cache_arg(self.model, DynamicCache(config=self.model.config)), "use_cache": True}
         # Where evictkit.compress takes a multi-token continuation for a prefill chunk, `as_decode`
         # makes it a decode step: the scored tokens are not compressed with the context.
         as_decode = getattr(run, "as_decode", contextlib.nullcontext)

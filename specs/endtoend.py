@@ -14,6 +14,7 @@ import torch
 
 from evictkit.budget import resolve_budget
 from evictkit.contract import Policy
+from evictkit.hf import cache_of
 from evictkit.specs.cases import ModelCase
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
 from evictkit.specs.subject import LawContext, LawViolation, describe, min_valid_budget
@@ -229,16 +230,10 @@ def generation(make: Callable[[], Policy], case: ModelCase, *, label: str | None
             out = model(ids, use_cache=True)
     if not torch.equal(out.logits, ref.logits):
         raise ctx.fail("prefill logits under evictkit.compress differ from the full cache")
-    for li, (a, b) in enumerate(zip(_cache_of(out).layers, _cache_of(ref).layers)):
+    for li, (a, b) in enumerate(zip(cache_of(out).layers, cache_of(ref).layers)):
         if not (torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)):
             raise ctx.fail(f"layer {li}: the cache after prefill is not bit-identical to the full cache "
                            f"({tuple(a.keys.shape)} vs {tuple(b.keys.shape)})")
-
-
-def _cache_of(out: Any) -> Any:
-    """A model output's cache: `cache` since transformers 5.24, `past_key_values` before (reading
-    that name now logs a deprecation warning)."""
-    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def sequences(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:
@@ -341,7 +336,7 @@ def chunked(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
         with evictkit.compress(model, make(), budget=case.budget, slack=case.slack) as c:
             for start, seen in zip(bounds[:-1], bounds[1:]):
                 out = model(ids[:, start:seen], use_cache=True, **({"cache": cache} if cache else {}))
-                cache = _cache_of(out)
+                cache = cache_of(out)
                 for s in c.stats.layers:
                     H = case.kv_heads
                     if s.entries > H * min(seen, s.budget):

@@ -19,6 +19,7 @@ from evictkit.plugins.pyramidkv import pyramid_budgets
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
+from evictkit.hf import cache_arg
 
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -116,7 +117,7 @@ def _prefill(model, ids, policy, budget, **kw):
     cache = DynamicCache()
     run = evictkit.compress(model, policy, budget=budget, **kw)
     with torch.no_grad(), run:
-        logits = model(ids, cache=cache).logits
+        logits = model(ids, **cache_arg(model, cache)).logits
     return cache, run, logits
 
 
@@ -176,12 +177,12 @@ def _masked_reference_decode(model, ids, kept_by_layer, tokens):
     cache = DynamicCache()
     out = []
     with torch.no_grad():
-        model(ids, cache=cache)
+        model(ids, **cache_arg(model, cache))
         for m in attention_modules(model):
             handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             for t in tokens:
-                out.append(model(t.view(1, 1), cache=cache).logits[0, -1])
+                out.append(model(t.view(1, 1), **cache_arg(model, cache)).logits[0, -1])
         finally:
             for h in handles:
                 h.remove()
@@ -199,10 +200,10 @@ def test_ragged_decode_equals_masking_the_full_cache(arch, attn):
     cache = DynamicCache()
     run = evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=budget)
     with torch.no_grad(), run:
-        model(ids, cache=cache)
+        model(ids, **cache_arg(model, cache))
         kept = {li: _kept_sets(run, li) for li in range(2)}
         assert any(len({len(k) for k in kept[li]}) > 1 for li in range(2)), "needs uneven heads"
-        got = torch.stack([model(t.view(1, 1), cache=cache).logits[0, -1] for t in tokens])
+        got = torch.stack([model(t.view(1, 1), **cache_arg(model, cache)).logits[0, -1] for t in tokens])
     ref = _masked_reference_decode(model, ids, kept, tokens)
     assert torch.allclose(got, ref, atol=1e-5)
     # and the comparison can fail: without the per-head masks the logits differ
@@ -220,12 +221,12 @@ def test_ragged_multi_token_forward_is_causal():
     for one_by_one in (False, True):
         cache = DynamicCache()
         with torch.no_grad(), evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=12) as run:
-            model(ids, cache=cache)
+            model(ids, **cache_arg(model, cache))
             assert any(run._layers[li].pad is not None for li in range(2))
             if one_by_one:
-                outs.append(torch.cat([model(chunk[:, i : i + 1], cache=cache).logits for i in range(5)], dim=1))
+                outs.append(torch.cat([model(chunk[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(5)], dim=1))
             else:
-                outs.append(model(chunk, cache=cache).logits)
+                outs.append(model(chunk, **cache_arg(model, cache)).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
@@ -239,8 +240,8 @@ def test_batch_rows_match_single_runs():
     def decode(rows, toks):
         cache = DynamicCache()
         with torch.no_grad(), evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=12) as run:
-            model(rows, cache=cache)
-            logits = torch.cat([model(toks[:, i : i + 1], cache=cache).logits for i in range(toks.shape[1])], 1)
+            model(rows, **cache_arg(model, cache))
+            logits = torch.cat([model(toks[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(toks.shape[1])], 1)
         return logits, run
 
     both, run = decode(ids, tokens)
@@ -279,9 +280,9 @@ def test_decode_laws(arch, phase, slack):
     with torch.no_grad(), evictkit.compress(
         model, AdaKV(window=window, alpha=0.1), budget=budget, phase=phase, slack=slack
     ) as run:
-        model(ids, cache=cache)
+        model(ids, **cache_arg(model, cache))
         for step in range(steps):
-            model(new[step].view(1, 1), cache=cache)
+            model(new[step].view(1, 1), **cache_arg(model, cache))
             newest = T + step
             for li in range(2):
                 kept = _kept_sets(run, li)

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 import evictkit
 from evictkit.specs.tiny import tiny_model
+from evictkit.hf import cache_arg
 
 PROMPT, BUDGET = 30, 12
 #: decode-time evicting policies whose per-row side tensors would go stale
@@ -20,7 +21,7 @@ def model():
 
 
 def _decode(model, cache, tokens):
-    return model(torch.tensor(tokens)[:, None], cache=cache, use_cache=True).logits[:, -1]
+    return model(torch.tensor(tokens)[:, None], **cache_arg(model, cache), use_cache=True).logits[:, -1]
 
 
 @pytest.mark.parametrize("name,params", POLICIES, ids=[p for p, _ in POLICIES])
@@ -32,7 +33,7 @@ def test_reordered_rows_equal_a_recomputation_of_their_history(model, name, para
     origin = [0, 1]  # which prompt row each cache row started from
     cache = DynamicCache(config=model.config)
     with evictkit.compress(model, name, budget=BUDGET, phase="both", **params) as run:
-        model(prompt, cache=cache, use_cache=True)
+        model(prompt, **cache_arg(model, cache), use_cache=True)
         for perm, tokens in zip(PERMS, steps):
             cache.reorder_cache(torch.tensor(perm))
             history = [list(history[p]) for p in perm]
@@ -67,7 +68,7 @@ def test_generate_with_beams_runs_and_a_roomy_budget_changes_nothing(model, name
 def test_a_row_changed_outside_evictkit_is_an_error(model):
     cache = DynamicCache(config=model.config)
     with evictkit.compress(model, "h2o", budget=BUDGET):
-        model(torch.randint(3, 128, (2, PROMPT)), cache=cache, use_cache=True)
+        model(torch.randint(3, 128, (2, PROMPT)), **cache_arg(model, cache), use_cache=True)
         layer = cache.layers[0]
         layer.keys = layer.keys + 1.0
         with pytest.raises(RuntimeError, match="changed outside evictkit"):

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 import evictkit
 from evictkit.specs.tiny import tiny_model
 from generation import TINY_POLICIES
+from evictkit.hf import cache_arg
 
 PROMPT, CHUNK, BUDGET = 100, 16, 40
 H_KV = 2  # tiny_model's default
@@ -35,7 +36,7 @@ def test_every_chunk_leaves_each_layer_within_its_budget(model, ids, name, param
     cache = DynamicCache(config=model.config)
     with evictkit.compress(model, name, budget=BUDGET, **params) as run:
         for start in range(0, PROMPT, CHUNK):
-            model(ids[:, start:start + CHUNK], cache=cache, use_cache=True)
+            model(ids[:, start:start + CHUNK], **cache_arg(model, cache), use_cache=True)
             seen = min(start + CHUNK, PROMPT)
             for s in run.stats.layers:  # real entries: a ragged layer (AdaKV) pads its shorter heads
                 assert s.entries <= H_KV * min(seen, s.budget), (start, s)
@@ -118,7 +119,7 @@ def test_chunked_eviction_equals_full_attention_masked_to_what_was_kept(attn, id
             rows = torch.arange(start, end)
             visible[rows[:, None], kept[None, :]] = True
             visible[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-            logits = model(ids[:, start:end], cache=cache, use_cache=True).logits
+            logits = model(ids[:, start:end], **cache_arg(model, cache), use_cache=True).logits
             layers = run.kept_positions()
             kept = layers[0][0, 0]
             assert all(torch.equal(p, layers[0].expand_as(p)) for p in layers.values())

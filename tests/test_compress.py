@@ -5,7 +5,7 @@ import torch
 from models import ARCHS, tiny_model
 
 import evictkit
-from evictkit.eval.engine import cache_kwarg
+from evictkit.hf import cache_kwarg, cache_of
 
 PROMPT = 48
 
@@ -86,11 +86,11 @@ def test_hand_written_decode_loop_gets_true_positions_without_position_ids():
         logits = []
         with evictkit.compress(model, "streaming_llm", budget=12):
             out = model(ids, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
             for step in range(4):
                 kwargs = {"position_ids": torch.tensor([[PROMPT + step]])} if pass_positions else {}
                 out = model(nxt, **{cache_kwarg(model): cache}, use_cache=True, **kwargs)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
                 logits.append(out.logits)
         return torch.cat(logits)
 

@@ -7,7 +7,7 @@ import torch
 from models import tiny_model
 
 import evictkit
-from evictkit.eval.engine import cache_kwarg
+from evictkit.hf import cache_kwarg, cache_of
 
 PROMPT, BUDGET, LAYERS = 96, 48, 4
 #: parameters a policy needs on a 4-layer model (the ladder's default span is 16 layers)
@@ -29,7 +29,7 @@ def run(name: str, device: str) -> tuple[dict[int, torch.Tensor], list[int], tor
         kept = {li: pos.clone() for li, pos in comp.kept_positions().items()}
         for li, pos in kept.items():
             assert pos.device.type == device, f"layer {li}: positions on {pos.device}"
-        cache, kw = out.past_key_values, cache_kwarg(model)
+        cache, kw = cache_of(out), cache_kwarg(model)
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(2):
             out = model(tok, use_cache=True, **{kw: cache})

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evictkit
+from evictkit.hf import cache_of
 from evictkit.plugins import _restkv_aws as AWS
 from evictkit.plugins import _restkv_math as M
 from evictkit.plugins.restkv import RestKV
@@ -342,7 +343,7 @@ def test_drift_skip_is_exact():
 
 # --- 6. the cache laws on tiny models, every ablation switch ---------------------------------
 def _cache(out):
-    return getattr(out, "cache", None) or out.past_key_values
+    return cache_of(out)
 
 
 @pytest.fixture(scope="module", params=ARCHS)

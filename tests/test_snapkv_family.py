@@ -20,6 +20,7 @@ from evictkit.plugins.snapkv import SnapKV, window_scores
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
+from evictkit.hf import cache_arg
 
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -147,7 +148,7 @@ def test_h2o_prefill_column_sums_match_eager_attention(arch, monkeypatch):
     policy = _SpyH2O(window=6)
     cache = DynamicCache()
     with torch.no_grad(), evictkit.compress(model, policy, budget=20) as run:
-        model(ids, cache=cache)
+        model(ids, **cache_arg(model, cache))
     for layer, attn in enumerate(ref):
         brute = attn.float().sum(2).view(1, 2, 2, 48).mean(2)  # column sums, mean over each GQA group
         assert torch.allclose(RECORDED[layer], brute, atol=1e-5)
@@ -189,7 +190,7 @@ def test_prefill_laws(arch, name, params):
     for _ in range(2):
         cache = DynamicCache()
         with torch.no_grad(), evictkit.compress(model, name, budget=budget, **params) as run:
-            model(ids, cache=cache)
+            model(ids, **cache_arg(model, cache))
         budgets = _budgets(run)
         if name == "pyramidkv":
             assert budgets == pyramid_budgets(budget, params["window"], 4, T, params["beta"])
@@ -215,11 +216,11 @@ def test_decode_laws(arch, name, params, phase, slack):
     new = torch.randint(3, 128, (steps,), generator=g)
     cache = DynamicCache()
     with torch.no_grad(), evictkit.compress(model, name, budget=budget, phase=phase, slack=slack, **params) as run:
-        model(ids, cache=cache)
+        model(ids, **cache_arg(model, cache))
         budgets = _budgets(run)
         expected = [min(T, b) if phase == "both" else T for b in budgets]
         for step in range(steps):
-            model(new[step].view(1, 1), cache=cache)
+            model(new[step].view(1, 1), **cache_arg(model, cache))
             newest = T + step
             for li, b in enumerate(budgets):
                 expected[li] = b if expected[li] + 1 > b + slack else expected[li] + 1
@@ -245,8 +246,8 @@ def test_eviction_changes_generation():
         full = model(ids).logits[0, -1]
         cache = DynamicCache()
         with evictkit.compress(model, "snapkv", budget=10, window=4, kernel=3):
-            model(ids, cache=cache)
-        step = model(torch.tensor([[7]]), cache=cache).logits[0, -1]
+            model(ids, **cache_arg(model, cache))
+        step = model(torch.tensor([[7]]), **cache_arg(model, cache)).logits[0, -1]
         ref = model(torch.cat([ids, torch.tensor([[7]])], dim=1)).logits[0, -1]
     assert not torch.allclose(step, ref, atol=1e-4)
     assert torch.isfinite(full).all()
@@ -284,7 +285,7 @@ def test_window_must_fit_in_budget(name):
     # a fractional budget is resolved at prefill: 10% of 40 tokens = 4 <= window 8
     ids = torch.randint(3, 128, (1, 40))
     with pytest.raises(ValueError, match="window"), evictkit.compress(model, name, budget=0.1, window=8):
-        model(ids, cache=DynamicCache())
+        model(ids, **cache_arg(model, DynamicCache()))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -300,12 +301,12 @@ def test_layers_of_different_lengths_decode_in_chunks(attn):
     for one_by_one in (False, True):
         cache = DynamicCache()
         with torch.no_grad(), evictkit.compress(model, "pyramidkv", budget=16, window=4, kernel=3, beta=4) as run:
-            model(ids, cache=cache)
+            model(ids, **cache_arg(model, cache))
             assert len(set(run.stats.sizes())) == 4
             if one_by_one:
-                outs.append(torch.cat([model(chunk[:, i : i + 1], cache=cache).logits for i in range(5)], dim=1))
+                outs.append(torch.cat([model(chunk[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(5)], dim=1))
             else:
-                outs.append(model(chunk, cache=cache).logits)
+                outs.append(model(chunk, **cache_arg(model, cache)).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     with torch.no_grad(), evictkit.compress(model, "pyramidkv", budget=16, window=4, kernel=3, beta=4):
         out = model.generate(ids, max_new_tokens=6, do_sample=False)

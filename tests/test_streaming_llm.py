@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import evictkit
+from evictkit.hf import cache_arg
 
 PROMPT, NEW = 24, 10
 
@@ -94,7 +95,7 @@ def test_shift_matches_the_reference_pre_rope_cache():
             cache.update(_rope(model, raw_k[li], torch.arange(length)), raw_v[li], li)
         chunk = ids if step == 0 else tokens[:, PROMPT + step - 1 : PROMPT + step]
         pos = torch.arange(length, length + chunk.shape[1]).unsqueeze(0)
-        out = model(input_ids=chunk, position_ids=pos, cache=cache, use_cache=True)
+        out = model(input_ids=chunk, position_ids=pos, **cache_arg(model, cache), use_cache=True)
         torch.testing.assert_close(out.logits[:, -1].float(), logits[step], rtol=0, atol=1e-5)
         total = length + chunk.shape[1]
         keep = torch.arange(total) if total <= budget else torch.cat(

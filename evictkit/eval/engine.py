@@ -17,7 +17,6 @@ changes the forward itself during prefill); it then gets its own prefill.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,15 +29,10 @@ from torch import nn
 from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
 from evictkit.contract import Policy
+from evictkit.hf import cache_kwarg
 from evictkit.models import attention_modules
 from evictkit.ragged_cache import dense_kv
 from evictkit.stats import CompressionStats, LayerStats
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The model's name for the cache argument (`cache` in transformers >= 5.24)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def new_cache(model: nn.Module):
