@@ -37,14 +37,15 @@ $(OLD_STAMP): pyproject.toml Makefile constraints/oldest.txt
 demo: $(STAMP)
 	$(VENV)/bin/evictkit demo
 
-# ruff and mypy on the four packages ([tool.ruff] and [tool.mypy] in pyproject.toml); `make test` runs it first.
+# ruff on the four packages, tests/ and benchmarks/, mypy on the four packages ([tool.ruff] and [tool.mypy] in
+# pyproject.toml); `make test` runs it first.
 # mypy does not follow the editable install's import hook, which maps plugins/, kernels/ and specs/ to
 # evictkit.plugins/.kernels/.specs: build/mypy/evictkit is that layout as links, and mypy checks -p evictkit
 # there (mypy_path); messages name build/mypy/evictkit/plugins/x.py for plugins/x.py.
 MYPY_TREE := build/mypy/evictkit
 
 lint: $(STAMP)
-	$(PY) -m ruff check evictkit plugins kernels specs
+	$(PY) -m ruff check evictkit plugins kernels specs tests benchmarks
 	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)
 	for f in evictkit/*; do case $$f in evictkit/plugins|evictkit/kernels|evictkit/specs) ;; *) ln -s "$(CURDIR)/$$f" $(MYPY_TREE)/;; esac; done
 	for d in plugins kernels specs; do mkdir $(MYPY_TREE)/$$d && ln -s "$(CURDIR)"/$$d/*.py "$(CURDIR)/evictkit/$$d/__init__.py" $(MYPY_TREE)/$$d/; done

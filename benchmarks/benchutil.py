@@ -132,7 +132,7 @@ def layer_inputs(model, input_ids: torch.Tensor, layer_idx: int) -> dict[str, An
         k_norm = getattr(module, "k_norm", None)
         if k_norm is not None:
             keys = k_norm(keys)
-        rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
         keys, _ = rope(keys, keys, cos, sin)
         values = module.v_proj(hidden).view(B, T, -1, D).transpose(1, 2)
     return {

@@ -329,7 +329,7 @@ class Store:
             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (4 if device else 0),
         ]
         for (dt, T, keep), m in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
-            def us(name):
+            def us(name, m=m):
                 return f"{m[name]['min'] * 1e6:.0f}" if name in m else "-"
 
             plain = [m[n] for n in ("gather", "index", "index_select") if n in m]
@@ -338,7 +338,8 @@ class Store:
             best = max((p["gbps"] for p in plain), default=float("nan"))
             row = (
                 f"| {dt} | {T} | 1/{keep} | {us('evictkit')} | {us('gather')} | {us('index')} | {us('index_select')} "
-                f"| {ek['gbps'] if ek else float('nan'):.1f} | {best:.1f} | {ratio:.2f} | {'yes' if ratio <= 1.2 else 'NO'} |"
+                f"| {ek['gbps'] if ek else float('nan'):.1f} | {best:.1f} | {ratio:.2f} "
+                f"| {'yes' if ratio <= 1.2 else 'NO'} |"
             )
             if device:
                 copy = m["copy"]["gbps"] if "copy" in m else float("nan")
@@ -356,8 +357,8 @@ class Store:
         device = any("peak_bytes" in r for r in recs)
         unit, scale = ("ms", 1e3) if device else ("s", 1.0)
         out = [
-            f"| context | policy | budget | prefill+evict {unit} (min) | ratio to plain | est. ratio from per-layer cost "
-            "| kept / prompt |" + (" peak MiB |" if device else ""),
+            f"| context | policy | budget | prefill+evict {unit} (min) | ratio to plain "
+            "| est. ratio from per-layer cost | kept / prompt |" + (" peak MiB |" if device else ""),
             "|---|---|---|---|---|---|---|" + ("---|" if device else ""),
         ]
         for n in sorted({r["n"] for r in recs}):
@@ -374,12 +375,14 @@ class Store:
                 kept = f"{r['kept']}/{n}" if r.get("kept") else "-"
                 peak = f" {r['peak_bytes'] / 2**20:.0f} |" if device else ""
                 out.append(
-                    f"| {n} | {r['policy']} | {r.get('budget') or '-'} | {r['min'] * scale:.2f} | {r['min'] / plain:.3f} "
+                    f"| {n} | {r['policy']} | {r.get('budget') or '-'} | {r['min'] * scale:.2f} "
+                    f"| {r['min'] / plain:.3f} "
                     f"| {est} | {kept} |{peak}"
                 )
             by = {r["policy"]: r["min"] for r in group}
             if "restkv" in by and "snapkv" in by:
-                out.append(f"| {n} | restkv / snapkv | | | {by['restkv'] / by['snapkv']:.3f} | | |" + (" |" if device else ""))
+                ratio = by["restkv"] / by["snapkv"]
+                out.append(f"| {n} | restkv / snapkv | | | {ratio:.3f} | | |" + (" |" if device else ""))
         return out
 
     def layer_table(self) -> list[str]:
@@ -428,8 +431,9 @@ class Store:
             vs = vs_full(r)
             saved = f"{1 - r['peak_bytes'] / full['peak_bytes']:.1%}" if full else "-"
             out.append(
-                f"| {r['policy']} | {r['budget'] or '-'} | {r['slack'] if r['budget'] else '-'} | {r['median'] * 1e3:.1f} "
-                f"| {r['mean'] * 1e3:.1f} | {vs} | {r['prefill_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.1f} | {saved} |"
+                f"| {r['policy']} | {r['budget'] or '-'} | {r['slack'] if r['budget'] else '-'} "
+                f"| {r['median'] * 1e3:.1f} | {r['mean'] * 1e3:.1f} | {vs} | {r['prefill_bytes'] / 2**20:.1f} "
+                f"| {r['peak_bytes'] / 2**20:.1f} | {saved} |"
             )
         return out
 
@@ -463,14 +467,16 @@ class Store:
             f"{where}; "
             f"python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {_version('transformers')}, evictkit {evictkit.__version__}; "
-            f"model {m.get('model', '-')} ({m.get('dtype', '-')}); {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, "
+            f"model {m.get('model', '-')} ({m.get('dtype', '-')}); "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}, "
             f"{time.time() - self.started:.0f} s.",
             "",
         ]
         for title, table in (
             (f"Compaction core (min over rounds, {m.get('compaction_threads', '?')} torch thread(s); "
              "GB/s = (rows read + rows written + indices) / time)", self.compaction_table()),
-            ("Prefill + eviction, end to end (min over rounds; plain = prefill without evictkit)", self.prefill_table()),
+            ("Prefill + eviction, end to end (min over rounds; plain = prefill without evictkit)",
+             self.prefill_table()),
             ("Policy scoring alone, one layer (observe + select, min over rounds)", self.layer_table()),
             ("Decoding after eviction", self.decode_table()),
             ("ReST-KV scoring vs SnapKV's, one layer of synthetic tensors (median ms of each piece, W = 32, "

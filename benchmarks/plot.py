@@ -15,7 +15,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-
 MARKERS = "osD^v<>ph*XP"
 
 

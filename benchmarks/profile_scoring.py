@@ -19,9 +19,7 @@ import statistics
 import time
 
 import torch
-
 from benchutil import indicator_matmul_only
-
 
 FLOOR = "floor: the indicator's (o - v) G matmul alone"
 SNAP_REST = "snapkv: mean + max pool 7 + GQA mean"

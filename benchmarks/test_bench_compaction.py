@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from benchutil import gather_rows, index_rows, index_select_rows, kept_indices, moved_bytes, run_timed
 from conftest import synced
+
 from evictkit.kernels import compact, compact_torch
 
 

@@ -23,10 +23,10 @@ import time
 
 import pytest
 import torch
-
-import evictkit
 from benchutil import prompt_ids, run_timed
 from conftest import DECODE_VARIANTS, sync, synced
+
+import evictkit
 from evictkit.eval.engine import cache_bytes
 from evictkit.hf import cache_kwarg, cache_of
 
@@ -85,8 +85,8 @@ def test_decode(benchmark, sizes, report, device, model_and_tokenizer, full_cach
         peak = max(peak, cache_bytes(mine["cache"]))
 
     benchmark.group = f"decode after a {sizes.decode_ctx}-token prompt"
-    t = run_timed(benchmark, synced(lambda: step_on(mine), device), rounds=sizes.decode_steps, warmup=min(2, sizes.decode_steps),
-                  setup=setup, teardown=teardown)
+    t = run_timed(benchmark, synced(lambda: step_on(mine), device), rounds=sizes.decode_steps,
+                  warmup=min(2, sizes.decode_steps), setup=setup, teardown=teardown)
     full_median = statistics.median(paired[-t["rounds"]:])
     benchmark.extra_info.update(prefill_bytes=prefill_bytes, peak_bytes=peak, full_step_s=full_median)
     report.add("decode", policy=name, budget=budget, slack=slack, ctx=sizes.decode_ctx, prefill_bytes=prefill_bytes,

@@ -237,7 +237,8 @@ def memory_tables(recs: list[dict]) -> list[str]:
         + ". Limits: decode = (weights + kept K/V) / (weights + full K/V); memory = K/V held at the peak.",
         "",
         "| context | configuration | prefill s | vs chunked full | decode ms/token | vs full | limit | "
-        "K/V after prefill MiB | K/V at end MiB | peak MiB | VmHWM MiB | peak vs full | K/V at peak (limit) MiB | limit vs full |",
+        "K/V after prefill MiB | K/V at end MiB | peak MiB | VmHWM MiB | peak vs full | K/V at peak (limit) MiB "
+        "| limit vs full |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sorted({r["ctx"] for r in recs}):
@@ -261,8 +262,9 @@ def memory_tables(recs: list[dict]) -> list[str]:
             lim_bytes = kv_limit_entries(r) * per_layer_entry
             lim_vs = lim_bytes / (kv_limit_entries({**r, "policy": None}) * per_layer_entry)
             out.append(
-                f"| {n} | {label(r['policy'], r['budget'], r['chunk'])} | {pre} | {vs_chunk} | {dec * 1e3:.1f} | {vs_full} "
-                f"| {limit:.2f} | {_mib(r['kv_prefill'])} | {_mib(r['kv_end'])} | {_mib(peak)} | {_mib(r.get('peak_hwm'))} "
+                f"| {n} | {label(r['policy'], r['budget'], r['chunk'])} | {pre} | {vs_chunk} | {dec * 1e3:.1f} "
+                f"| {vs_full} | {limit:.2f} | {_mib(r['kv_prefill'])} | {_mib(r['kv_end'])} | {_mib(peak)} "
+                f"| {_mib(r.get('peak_hwm'))} "
                 f"| {peak_vs} | {lim_bytes / MiB:.0f} | {lim_vs:.2f} |"
             )
     return out + ["", *target_lines(recs, peak_key)]

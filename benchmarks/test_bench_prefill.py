@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import evictkit
 from benchutil import best_of, evict_one_layer, indicator_matmul_only, layer_inputs, prompt_ids, run_timed
 from conftest import FLOOR_POLICY, synced
+
+import evictkit
 from evictkit.kernels import compact_many
 
 

@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-
 from benchutil import run_timed
 from conftest import synced
 from profile_scoring import FLOOR, GQA, SELECT, SNAP_REST, WHOLE, ratios, scoring_pieces, timed_round_robin

@@ -27,9 +27,9 @@ import types
 import attrs
 import pytest
 import torch
-
 from benchutil import run_timed
 from conftest import on_cuda, synced
+
 from evictkit.kernels import varlen_attention, varlen_attention_torch
 from evictkit.ragged import attention_mask
 
@@ -129,7 +129,10 @@ def test_varlen_attention(benchmark, bench_threads, request, report, device, var
     n, q = varlen_case
     s = varlen_sizes(request.config)
     dtype_opt = request.config.getoption("bench_dtype")
-    dtype = getattr(torch, dtype_opt) if dtype_opt != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype_opt != "auto":
+        dtype = getattr(torch, dtype_opt)
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     c = _case(s, n, q, dtype, device)
     if varlen_method == "padded":
         method, args = _padded_attention(c["g"], c["scale"]), c["padded"]

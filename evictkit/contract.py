@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import attrs
 import torch
 
+from evictkit.selection import select_topk
+
 if TYPE_CHECKING:
     from evictkit.observation import Observation
 
@@ -129,8 +131,6 @@ class ScorePolicy(Policy):
         raise NotImplementedError
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor | RaggedSelection:
-        from evictkit.selection import select_topk
-
         sinks, window = self.protected()
         return select_topk(self.score(obs), budget, sinks=sinks, window=window, policy=self.name)
 

@@ -1,6 +1,9 @@
 """What a policy may use beyond `evictkit`'s top level: selection, attention and validation helpers.
 
-Built-in policies import only from `evictkit` and this module, as a third-party policy does.
+Built-in policies import from `evictkit`, this module and other built-in policy modules
+(`evictkit.plugins.*`: PyramidKV extends SnapKV, AdaKV reuses PyramidKV's schedule, ReST-KV keeps
+its numerics in `_restkv_math`), as a third-party policy imports from `evictkit`, this module and
+its own package; none imports the core's other modules (tests/test_contract.py checks it).
 
 - selection: `select_topk` (scores -> sorted kept indices, protected slots forced in, ties to the
   newer slot), `reduce_gqa`, `pool1d`, `RaggedSelection` (per-head counts);

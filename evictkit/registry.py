@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import pluggy
 
+from evictkit.contract import Policy, params_of
 from evictkit.specs import hookspecs
 
 ENTRY_POINT_GROUP = "evictkit"
@@ -125,8 +126,6 @@ class Registry:
 
     def add(self, cls: type, *, plugin: str, package: str) -> None:
         """Register one policy class; a bad class or duplicate name is recorded as a failure."""
-        from evictkit.contract import Policy
-
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
             self._fail(plugin, package, f"registered {cls!r}, which is not an evictkit.Policy subclass")
             return
@@ -253,8 +252,6 @@ def _strip_attrs_message(message: object) -> str:
 
 def build_policy(name: str, **params: Any) -> Any:
     """`evictkit.policy(name, **params)`: the registered class built with checked parameters."""
-    from evictkit.contract import params_of
-
     table = get_registry().policies()
     if not isinstance(name, str) or name not in table:
         raise ValueError(unknown_policy_message(name, list(table)))

@@ -20,9 +20,14 @@ layer total is exactly `H_kv * min(T, budget)` real entries.
 Defaults: scorer="snapkv" (window=32, kernel=7, pool="max", as the reference), alpha=0.2 (the
 reference's LongBench `--floor_alpha 0.2`), window=32, normalize=False, skip=0,
 pyram_mode=False, pyram_beta=20 (the reference's defaults). Prefill only, as the reference.
-Parameters: `scorer` (a registered ScorePolicy name that takes `window`), `alpha` in [0, 1]
-(fraction of B every head is guaranteed; 1 = uniform SnapKV), `window`, `scorer_options`
-(extra parameters of the scorer, e.g. {"kernel": 5}), and the reference's options:
+Parameters: `scorer`, the wrapped score policy: an instance (`AdaKV(scorer=SnapKV(window=16),
+window=16)`, as kvpress wraps a press with `AdaKVPress(press)`; nothing is looked up) or a
+registered name (the string path: "snapkv", built through the registry with `window` and
+`scorer_options`, as `evictkit list` and the command line give it); either way a ScorePolicy with
+a `window` parameter. `alpha` in [0, 1] (fraction of B every head is guaranteed; 1 = uniform
+SnapKV), `window` (the scorer's window: passed to a scorer given by name, and equal to an
+instance's own), `scorer_options` (extra parameters of a scorer given by name, e.g.
+{"kernel": 5}), and the reference's options:
 - `normalize`: before the global top-k, weigh each head's scores by the share of its score mass
   that its own top B hold (heads whose attention is concentrated count for more);
 - `skip`: layers below this index get uniform caps (B per head, plain scorer selection);
@@ -50,13 +55,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import torch
 
+import evictkit
 from evictkit import Needs, Observation, ScorePolicy, hookimpl
-from evictkit.helpers import a_bool, int_at_least
+from evictkit.helpers import RaggedSelection, a_bool, int_at_least
 from evictkit.plugins.pyramidkv import pyramid_budgets
 
 
@@ -138,7 +144,7 @@ class AdaKV(ScorePolicy):
         "re-allocates the layer's budget across heads after each chunk; the reference defines one-shot prefill only"
     )
 
-    scorer: str = attrs.field(default="snapkv")
+    scorer: str | ScorePolicy = attrs.field(default="snapkv")
     alpha: float = attrs.field(default=0.2, validator=_check_alpha)
     window: int = attrs.field(default=32, validator=int_at_least(1))
     scorer_options: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_as_options)
@@ -149,8 +155,26 @@ class AdaKV(ScorePolicy):
     _base: ScorePolicy = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        import evictkit
+        scorer = self.scorer
+        base = self._scorer_instance(scorer) if isinstance(scorer, ScorePolicy) else self._scorer_by_name()
+        object.__setattr__(self, "_base", base)  # derived from the fields once: a hyper-parameter, not state
 
+    def _scorer_instance(self, scorer: ScorePolicy) -> ScorePolicy:
+        """The wrapped scorer given as an instance: used as it is, the registry untouched."""
+        if isinstance(scorer, AdaKV) or "window" not in evictkit.params_of(type(scorer)):
+            raise ValueError(f"scorer={scorer!r}: must be a score policy with a `window` parameter "
+                             "(e.g. SnapKV(window=32)), not AdaKV itself")
+        if self.scorer_options:
+            raise ValueError(f"scorer_options={dict(self.scorer_options)!r}: only for a scorer given by name; "
+                             f"set them on the scorer instance {scorer!r}")
+        window = scorer.window  # type: ignore[attr-defined]  # a field: checked just above
+        if window != self.window:
+            raise ValueError(f"window={self.window}: must equal the window of the scorer instance ({scorer!r}); "
+                             f"give window={window} or build the scorer with window={self.window}")
+        return scorer
+
+    def _scorer_by_name(self) -> ScorePolicy:
+        """The string path: the registered score policy of that name, built with `window` and the options."""
         table = evictkit.policies()
 
         def usable(c: type | None) -> bool:
@@ -159,13 +183,13 @@ class AdaKV(ScorePolicy):
 
         if not usable(table.get(self.scorer) if isinstance(self.scorer, str) else None):
             raise ValueError(
-                f"scorer={self.scorer!r}: must be a registered score policy with a `window` parameter "
-                f"({', '.join(n for n, c in table.items() if usable(c)) or 'none registered'})"
+                f"scorer={self.scorer!r}: must be a score policy instance or a registered score policy name with a "
+                f"`window` parameter ({', '.join(n for n, c in table.items() if usable(c)) or 'none registered'})"
             )
         options = dict(self.scorer_options)
         if "window" in options:
             raise ValueError("scorer_options: give the window as adakv's own `window` parameter")
-        object.__setattr__(self, "_base", evictkit.policy(self.scorer, window=self.window, **options))
+        return cast(ScorePolicy, evictkit.policy(cast(str, self.scorer), window=self.window, **options))
 
     def needs(self) -> Needs:
         return self._base.needs()
@@ -182,10 +206,8 @@ class AdaKV(ScorePolicy):
         sinks, window = self.protected()
         return pyramid_budgets(budget, sinks + window, n_layers, length, self.pyram_beta)[layer_idx]
 
-    def select(  # type: ignore[override]  # a plain (idx, counts) tuple, not contract.RaggedSelection
-        self, obs: Observation, budget: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ragged selection: (idx [B, H_kv, K] right-aligned per head, counts [B, H_kv])."""
+    def select(self, obs: Observation, budget: int) -> RaggedSelection:
+        """Ragged selection: idx [B, H_kv, K] right-aligned per head, counts [B, H_kv]."""
         scores = self.score(obs).float()
         B, H, T = scores.shape
         if torch.isnan(scores).any():
@@ -219,7 +241,7 @@ class AdaKV(ScorePolicy):
         K = int(kept.max())
         # kept slots ascending, right-aligned: unkept ones sort first as -1
         idx = torch.where(keep, slots, -1).sort(dim=-1).values[..., T - K :]
-        return idx, kept
+        return RaggedSelection(idx, kept)
 
 
 @hookimpl

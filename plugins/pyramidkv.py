@@ -36,7 +36,8 @@ from typing import ClassVar
 import attrs
 
 from evictkit import hookimpl
-from evictkit.plugins.snapkv import SnapKV, int_at_least
+from evictkit.helpers import int_at_least
+from evictkit.plugins.snapkv import SnapKV
 
 
 def pyramid_budgets(budget: int, window: int, n_layers: int, length: int, beta: int = 20) -> list[int]:

@@ -24,7 +24,9 @@ DEVICES = [
         id="cuda",
         marks=[
             pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"),
+            pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"
+            ),
         ],
     ),
 ]

@@ -6,7 +6,6 @@ import torch
 
 import evictkit
 
-
 #: every built-in policy with parameters small enough for a 2-layer tiny model (window 8: the
 #: default 32 exceeds the budgets these tests use; LaCache's ladder span must fit 2 layers)
 TINY_POLICIES = [

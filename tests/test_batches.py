@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from generation import TINY_POLICIES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evictkit
 from evictkit.specs.tiny import tiny_model
-from generation import TINY_POLICIES
 
 BUDGET, CHUNK, NEW = 24, 16, 6
 POLICIES = TINY_POLICIES

@@ -6,8 +6,8 @@ import torch
 from transformers import DynamicCache
 
 import evictkit
-from evictkit.specs.tiny import tiny_model
 from evictkit.hf import cache_arg
+from evictkit.specs.tiny import tiny_model
 
 PROMPT, BUDGET = 30, 12
 #: decode-time evicting policies whose per-row side tensors would go stale

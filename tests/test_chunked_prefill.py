@@ -3,12 +3,12 @@ and every prefill policy compresses each layer back to its budget after it."""
 
 import pytest
 import torch
+from generation import TINY_POLICIES
 from transformers import DynamicCache
 
 import evictkit
-from evictkit.specs.tiny import tiny_model
-from generation import TINY_POLICIES
 from evictkit.hf import cache_arg
+from evictkit.specs.tiny import tiny_model
 
 PROMPT, CHUNK, BUDGET = 100, 16, 40
 H_KV = 2  # tiny_model's default
@@ -124,7 +124,10 @@ def test_chunked_eviction_equals_full_attention_masked_to_what_was_kept(attn, id
             kept = layers[0][0, 0]
             assert all(torch.equal(p, layers[0].expand_as(p)) for p in layers.values())
     assert len(kept) == BUDGET
-    mask = visible[None, None] if attn == "sdpa" else torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
+    if attn == "sdpa":
+        mask = visible[None, None]
+    else:
+        mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
     reference = model(ids, attention_mask=mask).logits[:, -logits.shape[1]:]
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 

@@ -68,7 +68,8 @@ def test_env_json_reports_versions_and_devices(capsys):
     env = json.loads(capsys.readouterr().out)
     v = env["versions"]
     assert v["evictkit"] == evictkit.__version__ and v["torch"] == torch.__version__
-    assert v["pluggy"] == importlib.metadata.version("pluggy") and v["hypothesis"] == importlib.metadata.version("hypothesis")
+    assert v["pluggy"] == importlib.metadata.version("pluggy")
+    assert v["hypothesis"] == importlib.metadata.version("hypothesis")
     assert set(v) >= {"python", "transformers", "triton", "attrs"}
     assert env["policies"] == len(evictkit.policies())
     # the extras come from evictkit's metadata: this very test runs with the dev extra's pytest

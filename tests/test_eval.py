@@ -6,10 +6,10 @@ import argparse
 import json
 
 import pytest
+from models import tiny_model
 
 from evictkit.eval import ByteTokenizer, EvalConfig, parse_budgets, parse_policies, run_eval
 from evictkit.eval import cli as eval_cli
-from models import tiny_model
 
 TINY = dict(tasks="ruler:niah_single_2,niah", policies="streaming_llm,snapkv:window=8", budgets="48,96",
             length=500, samples=1, niah_depths="50", max_new_tokens=3, model="tiny")
@@ -35,7 +35,10 @@ def test_end_to_end_then_resume_does_no_work(model, tmp_path):
     assert first == {"ran": 8, "skipped": 0, "out": str(out)}  # 2 tasks x 1 sample x 2 policies x 2 budgets
     rows = _rows(out)
     assert {(r["task"], r["policy"], r["budget"]) for r in rows} == {
-        (t, p, b) for t in ("ruler:niah_single_2", "niah") for p in ("streaming_llm", "snapkv(window=8)") for b in (48, 96)
+        (t, p, b)
+        for t in ("ruler:niah_single_2", "niah")
+        for p in ("streaming_llm", "snapkv(window=8)")
+        for b in (48, 96)
     }
     for r in rows:
         assert r["cache_after_prefill"] == r["budget"]  # the achieved size is the budget

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from models import tiny_model
 
 import evictkit
 from evictkit.eval import ByteTokenizer, EvalConfig, engine, run_eval, store
@@ -14,7 +15,6 @@ from evictkit.eval import cli as eval_cli
 from evictkit.eval.runner import batches
 from evictkit.eval.tasks import Sample, make_sample
 from evictkit.eval.tokenizer import Codec
-from models import tiny_model
 
 #: timings differ from run to run (and a batch's are shared by its rows); every other field must be equal
 TIMINGS = ("prefill_s", "evict_s", "decode_s", "peak_mem_bytes")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import tiny_model
 
 import evictkit
 from evictkit.compress import Compression
 from evictkit.eval import engine
 from evictkit.eval.tasks import Sample, make_sample
 from evictkit.eval.tokenizer import ByteTokenizer, Codec
-from models import tiny_model
 
 CODEC = Codec(ByteTokenizer())
 

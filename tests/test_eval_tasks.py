@@ -165,8 +165,10 @@ def test_token_f1_and_leading_match():
 
 
 def test_partial_credit():
-    assert scoring.partial_credit("all", "1234000 and 9999999", ["1234567", "9999999"]) == pytest.approx(100 * (4 / 7 + 1) / 2)
-    assert scoring.partial_credit("part", "Paris, France", ["France", "the French Republic"]) == pytest.approx(100 * 2 / 3)
+    got = scoring.partial_credit("all", "1234000 and 9999999", ["1234567", "9999999"])
+    assert got == pytest.approx(100 * (4 / 7 + 1) / 2)
+    got = scoring.partial_credit("part", "Paris, France", ["France", "the French Republic"])
+    assert got == pytest.approx(100 * 2 / 3)
     assert scoring.partial_credit("all", "apple pear", ["apple", "plum"]) == 50.0
 
 

@@ -6,9 +6,9 @@ import collections
 
 import pytest
 import torch
+from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids, sharpen_attention
 from models import tiny_model
 
 import evictkit

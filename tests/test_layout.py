@@ -100,7 +100,8 @@ def test_a_distribution_named_like_a_top_level_folder_wins(tmp_path: Path) -> No
         import importlib
         for name in {names!r}:
             mod = importlib.import_module(name)
-            assert getattr(mod, "STAND_IN", False), f"{{name}} came from {{mod.__spec__.submodule_search_locations or mod.__file__}}"
+            where = mod.__spec__.submodule_search_locations or mod.__file__
+            assert getattr(mod, "STAND_IN", False), f"{{name}} came from {{where}}"
         import evictkit, evictkit.kernels, evictkit.specs, evictkit.plugins.snapkv
         assert callable(evictkit.kernels.compact) and "snapkv" in evictkit.policies()
         from evictkit.specs import conformance_tests
@@ -120,7 +121,8 @@ def test_transformers_and_evictkit_import_from_the_checkout() -> None:
         import evictkit
         spec = importlib.util.find_spec("kernels")
         if spec is not None and spec.origin is not None:
-            assert not pathlib.Path(spec.origin).resolve().is_relative_to(pathlib.Path("kernels").resolve()), spec.origin
+            origin = pathlib.Path(spec.origin).resolve()
+            assert not origin.is_relative_to(pathlib.Path("kernels").resolve()), spec.origin
         print(spec.origin if spec else None)
         """
     )

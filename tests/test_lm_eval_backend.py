@@ -11,10 +11,10 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from models import tiny_model  # noqa: E402
 
 from evictkit.cli import main  # noqa: E402
 from evictkit.lm_eval import EvictkitLM  # noqa: E402
-from models import tiny_model  # noqa: E402
 
 TASKS = ["ek_boolq", "ek_gen", "ek_ppl"]
 FILLER = "The river runs north past the old mill and the stone bridge, where the fishermen meet at dawn. "
@@ -31,7 +31,10 @@ def _docs() -> list[dict]:
 
 
 def _yaml(name: str, data: Path, body: str) -> str:
-    return f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n{body}"
+    return (
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"test_split: test\n{body}"
+    )
 
 
 def _byte_tokenizer():

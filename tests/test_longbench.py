@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from models import tiny_model
 
 from evictkit.eval import ByteTokenizer, EvalConfig, longbench, make_sample, parse_tasks, run_eval
 from evictkit.eval import cli as eval_cli
 from evictkit.eval import longbench_metrics as lm
 from evictkit.eval.runner import _widens
 from evictkit.eval.tokenizer import Codec
-from models import tiny_model
 
 EPS = 1e-8  # the `rouge` package's term in the F denominator, which LongBench's ROUGE-L inherits
 CHARS = lm.zh_tokens  # the jieba-free segmenter, so the zh cases do not depend on what is installed
@@ -278,7 +278,8 @@ def test_run_eval_writes_longbench_rows(model, tmp_path, data):
         assert 0.0 <= r["score"] <= 100.0 and r["partial"] == r["score"]
         assert isinstance(r["prediction"], str) and r["reference"] in (["Paris"], ["north"], ["Japan"], ["Plant"])
         assert r["n_tokens"] <= 400 and r["shared_prefill"] is True and r["evidence_all_kept"] is None
-        assert r["score"] == longbench.score(r["task"], r["prediction"], r["reference"], ["Animal", "Plant", "Location"])
+        classes = ["Animal", "Plant", "Location"]
+        assert r["score"] == longbench.score(r["task"], r["prediction"], r["reference"], classes)
     first = next(r for r in rows if r["task"] == "longbench:hotpotqa" and r["index"] == 0)
     assert first["n_tokens"] == 400  # truncated in the middle
     snap = [r for r in rows if r["policy"] == "snapkv(window=8)" and r["n_tokens"] > 100]

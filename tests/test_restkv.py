@@ -12,16 +12,16 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from generation import prompt_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_model
 
 import evictkit
 from evictkit.hf import cache_of
 from evictkit.plugins import _restkv_aws as AWS
 from evictkit.plugins import _restkv_math as M
 from evictkit.plugins.restkv import RestKV
-from generation import prompt_ids
-from models import tiny_model
 
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -69,7 +69,9 @@ def test_per_query_scores_equal_brute_force():
     v = torch.randn(T, d, generator=g, dtype=torch.float64)
     wo = torch.randn(hidden, d, generator=g, dtype=torch.float64)
     attn = torch.softmax(logits, -1)
-    got = M.reconstruction_scores_per_query(attn.view(1, 1, 1, w, T), v.view(1, 1, T, d), (wo.T @ wo).view(1, 1, d, d), T - w)
+    got = M.reconstruction_scores_per_query(
+        attn.view(1, 1, 1, w, T), v.view(1, 1, T, d), (wo.T @ wo).view(1, 1, d, d), T - w
+    )
     for t in range(w):
         visible = T - w + t + 1
         want = _brute_force_change(logits[t, :visible], v[:visible], wo)[: T - w]
@@ -296,7 +298,9 @@ def _released_scorer(q, k, v, wo, budget, w, alpha, beta, k_min):
     pv = torch.einsum("hld,chd->hlc", v, wo3)
     score = a / (1 - a) * (po[:, None] - pv[:, : L - w]).norm(dim=-1)
     n = budget - w
-    t_shift = (attn[:, : w // 2].argsort(-1)[..., L - n :] - attn[:, w // 2 :].argsort(-1)[..., L - n :]).double().mean((1, 2))
+    top_first = attn[:, : w // 2].argsort(-1)[..., L - n :]
+    top_second = attn[:, w // 2 :].argsort(-1)[..., L - n :]
+    t_shift = (top_first - top_second).double().mean((1, 2))
     out = []
     for h in range(H):
         kk = max(k_min, int(2 * (t_shift[h].abs() // beta) + 1))
@@ -391,7 +395,9 @@ def test_laws_every_switch(arch_run, indicator, temporal, spatial):
         assert torch.equal(k, k2) and torch.equal(v, v2), "two runs differ"
 
 
-@pytest.mark.parametrize("params", [dict(metric_mode="before"), dict(gqa="max"), dict(metric_mode="before", gqa="max", alpha=1.0)])
+@pytest.mark.parametrize(
+    "params", [dict(metric_mode="before"), dict(gqa="max"), dict(metric_mode="before", gqa="max", alpha=1.0)]
+)
 def test_laws_other_switches(arch_run, params):
     model, ids, full = arch_run
     run, cache = _run(model, ids, 24, window=8, **params)
@@ -469,7 +475,9 @@ def _allocations(fn) -> tuple[int, int]:
     finally:
         os.unlink(path)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]"), key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0))
+    )
     assert mem, "the profiler recorded no allocation"
     live = peak = biggest = 0
     for e in mem:
@@ -503,7 +511,8 @@ def test_scoring_never_materialises_the_projection(metric_mode):
     bound = 2 * (Hq * W * L + Hq * L * d) * 4
     assert biggest < projection / 4, f"largest allocation {biggest} B"
     assert peak <= bound, f"peak {peak} B > bound {bound} B"
-    naive_peak, _ = _allocations(lambda: torch.einsum("bhld,chd->bhlc", values, weight.view(hidden, Hkv, 2, d)[:, :, 0]))
+    per_head = weight.view(hidden, Hkv, 2, d)[:, :, 0]
+    naive_peak, _ = _allocations(lambda: torch.einsum("bhld,chd->bhlc", values, per_head))
     assert naive_peak >= projection / 2  # the method does see a projection-sized tensor
 
 
@@ -515,7 +524,9 @@ def _layer_inputs(model, ids):
     grabbed = {}
     hooks = [
         m.register_forward_pre_hook(
-            lambda mod, args, kwargs, li=li: grabbed.__setitem__(li, (kwargs["hidden_states"], *kwargs["position_embeddings"])),
+            lambda mod, args, kwargs, li=li: grabbed.__setitem__(
+                li, (kwargs["hidden_states"], *kwargs["position_embeddings"])
+            ),
             with_kwargs=True,
         )
         for li, m in enumerate(attention_modules(model))
@@ -539,7 +550,10 @@ def test_carried_aggregate_equals_the_aggregate_over_every_query(temporal):
 
     model = tiny_model("qwen2")  # GQA: 2 query heads per KV head
     ids, w, new = prompt_ids(30), 8, 6
-    with torch.no_grad(), evictkit.compress(model, "restkv", budget=64, window=w, temporal=temporal, phase="both") as run:
+    with (
+        torch.no_grad(),
+        evictkit.compress(model, "restkv", budget=64, window=w, temporal=temporal, phase="both") as run,
+    ):
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         states = {li: dict(st.state) for li, st in run._layers.items()}
     seq = out[:, :-1]  # the last token was sampled but never forwarded
@@ -693,7 +707,9 @@ def test_bad_parameters(param, value):
 def test_defaults_and_contract():
     p = evictkit.policy("restkv")
     assert (p.window, p.alpha, p.beta, p.k_min) == (32, 0.3, 2000, 5)
-    assert (p.metric_mode, p.indicator, p.temporal, p.spatial, p.gqa) == ("after", "reconstruction", "ema", "adaptive", "mean")
+    assert (p.metric_mode, p.indicator, p.temporal, p.spatial, p.gqa) == (
+        "after", "reconstruction", "ema", "adaptive", "mean"
+    )
     assert p.phases == ("prefill",)
     assert p.decode == "carried" and p.carries
     assert p.needs() == evictkit.Needs(window=32, queries=True)

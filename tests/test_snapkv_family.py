@@ -20,6 +20,7 @@ from evictkit.plugins.snapkv import SnapKV, window_scores
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
+
 from evictkit.hf import cache_arg
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -304,7 +305,8 @@ def test_layers_of_different_lengths_decode_in_chunks(attn):
             model(ids, **cache_arg(model, cache))
             assert len(set(run.stats.sizes())) == 4
             if one_by_one:
-                outs.append(torch.cat([model(chunk[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(5)], dim=1))
+                steps = [model(chunk[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(5)]
+                outs.append(torch.cat(steps, dim=1))
             else:
                 outs.append(model(chunk, **cache_arg(model, cache)).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)

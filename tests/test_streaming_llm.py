@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids, sharpen_attention
+from generation import assert_generation_unchanged, generate_with_snapshots, prompt_ids
 from models import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

@@ -61,7 +61,8 @@ def passkey_samples(tok, n_tokens: int, count: int, seed: int = 0) -> list[dict]
     out = []
     for i in range(count):
         key = str(rng.randint(10000, 99999))
-        needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False).input_ids
+        needle_text = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        needle = tok(needle_text, add_special_tokens=False).input_ids
         body = filler[: n_tokens - len(intro) - len(needle)]
         at = int(len(body) * (i + 0.5) / count)
         out.append({"context": intro + body[:at] + needle + body[at:], "question": question, "key": key,
@@ -140,8 +141,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_md = Path(args.out) if args.out else work / "kvpress_comparison.md"
 
-    import evictkit
     from benchutil import prompt_ids
+
+    import evictkit
     from evictkit.models import cache_dir
 
     _, tok = evictkit.load_model("smollm2")  # converts the GGUF once; both venvs load the converted copy
@@ -252,8 +254,8 @@ def report(sides: dict, chosen: dict, inputs: dict, samples: list, tok, args) ->
         lines.append(f"| {name}{note} | " + " | ".join(cells) + " |")
 
     if samples:
-        lines += ["", "### Passkey accuracy", "", "| method | kvpress | evictkit (kvpress venv) | evictkit (own venv) |",
-                  "|---|---|---|---|"]
+        lines += ["", "### Passkey accuracy", "",
+                  "| method | kvpress | evictkit (kvpress venv) | evictkit (own venv) |", "|---|---|---|---|"]
         lines.append("| full cache | " + " | ".join(accuracy(tok, s.get("passkey_full"), samples)
                                                      for s in (kp, ek_kv, ek_main)) + " |")
         for name in chosen:
