@@ -19,6 +19,7 @@ from evictkit.plugins.pyramidkv import pyramid_budgets
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
+
 from evictkit.hf import cache_arg
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -224,7 +225,8 @@ def test_ragged_multi_token_forward_is_causal():
             model(ids, **cache_arg(model, cache))
             assert any(run._layers[li].pad is not None for li in range(2))
             if one_by_one:
-                outs.append(torch.cat([model(chunk[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(5)], dim=1))
+                steps = [model(chunk[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(5)]
+                outs.append(torch.cat(steps, dim=1))
             else:
                 outs.append(model(chunk, **cache_arg(model, cache)).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
@@ -241,7 +243,8 @@ def test_batch_rows_match_single_runs():
         cache = DynamicCache()
         with torch.no_grad(), evictkit.compress(model, AdaKV(window=4, alpha=0.0), budget=12) as run:
             model(rows, **cache_arg(model, cache))
-            logits = torch.cat([model(toks[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(toks.shape[1])], 1)
+            steps = [model(toks[:, i : i + 1], **cache_arg(model, cache)).logits for i in range(toks.shape[1])]
+            logits = torch.cat(steps, 1)
         return logits, run
 
     both, run = decode(ids, tokens)
