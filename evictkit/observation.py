@@ -141,3 +141,90 @@ class Observation:
         if weight.device.type == "meta" and getattr(hook, "weights_map", None) is not None:
             weight = hook.weights_map["weight"].to(hook.execution_device)
         return weight
+
+    # --- engines other than transformers --------------------------------------------------
+    @classmethod
+    def from_tensors(
+        cls,
+        *,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor,
+        query_positions: torch.Tensor,
+        scaling: float,
+        layer_idx: int,
+        n_layers: int,
+        window: int,
+        positions: torch.Tensor | None = None,
+        phase: str = "prefill",
+        phases: tuple[str, ...] = ("prefill",),
+        state: dict[str, torch.Tensor] | None = None,
+        scratch: dict[str, Any] | None = None,
+        o_proj_weight: torch.Tensor | None = None,
+        softcap: float | None = None,
+    ) -> Observation:
+        """An Observation from an engine's own tensors, with no transformers module (vLLM's
+        attention backend sees post-RoPE queries, never `hidden_states`).
+
+        keys, values: [B, H_kv, T, D]; queries: [B, H_q, q, D] post-RoPE queries of this forward
+        (the newest q entries of `keys`), of which the newest `window` are `window_queries`;
+        query_positions: [B, q]; positions: [B, H_kv, T] (default 0..T-1, a prompt seen whole);
+        o_proj_weight: the layer's W_O [hidden, H_q * D] for policies that read it (ReST-KV).
+        Everything else means what it means in the constructor above.
+        """
+        B, Hkv, T, _ = keys.shape
+        if positions is None:
+            positions = torch.arange(T, device=keys.device).expand(B, Hkv, T)
+        return _TensorObservation(
+            keys=keys, values=values, queries=queries, query_positions=query_positions, scaling=scaling,
+            layer_idx=layer_idx, n_layers=n_layers, window=window, positions=positions, phase=phase,
+            phases=phases, state={} if state is None else state, scratch={} if scratch is None else scratch,
+            o_proj_weight=o_proj_weight, softcap=softcap,
+        )
+
+
+class _TensorObservation(Observation):
+    """`Observation.from_tensors`'s object: the module-derived views answered from tensors."""
+
+    def __init__(self, *, queries: torch.Tensor, scaling: float, o_proj_weight: torch.Tensor | None,
+                 softcap: float | None, **kw: Any) -> None:
+        super().__init__(module=None, hidden_states=queries, position_embeddings=(None, None), **kw)  # type: ignore[arg-type]
+        self._queries = queries
+        self._scaling = float(scaling)
+        self._o_proj = o_proj_weight
+        self._softcap = softcap
+
+    @property
+    def q_len(self) -> int:
+        return self._queries.shape[2]
+
+    @property
+    def n_heads(self) -> int:
+        return self._queries.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+    @property
+    def scaling(self) -> float:
+        return self._scaling
+
+    @property
+    def softcap(self) -> float | None:
+        return self._softcap
+
+    @property
+    def queries(self) -> torch.Tensor:
+        return self._queries
+
+    @property
+    def _window_qp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = min(self._window, self.q_len)
+        return self._queries[:, :, self.q_len - w :], self.query_positions[:, self.q_len - w :]
+
+    @property
+    def o_proj_weight(self) -> torch.Tensor:
+        if self._o_proj is None:
+            raise ValueError("this Observation was built from tensors without o_proj_weight; the policy reads W_O")
+        return self._o_proj
