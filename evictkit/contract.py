@@ -112,7 +112,9 @@ class Policy:
 
         Return per-token state tensors `[B, H_kv, T]` or `[B, H_kv, T, E]` (E values per entry,
         e.g. one per query head of a GQA group; the whole current cache) to store;
-        `obs.state[name]` holds the previous values, with the new tokens' slots set to 0.
+        `obs.state[name]` holds the previous values, with the new tokens' slots set to 0. Every
+        tensor of `obs` is read-only, side tensors included: return a new tensor (it replaces
+        the old one); write only into `obs.scratch` (see evictkit.debug).
         """
         return {}
 

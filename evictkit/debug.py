@@ -5,6 +5,12 @@ itself, not copies: a policy that modifies one in place (`obs.keys.mul_(0.5)`, `
 side tensor, an index assignment) silently corrupts the cache. Copying every tensor before each
 call would double the memory of the cache, so the core does not check this by default.
 
+The rule is one rule, the same for the core, the conformance kit (which compares with pristine
+copies) and this guard: every tensor an Observation shows is read-only, side tensors (`obs.state`)
+included. A policy that updates per-token state returns a new tensor from `observe()`, which
+replaces the old one; `obs.scratch` is the one thing a policy writes into (per-layer values).
+tests/test_debug_readonly.py runs every built-in under this guard.
+
 With `EVICTKIT_DEBUG_READONLY=1`, `guard_from_env()` returns a `ChecksumGuard`: it fingerprints
 every tensor the policy is shown before `observe()`, and verifies the fingerprints after
 `observe()` and after `select()` (which runs `score()`), raising RuntimeError that names the

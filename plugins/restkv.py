@@ -210,8 +210,9 @@ class RestKV(ScorePolicy):
         return out
 
     def _value_norms(self, obs: Observation) -> torch.Tensor:
-        """[B, H_kv, T, g]: the stored norms, with the slots of this forward's new tokens filled
-        (the core hands them over zeroed, in a tensor of this forward's own)."""
+        """[B, H_kv, T, g]: a new tensor, the stored norms followed by those of this forward's new
+        tokens (the shown side tensor is read-only: its new slots, which the core zero-filled, are
+        replaced, not written)."""
         gram = self._gram(obs)
         gram = gram.view(obs.n_kv_heads, -1, *gram.shape[1:])
         T = obs.positions.shape[-1]
@@ -221,8 +222,7 @@ class RestKV(ScorePolicy):
             fresh = value_gram_norms(obs.values[:, :, T - new :].float(), gram).transpose(2, 3)  # [B, Hkv, new, g]
         if stored is None:
             return fresh
-        stored[:, :, T - new :] = fresh
-        return stored
+        return torch.cat([stored[:, :, : T - new], fresh.to(stored.dtype)], dim=2)
 
     @staticmethod
     def _carried(obs: Observation) -> torch.Tensor:
