@@ -11,10 +11,13 @@ import torch
 from transformers import DynamicCache
 
 import evictkit
-from evictkit import ragged
+from evictkit import ragged, registry
+from evictkit.helpers import RaggedSelection
 from evictkit.models import attention_modules
 from evictkit.plugins.adakv import AdaKV, allocate_head_budgets, mass_share_weights
 from evictkit.plugins.pyramidkv import pyramid_budgets
+from evictkit.plugins.random import Random
+from evictkit.plugins.snapkv import SnapKV
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
@@ -355,6 +358,52 @@ def test_other_scorers_and_options():
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(7))
     cache, run, _ = _prefill(model, ids, evictkit.policy("adakv", scorer="h2o_prefill", window=4), 12)
     assert all(s.entries == 24 for s in run.stats.layers)
+
+
+# --- the wrapper: a scorer instance, the registry only for a name ----------------------------------
+
+def test_scorer_instance_keeps_what_the_name_keeps():
+    model = tiny_model("qwen2", layers=2)
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(3))
+    by_instance = AdaKV(scorer=SnapKV(window=4, kernel=3), window=4, alpha=0.1)
+    by_name = evictkit.policy("adakv", window=4, alpha=0.1, scorer_options={"kernel": 3})
+    assert by_instance.protected() == by_name.protected() and by_instance.needs() == by_name.needs()
+    _, a, _ = _prefill(model, ids, by_instance, 12)
+    _, b, _ = _prefill(model, ids, by_name, 12)
+    for layer in range(2):
+        assert [k.tolist() for k in _kept_sets(a, layer)] == [k.tolist() for k in _kept_sets(b, layer)]
+
+
+def test_scorer_instance_loads_no_plugin(monkeypatch):
+    fresh = registry.Registry()
+    monkeypatch.setattr(registry, "_registry", fresh)
+    AdaKV(scorer=SnapKV(window=8), window=8, pyram_mode=True)
+    assert not fresh._loaded  # nothing looked up: constructing a policy loads no plugin
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(window=32), "window=32: must equal the window of the scorer instance"),
+        (dict(window=8, scorer_options={"kernel": 3}), "scorer_options=.*only for a scorer given by name"),
+    ],
+)
+def test_scorer_instance_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        AdaKV(scorer=SnapKV(window=8), **params)
+
+
+def test_scorer_instance_must_be_a_windowed_scorer():
+    with pytest.raises(ValueError, match="scorer=AdaKV"):
+        AdaKV(scorer=AdaKV(window=4), window=4)
+    with pytest.raises(ValueError, match="scorer=Random"):
+        AdaKV(scorer=Random())
+
+
+def test_select_returns_a_ragged_selection(monkeypatch):
+    sel = _select_on(_SCORES, AdaKV(window=1, alpha=0.0), monkeypatch)
+    assert isinstance(sel, RaggedSelection)
+    assert sel.idx.dtype == sel.counts.dtype == torch.int64
 
 
 def test_ragged_selection_is_validated():
