@@ -26,13 +26,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from evictkit.eval import longbench_metrics as lm
+from evictkit.eval.sample import Sample
 from evictkit.eval.tokenizer import Codec
-
-if TYPE_CHECKING:
-    from evictkit.eval.tasks import Sample
 
 DATA_URL = "https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip"
 
@@ -171,8 +168,6 @@ def make_sample(task: str, index: int, length: int, codec: Codec, *, data: str |
                 max_new_tokens: int | None = None) -> Sample:
     """Sample `index` (the file's line order) of a longbench task, middle-truncated to `length`
     tokens in all: context_ids end with the context, question_ids hold what follows it."""
-    from evictkit.eval.tasks import Sample  # tasks imports this module
-
     dataset = TASKS[task][0]
     records = load(data, task)
     if not 0 <= index < len(records):

@@ -1,8 +1,8 @@
 """Evaluation tasks: a RULER subset, Needle-in-a-Haystack, perplexity and reconstruction.
 
-Every task turns (seed, index, length) into a `Sample`: the context token ids (compressed
-before the question is seen, unless query-aware), the question token ids, the token spans of
-the evidence (needles, variable chain, gold documents), and the references.
+Every task turns (seed, index, length) into a `Sample` (evictkit/eval/sample.py): the context
+token ids (compressed before the question is seen, unless query-aware), the question token ids,
+the token spans of the evidence (needles, variable chain, gold documents), and the references.
 
 RULER's 13 synthetic tasks are regenerated from its package's data in evictkit/eval/ruler.py
 (sources and deviations there).
@@ -36,34 +36,8 @@ from evictkit.eval.ruler import (
     qa_parts,
     vt_parts,
 )
+from evictkit.eval.sample import Sample
 from evictkit.eval.tokenizer import Codec
-
-
-@attrs.frozen
-class Sample:
-    """One prompt of one task, tokenized.
-
-    context_ids: the tokens compressed before the question is seen (template + haystack);
-    question_ids: the question and answer prefix; evidence: [start, end) spans in context_ids
-    holding what the answer needs; continuation_ids: the teacher-forced tokens of ppl/recon.
-    """
-
-    task: str
-    index: int
-    length: int
-    context_ids: tuple[int, ...]
-    question_ids: tuple[int, ...]
-    references: tuple[str, ...]
-    metric: str  # "all", "part" (RULER string match), "ppl", "recon"
-    max_new_tokens: int
-    evidence: tuple[tuple[int, int], ...] = ()
-    depth: float | None = None  # percent: where the (first) evidence starts in the context
-    continuation_ids: tuple[int, ...] = ()
-    classes: tuple[str, ...] = ()  # LongBench classification: every label (its all_classes)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.context_ids) + len(self.question_ids)
 
 
 @attrs.frozen
