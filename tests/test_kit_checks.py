@@ -1,6 +1,7 @@
-"""The kit's gaps of issue 18, each closed with a broken policy that now fails and a correct one
-that passes: in-place writes in the core's debug mode, score and index dtypes, process-global
-state, batch rows, and errors a policy author can act on."""
+"""What the conformance kit and the core's debug mode catch besides the laws of
+test_laws_catch_broken.py, each with a broken policy that fails and a correct one that passes:
+in-place writes (the core's debug mode), score and index dtypes, process-global state, batch
+rows, and errors a policy author can act on."""
 
 import re
 from typing import ClassVar

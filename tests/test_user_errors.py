@@ -1,5 +1,5 @@
-"""Bad input never gets past the core (issue 18, "The core"): each case gets a clear error naming
-what was given and what to do, with nothing modified, or the correct behaviour.
+"""What users get wrong never gets past the core: each case gets a clear error naming what was
+given and what to do, with nothing modified, or the correct behaviour.
 
 Registry failures (SystemExit in a plugin, unsafe names), parameter errors, budgets, what
 `compress` is given, nesting, threads, the CLI, the optional extras, and the kit's side effects.
