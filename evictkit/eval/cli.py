@@ -10,6 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from evictkit.eval import distributed
+from evictkit.eval.config import EvalConfig
+from evictkit.eval.runner import run_eval
+
 DESCRIPTION = """\
 Evaluate KV-cache eviction policies side by side on one model: RULER tasks, Needle-in-a-Haystack,
 LongBench (from your copy of its data), perplexity and attention-output reconstruction, for every
@@ -106,10 +110,6 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `evictkit eval` with parsed arguments; returns the exit status."""
-    from evictkit.eval import distributed
-    from evictkit.eval.config import EvalConfig
-    from evictkit.eval.runner import run_eval
-
     try:
         config = EvalConfig.from_strings(
             tasks=args.tasks, policies=args.policies, budgets=args.budgets, niah_lengths=args.niah_lengths,

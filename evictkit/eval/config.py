@@ -14,6 +14,7 @@ import attrs
 from evictkit.budget import check_budget
 from evictkit.eval import longbench
 from evictkit.eval.tasks import TASKS, parse_tasks, task_list
+from evictkit.registry import build_policy
 
 DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
@@ -179,11 +180,9 @@ class Variant:
 
 
 def build_variants(config: EvalConfig) -> list[Variant]:
-    import evictkit
-
     out, seen = [], set()
     for name, params in config.policies:
-        policy = evictkit.policy(name, **dict(params))
+        policy = build_policy(name, **dict(params))
         label = name if not params else f"{name}({','.join(f'{k}={v}' for k, v in params)})"
         budgets: Sequence[int | float | None] = [None] if name == "full" else config.budgets
         for b in budgets:

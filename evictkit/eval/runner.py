@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 
 from evictkit.budget import resolve_budget
+from evictkit.compress import Compression
 from evictkit.eval import distributed, engine, longbench, scoring, store
 from evictkit.eval.config import EvalConfig, Variant, build_variants
 from evictkit.eval.report import write_report
@@ -31,6 +32,7 @@ from evictkit.eval.store import CONFIG, RESULTS, load_results  # also still impo
 from evictkit.eval.tasks import TASKS, Sample, make_sample
 from evictkit.eval.tokenizer import Codec
 from evictkit.extras import hint, missing
+from evictkit.models import load_model
 
 # --- the output folder ------------------------------------------------------------------------
 
@@ -146,8 +148,6 @@ def check_model_length(model, config: EvalConfig, name: str) -> None:
 def check_schedules(model, variants: Sequence[Variant], config: EvalConfig) -> None:
     """Build every variant's per-layer budgets now, so a policy that cannot run on this model
     (or at this length) fails before any work is done."""
-    from evictkit.compress import Compression
-
     lengths = {config.length} | set(config.niah_lengths)
     for v in variants:
         for L in lengths:
@@ -193,13 +193,11 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
         # the ranks of a node share its cores: one intra-op pool each, not several fighting
         torch.set_num_threads(distributed.cpu_threads(dist))
     if model is None:
-        import evictkit
-
         dtype = getattr(torch, config.dtype)
         gpu = distributed.cuda_device(dist)
         if device_map is None and gpu is not None:
             device_map = {"": gpu.index}
-        model, loaded_tok = evictkit.load_model(config.model, dtype=dtype, device_map=device_map)
+        model, loaded_tok = load_model(config.model, dtype=dtype, device_map=device_map)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a model object (e.g. evictkit.eval.ByteTokenizer for tiny models)")
