@@ -115,7 +115,7 @@ def layer_inputs(model, input_ids: torch.Tensor, layer_idx: int) -> dict[str, An
     The values are not those of the real prefill (earlier layers are skipped), but every shape,
     dtype and code path is, which is what a cost measurement needs.
     """
-    from evictkit.models import attention_modules
+    from evictkit.hf import attention_modules
 
     module = attention_modules(model)[layer_idx]
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model

@@ -143,13 +143,13 @@ def weight_bytes(model) -> int:
 
 def synthetic_cache(model, n: int, device: torch.device):
     """A DynamicCache holding n random K/V entries per layer (shapes and dtype of the model's)."""
-    from transformers import DynamicCache
+    from evictkit.hf import new_cache
 
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     dtype = next(model.parameters()).dtype
-    cache = DynamicCache(config=c)
+    cache = new_cache(model)
     for li in range(c.num_hidden_layers):
         k = torch.randn(1, kv_heads, n, head_dim, device=device, dtype=dtype)
         cache.update(k, torch.randn_like(k), li)
@@ -238,6 +238,8 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
 
 def run(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Load the model once, then measure each configuration in order (all share model/device/dtype)."""
+    from evictkit.hf import attn_implementation
+
     first = cfgs[0]
     device = torch.device(first.get("device", "cpu"))
     model, tok, dtype_name = load(first.get("model", "smollm2"), device, first.get("dtype", "auto"))
@@ -259,7 +261,7 @@ def run(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "max_positions": trained,
         "raised_to": need if raised else None,
         "threads": torch.get_num_threads(),
-        "attn": getattr(model.config, "_attn_implementation", None),
+        "attn": attn_implementation(model),
     }
     out = []
     for cfg in cfgs:

@@ -32,8 +32,9 @@ How eviction meets each request type (every request is a fresh sequence: one
   the prefill and the rest are fed `chunk` at a time as decode steps (decode-phase policies evict
   as the text goes on); with `chunk=0` a window is one forward and eviction cannot change its score.
 
-Batches: evictkit.compress does not support padded batches yet, so the backend runs one request
-at a time (`batch_size=1`; anything else is refused). A batch of one is never padded.
+Batches: the backend runs one request at a time (`batch_size=1`; anything else is refused), so
+its requests are never padded (evictkit.compress itself runs left-padded batches; this backend
+does not feed it any yet).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ import evictkit
 from evictkit import CompressionStats, Policy, params_of
 from evictkit.budget import check_budget
 from evictkit.compress import PHASE_CHOICES
-from evictkit.hf import cache_arg
-from evictkit.models import MODELS, attention_modules
+from evictkit.hf import attention_modules, cache_arg, new_cache
+from evictkit.models import MODELS
 
 try:
     from lm_eval.api.registry import register_model
@@ -227,9 +228,7 @@ class EvictkitLM(HFLM):
     def _split_forward(self, run: evictkit.Compression, inps: torch.Tensor, first: int, step: int) -> torch.Tensor:
         """Prefill inps[:, :first], then feed the rest `step` tokens at a time over the cache as
         decode steps (evictkit.compress gives the new tokens their true positions)."""
-        from transformers import DynamicCache
-
-        kwargs = {**cache_arg(self.model, DynamicCache(config=self.model.config)), "use_cache": True}
+        kwargs = {**cache_arg(self.model, new_cache(self.model)), "use_cache": True}
         # Where evictkit.compress takes a multi-token continuation for a prefill chunk, `as_decode`
         # makes it a decode step: the scored tokens are not compressed with the context.
         as_decode = getattr(run, "as_decode", contextlib.nullcontext)

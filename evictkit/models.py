@@ -1,4 +1,4 @@
-"""Finding the attention modules of a transformers model, and the offline default models."""
+"""The offline default models (`load_model`); finding attention modules lives in evictkit.hf."""
 
 from __future__ import annotations
 
@@ -8,59 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from evictkit.hf import attention_modules, check_model, sliding_layers
 
-_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-# list[Any]: their layer_idx, head_dim, config and projections are attributes nn.Module's typing does not know
-def attention_modules(model: nn.Module) -> list[Any]:
-    """The decoder attention modules evictkit can hook, ordered by layer index.
-
-    A module qualifies when it has `layer_idx`, `head_dim` and q/k/v/o projections (the
-    transformers layout of Llama, Mistral, Qwen2/3, Gemma 1-3 and most decoder-only models).
-    """
-    check_model(model)
-    found: list[Any] = [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int)
-        and isinstance(getattr(m, "head_dim", None), int)
-        and all(isinstance(getattr(m, p, None), nn.Module) for p in _ATTN_PARTS)
-    ]
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__} has no attention module evictkit understands: it needs modules with "
-            "layer_idx, head_dim and q_proj/k_proj/v_proj/o_proj (Llama, Mistral, Qwen2/3, Gemma layouts)"
-        )
-    found.sort(key=lambda m: m.layer_idx)
-    if len({m.layer_idx for m in found}) != len(found):
-        raise ValueError(f"{type(model).__name__}: several attention modules share a layer_idx")
-    return found
-
-
-def check_model(model: object) -> None:
-    """Raise ValueError unless `model` is a torch module (a transformers model), saying what was given."""
-    if isinstance(model, nn.Module):
-        return
-    kind = f"{type(model).__module__}.{type(model).__qualname__}"
-    looks_like = ""
-    if isinstance(model, str):
-        looks_like = f" (a name: load the model first, `model, tok = evictkit.load_model({model!r})`)"
-    elif hasattr(model, "encode") and hasattr(model, "decode"):
-        looks_like = " (that looks like a tokenizer: pass the model, e.g. `model, tok = evictkit.load_model(...)`)"
-    raise ValueError(
-        f"evictkit.compress needs a transformers model (a torch.nn.Module such as AutoModelForCausalLM's), "
-        f"got {kind}{looks_like}"
-    )
-
-
-def sliding_layers(model: nn.Module) -> set[int]:
-    """Layer indices that use sliding-window attention (left alone by evictkit)."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    types = getattr(config, "layer_types", None) or []
-    return {i for i, t in enumerate(types) if "sliding" in str(t)}
+# the seam to transformers lives in evictkit.hf; these names stay importable from here
+__all__ = ["MODELS", "attention_modules", "cache_dir", "check_model", "load_model", "sliding_layers"]
 
 
 # --- offline models -----------------------------------------------------------------------

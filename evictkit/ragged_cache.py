@@ -13,28 +13,23 @@ It plugs into transformers through its public extension points, never by patchin
 - `varlen_attention` (kernels/varlen_attention*.py) is registered with transformers'
   `AttentionInterface` (and the matching mask function with `AttentionMaskInterface`) under a
   name of evictkit's own, and the model's config points at it only inside the `compress` block:
-  `use_varlen_attention` sets both and restores them on exit. Layers that are not ragged are
-  handed to the model's own attention implementation unchanged.
+  `use_varlen_attention` sets both and restores them on exit (through evictkit.hf, the seam).
+  Layers that are not ragged are handed to the model's own attention implementation unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-import threading
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from evictkit.hf import DynamicLayer, attention_function, attn_implementation, dense_layer, own_attention
 from evictkit.kernels import varlen_attention
 
 #: attention implementations the varlen path can stand in front of (the others keep the padded layout)
 SUPPORTED_IMPLS = ("sdpa", "eager")
-_LOCK = threading.Lock()
-_USERS: dict[str, int] = {}  # registered name -> active compress blocks using it
 
 
 class RaggedLayer(DynamicLayer):
@@ -159,17 +154,14 @@ def _name(impl: str) -> str:
     return f"evictkit_varlen_{impl}"
 
 
-def _attention(impl: str):
+def _attention(impl: str) -> Any:
     """The registered attention function: varlen over a ragged layer, the model's own otherwise."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         layer = _RAGGED.get(id(key))
         if layer is None or layer.keys is not key:  # not ragged: the model's own implementation, its own mask
-            own = (sys.modules[type(module).__module__].eager_attention_forward if impl == "eager"
-                   else ALL_ATTENTION_FUNCTIONS[impl])  # eager is each modeling file's own function
-            return own(module, query, key, value, attention_mask, *args, **kwargs)
+            return own_attention(module, impl)(module, query, key, value, attention_mask, *args, **kwargs)
         scale = kwargs.get("scaling")
         out = varlen_attention(query, key, value, layer.offsets,
                                scale=float(scale) if scale is not None else query.shape[-1] ** -0.5,
@@ -179,30 +171,67 @@ def _attention(impl: str):
     return attend
 
 
-@contextlib.contextmanager
-def use_varlen_attention(config: Any) -> Iterator[None]:
+def serves(config: Any) -> bool:
+    """Whether the varlen attention can serve a model with this config (its own implementation is
+    one it stands in front of, or already evictkit's)."""
+    impl = attn_implementation(config)
+    return impl in SUPPORTED_IMPLS or (impl is not None and impl.startswith("evictkit_varlen_"))
+
+
+def use_varlen_attention(config: Any) -> contextlib.AbstractContextManager[None]:
     """Point `config` at evictkit's varlen attention (registered under a name of its own) for the
     duration; restore the implementation and unregister on exit, exceptions included."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    impl = config._attn_implementation
+    impl = attn_implementation(config)
     if impl not in SUPPORTED_IMPLS:
         raise ValueError(f"ragged layers need attn_implementation in {SUPPORTED_IMPLS}, got {impl!r}")
-    name = _name(impl)
-    with _LOCK:
-        if _USERS.get(name, 0) == 0:
-            ALL_ATTENTION_FUNCTIONS.register(name, _attention(impl))
-            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
-        _USERS[name] = _USERS.get(name, 0) + 1
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = impl
-        with _LOCK:
-            _USERS[name] -= 1
-            if _USERS[name] == 0:
-                del ALL_ATTENTION_FUNCTIONS._global_mapping[name]
-                del ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name]
-                del _USERS[name]
+    return attention_function(config, _name(impl), _attention(impl), masks_like=impl)
+
+
+#: how layers whose KV heads keep different counts are stored: "varlen" (each head its own length,
+#: varlen attention; sdpa and eager models) or "padded" (left-padded to the longest head, per-head
+#: masks: evictkit.ragged)
+RAGGED_LAYOUTS = ("varlen", "padded")
+
+
+class RaggedStore:
+    """Where one compress block writes a step's K/V back, and what it undoes on exit: the varlen
+    attention (on from the block's first ragged layer) and the caches it made ragged."""
+
+    def __init__(self, layout: str) -> None:
+        if layout not in RAGGED_LAYOUTS:
+            raise ValueError(f"ragged_layout={layout!r}: must be one of {', '.join(RAGGED_LAYOUTS)} (how "
+                             "layers whose KV heads keep different counts are stored)")
+        self.layout = layout
+        self._attention = contextlib.ExitStack()
+        self._on = False
+        self._caches: list[weakref.ref] = []
+
+    def store(self, cache: Any, li: int, module: Any, pad: torch.Tensor | None, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Ragged (flattened, one length per head) when the layer's heads differ and the varlen
+        path serves this model, else in the padded layout."""
+        layer = cache.layers[li]
+        if pad is not None and self.layout == "varlen" and serves(module.config):
+            if not self._on:  # the first ragged layer of this block
+                self._attention.enter_context(use_varlen_attention(module.config))
+                self._on = True
+            if not any(ref() is cache for ref in self._caches):
+                self._caches.append(weakref.ref(cache))
+            cache.layers[li] = RaggedLayer.from_padded(keys, values, pad)
+        elif isinstance(layer, RaggedLayer):
+            cache.layers[li] = dense_layer(keys, values)
+        else:
+            layer.keys, layer.values = keys, values
+
+    def close(self) -> None:
+        """Give every cache made ragged its padded layout back (outside the block the model's own
+        attention reads it, and its mask does not hide per-head padding), and the attention back."""
+        for ref in self._caches:
+            cache: Any = ref()
+            for i, layer in enumerate(getattr(cache, "layers", ())):
+                if isinstance(layer, RaggedLayer):
+                    keys, values, _ = layer.padded()
+                    cache.layers[i] = dense_layer(keys, values)
+        self._caches.clear()
+        self._attention.close()
+        self._on = False

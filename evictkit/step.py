@@ -27,6 +27,7 @@ from torch import nn
 
 from evictkit import ragged
 from evictkit.contract import Needs, Policy, RaggedSelection
+from evictkit.hf import attn_implementation
 from evictkit.kernels import compact_many
 from evictkit.observation import Observation
 from evictkit.positions import shift_to_slots
@@ -179,11 +180,14 @@ def new_positions(position_ids: torch.Tensor | None, seen: int, B: int, q: int, 
     return position_ids.to(device=device, dtype=torch.long).expand(B, q)
 
 
-def phase_of(st: LayerState, q: int) -> str:
-    """"prefill" for a forward that starts a sequence or continues it with several tokens (a
-    prefill chunk: the policy compresses the layer back to its budget after it), "decode" for a
-    forward of one new token."""
-    return "prefill" if st.positions is None or q > 1 else "decode"
+def phase_of(st: LayerState, q: int, as_decode: bool = False) -> str:
+    """The phase of a forward of q new tokens, decided here and nowhere else: "prefill" for a
+    forward that starts a sequence, or continues it with several tokens (a prefill chunk: the
+    policy compresses the layer back to its budget after it); "decode" for one new token, and
+    for any continuation under `as_decode` (the query-agnostic protocol appends the question)."""
+    if st.positions is None:
+        return "prefill"
+    return "decode" if as_decode or q == 1 else "prefill"
 
 
 def roll_window(module: nn.Module, window: tuple[torch.Tensor, torch.Tensor] | None, hidden: torch.Tensor,
@@ -250,7 +254,7 @@ def observe(
     B, Hkv, T, _ = keys.shape
     q = hidden_states.shape[1]
     first = st.positions is None
-    phase = "decode" if as_decode and not first else phase_of(st, q)
+    phase = phase_of(st, q, as_decode)
 
     new_pos = _append(cfg, st, module=module, hidden_states=hidden_states, position_embeddings=position_embeddings,
                       position_ids=position_ids, n_kv_heads=Hkv, device=keys.device)
@@ -296,18 +300,19 @@ def _append(cfg: StepConfig, st: LayerState, *, module: nn.Module, hidden_states
 
 def track(cfg: StepConfig, st: LayerState, *, module: nn.Module, hidden_states: torch.Tensor,
           position_embeddings: tuple[torch.Tensor, torch.Tensor], position_ids: torch.Tensor | None,
-          n_kv_heads: int, device: torch.device) -> None:
+          n_kv_heads: int, device: torch.device, as_decode: bool = False) -> str:
     """Steps 1-2 alone, for a forward in which the policy neither observes (it keeps the default
     `observe`) nor evicts: the layer's entries need not be read at all (a ragged layer is then
-    never laid out padded)."""
+    never laid out padded). Returns the forward's phase."""
+    phase = phase_of(st, hidden_states.shape[1], as_decode)
     _append(cfg, st, module=module, hidden_states=hidden_states, position_embeddings=position_embeddings,
             position_ids=position_ids, n_kv_heads=n_kv_heads, device=device)
+    return phase
 
 
 def needs_step(cfg: StepConfig, st: LayerState, q: int, *, as_decode: bool = False) -> bool:
     """Whether this forward's step reads the layer: the policy evicts in its phase, or observes."""
-    phase = "decode" if as_decode and st.positions is not None else phase_of(st, q)
-    return phase in cfg.phases or type(cfg.policy).observe is not Policy.observe
+    return phase_of(st, q, as_decode) in cfg.phases or type(cfg.policy).observe is not Policy.observe
 
 
 def choose(
@@ -321,7 +326,7 @@ def choose(
         return limit, None
     guard.before_select(obs)
     chosen = guard.call("select()", cfg.policy.select, obs, st.budget)
-    attn_impl = getattr(getattr(obs.module, "config", None), "_attn_implementation", None)
+    attn_impl = attn_implementation(obs.module)
     sel = guard.selection(cfg.policy, chosen, st, (B, Hkv, T), attn_impl)
     if sel.pad is not None and cfg.inv_freq is not None:
         raise ValueError(f"policy {cfg.policy.name!r}: ragged layers do not support positions='shift'")

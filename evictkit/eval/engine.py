@@ -29,16 +29,9 @@ from torch import nn
 from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
 from evictkit.contract import Policy
-from evictkit.hf import cache_kwarg
-from evictkit.models import attention_modules
+from evictkit.hf import attention_modules, cache_kwarg, is_sliding, new_cache
 from evictkit.ragged_cache import dense_kv
 from evictkit.stats import CompressionStats, LayerStats
-
-
-def new_cache(model: nn.Module):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module does not type .config
 
 
 def copy_cache(cache):
@@ -141,7 +134,7 @@ class Outcome:
 
 
 def _uniform(cache) -> bool:
-    lengths = {layer.get_seq_length() for layer in cache.layers if not getattr(layer, "is_sliding", False)}
+    lengths = {layer.get_seq_length() for layer in cache.layers if not is_sliding(layer)}
     return len(lengths) <= 1
 
 
@@ -225,7 +218,7 @@ def recon_reference(model: nn.Module, pre: Prefill, targets: Sequence[int], devi
     for module in attention_modules(model):
         li = module.layer_idx
         layer = cache.layers[li]
-        if getattr(layer, "is_sliding", False):
+        if is_sliding(layer):
             continue
         cos, sin = inputs[li]["position_embeddings"]
         q = project_queries(module, inputs[li]["hidden_states"], cos, sin)
@@ -388,7 +381,14 @@ def _row_sizes(kept: dict[int, torch.Tensor]) -> list[list[int]]:
 
 
 class _RowSizes:
-    """Each row's layer sizes after every forward that row would have run alone (its CompressionStats)."""
+    """Each row's layer sizes after every forward that row would have run alone (its CompressionStats).
+
+    Why the harness counts these and does not read `Compression.stats`: the core books each layer
+    of the batch (its length is the longest row's), while a row alone reports its own length; and
+    a row that stopped decoding alone would not have run the forwards the batch still runs for
+    the others. Both are per-row views the core does not keep. (The phase the core books is right
+    for a batched question under `as_decode()` since it is decided in one place, evictkit.step.)
+    """
 
     def __init__(self, comp: Compression, batch: int) -> None:
         self.comp = comp
