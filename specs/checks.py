@@ -10,8 +10,10 @@ them into Hypothesis properties; they are also usable on a hand-written case.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -278,6 +280,59 @@ def reset(make: Callable[[], Policy], first: Case, second: Case, *, label: str |
     if diff:
         raise ctx.fail(f"the second sequence differs from the same sequence on a fresh instance (state leaked "
                        f"from the first sequence): {diff}")
+
+
+def fresh_class(cls: type) -> type | None:
+    """`cls` as a new copy of its module defines it, executed now: class attributes and the module's
+    globals as they are at import, whatever this process ran before. None when the class cannot be
+    found that way (defined inside a function, or a module without a source file)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if module is None or not path or "<locals>" in cls.__qualname__:
+        return None
+    name = f"{cls.__module__}.__evictkit_fresh_copy__"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    copy = importlib.util.module_from_spec(spec)
+    copy.__package__ = module.__package__  # relative imports resolve as in the original
+    sys.modules[name] = copy  # only while it runs (dataclasses and typing look a class's module up)
+    try:
+        spec.loader.exec_module(copy)
+    finally:
+        sys.modules.pop(name, None)
+    found: Any = copy
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) and issubclass(found, Policy) else None
+
+
+def independence(policy: Policy | type[Policy] | Subject, first: Case, second: Case, *,
+                 label: str | None = None) -> None:
+    """A sequence gives the same result whatever ran before it in this process: `second`, run after
+    `first` on the same instance, equals `second` on a fresh instance of the class from a fresh copy
+    of its module (so state on the instance, on the class or in the module's globals, a global
+    calibrated by the first call included, shows up). Cheap and in-process; state held in other
+    modules is left to the `fresh_process` law (thorough profile)."""
+    subject = as_subject(policy)
+    label = label or subject.label
+    ctx = LawContext("independence", label, (first, second))
+    used = subject.make()
+    drive(used, first, ctx)
+    after = drive(used, second, ctx)
+    cls = fresh_class(subject.cls)
+    fresh_subject = subject if cls is None else attrs.evolve(subject, cls=cls)
+    fresh = drive(fresh_subject.make(), second, ctx)
+    where = "a fresh instance" + ("" if cls is None else " of the class from a fresh copy of its module")
+    if (after is None) != (fresh is None):
+        raise ctx.fail(f"after a first sequence the policy refuses an input that {where} accepts, or the reverse")
+    diff = compare_runs(after or [], fresh or [])
+    if diff:
+        raise ctx.fail(f"the second sequence, run after the first on the same instance, differs from the same "
+                       f"sequence on {where}: {diff}. State carries from one sequence to the next: on the instance "
+                       "(object.__setattr__, a mutable field), on the class or in a module global (a value calibrated "
+                       "by the first call, a cache); keep per-sequence state in observe()'s side tensors or "
+                       "obs.scratch, and compute constants from the parameters")
 
 
 def _kept_positions(s: Step, b: int) -> list[list[int]]:

@@ -14,7 +14,8 @@ that Hypothesis shrank to.
 Profiles: `ci` (default; small sizes, few examples, derandomized so every run draws the same
 examples) and `thorough` (prompts up to thousands of tokens, many examples), chosen with the
 environment variable EVICTKIT_HYPOTHESIS_PROFILE or the `profile` argument. A law may run in some
-profiles only (`Law.profiles`: `fresh_process`, which starts processes, runs in `thorough`):
+profiles only (`Law.profiles`: `fresh_process`, which starts processes, runs in `thorough`; its cheap
+in-process counterpart `independence` runs in every profile):
 `conformance_tests` skips it elsewhere and `check_all` leaves it out, while `check_law` runs it
 whenever it is named.
 """
@@ -207,6 +208,22 @@ def _reset(subject: Subject, prof: Profile) -> None:
         checks.reset(subject.make, first, second, label=subject.label)
 
 
+def _independence(subject: Subject, prof: Profile) -> None:
+    policy = subject.make()
+    lo = min_valid_budget(policy, subject.label)
+    strategy = cases(lo=lo, limits=prof.limits, policy=policy)
+
+    @prof.settings()
+    @given(first=strategy, second=strategy)
+    def law(first, second):
+        checks.independence(subject, first, second, label=subject.label)
+
+    _run(law)
+    edges = edge_cases(policy, lo)
+    for first, second in zip(edges, edges[::-1]):
+        checks.independence(subject, first, second, label=subject.label)
+
+
 def _model(check: Callable[..., None], *, noop: bool = False, second: bool = False):
     def run(subject: Subject, prof: Profile) -> None:
         policy = subject.make()
@@ -255,6 +272,7 @@ LAWS: dict[str, Law] = {
         Law("integrity", checks.integrity.__doc__, _direct(checks.integrity, styles=STYLES)),
         Law("batch_rows", checks.batch_rows.__doc__, _direct(checks.batch_rows)),
         Law("reset", checks.reset.__doc__, _reset),
+        Law("independence", checks.independence.__doc__, _independence),
         Law("fresh_process", checks.fresh_process.__doc__, _fresh_process, profiles=("thorough",)),
         Law("invalid_budget", endtoend.invalid_budgets.__doc__, _invalid_budgets),
         Law("compress", endtoend.compress_run.__doc__, _model(endtoend.compress_run)),

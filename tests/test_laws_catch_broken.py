@@ -97,6 +97,22 @@ class LeaksViaDict(ScorePolicy):
         return _recency(obs) * (-1) ** self.memory["sequences"]
 
 
+#: what LeaksViaGlobal calibrates on the first call it gets in a process (module-level state)
+_CALIBRATION: dict[str, float] = {}
+
+
+@attrs.define(frozen=True, kw_only=True)
+class LeaksViaGlobal(ScorePolicy):
+    """Calibrates a module global on the first sequence the process gives it, and keeps it: every
+    instance agrees with every other, so only a fresh copy of the module shows the leak."""
+
+    name: ClassVar[str] = "broken_global_state"
+
+    def score(self, obs):
+        sign = _CALIBRATION.setdefault("sign", 1.0 if obs.length % 2 else -1.0)
+        return _recency(obs) * sign
+
+
 @attrs.define(frozen=True, kw_only=True)
 class ReturnsNaN(ScorePolicy):
     name: ClassVar[str] = "broken_nan"
@@ -183,6 +199,17 @@ def test_reset_catches_state_on_the_instance(policy):
     _violation("reset", policy, "state leaked")
 
 
+@pytest.mark.parametrize("policy", [LeaksViaSetattr, LeaksViaDict], ids=["object_setattr", "mutable_field"])
+def test_independence_catches_state_on_the_instance(policy):
+    _violation("independence", policy, "differs from the same sequence on a fresh instance of the class from a "
+               "fresh copy of its module")
+
+
+def test_independence_catches_a_global_that_the_reset_law_cannot_see():
+    check_law("reset", LeaksViaGlobal)  # every instance in this process shares the calibration
+    _violation("independence", LeaksViaGlobal, "a module global")
+
+
 def test_reset_catches_state_on_the_instance_end_to_end():
     _violation("reset_compress", LeaksViaSetattr, "second sequence generates differently")
 
@@ -245,7 +272,7 @@ def test_a_correct_policy_passes_the_laws_the_broken_ones_fail():
         def score(self, obs):
             return _recency(obs)
 
-    for law in ("budget", "order", "protection", "determinism", "reset", "integrity", "noop"):
+    for law in ("budget", "order", "protection", "determinism", "reset", "independence", "integrity", "noop"):
         check_law(law, Fine)
 
 
