@@ -1,0 +1,164 @@
+"""Startup refusals: every engine setting and policy evictkit_vllm does not support fails the
+engine's start with the setting's name and what to change (docs/vllm.md, "Supported")."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from evictkit_vllm.config import EvictConfig, check_vllm_version
+
+
+class Unsupported(ValueError):
+    """An engine setting or policy evictkit_vllm refuses."""
+
+
+def check_engine(vllm_config: Any, cfg: EvictConfig, *, worker_cls: str, scheduler_cls: str) -> None:
+    """Raise `Unsupported` (or RuntimeError for the vLLM version) naming everything to change."""
+    check_vllm_version()
+    problems = [*_engine_problems(vllm_config, worker_cls, scheduler_cls), *policy_problems(cfg, vllm_config)]
+    if problems:
+        raise Unsupported(
+            f"evictkit ({cfg.policy}, budget={cfg.budget}) cannot run on this engine:\n- " + "\n- ".join(problems)
+            + "\n(evictkit_vllm.engine_kwargs(...) gives the settings it needs; docs/vllm.md lists what is supported)"
+        )
+
+
+def _engine_problems(vc: Any, worker_cls: str, scheduler_cls: str) -> list[str]:
+    out = []
+    mc, cc, sc, pc = vc.model_config, vc.cache_config, vc.scheduler_config, vc.parallel_config
+    if pc.worker_cls != worker_cls:
+        out.append(f"worker_cls={pc.worker_cls!r}: use worker_cls={worker_cls!r} "
+                   "(evictkit's worker compacts the cache)")
+    if sc.scheduler_cls not in (scheduler_cls,):
+        out.append(f"scheduler_cls={sc.scheduler_cls!r}: use scheduler_cls={scheduler_cls!r} "
+                   "(evictkit's scheduler returns the evicted blocks)")
+    if cc.enable_prefix_caching:
+        out.append("enable_prefix_caching=True: set enable_prefix_caching=False (compacted blocks no longer hold "
+                   "the tokens their hashes name)")
+    if sc.enable_chunked_prefill:
+        out.append("enable_chunked_prefill=True: set enable_chunked_prefill=False (each prompt must be prefilled "
+                   "in one step; chunked prefill is not supported yet)")
+    if sc.max_num_batched_tokens < mc.max_model_len:
+        out.append(f"max_num_batched_tokens={sc.max_num_batched_tokens} < max_model_len={mc.max_model_len}: raise "
+                   "max_num_batched_tokens to max_model_len or lower max_model_len (a prompt must fit one step)")
+    if getattr(vc, "use_v2_model_runner", False):
+        out.append("Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1): unset it (evictkit hooks the V1 runner)")
+    if not mc.enforce_eager:
+        out.append("enforce_eager=False: set enforce_eager=True (CUDA graphs and torch.compile are not supported)")
+    if vc.speculative_config is not None:
+        out.append("speculative decoding (speculative_config): remove it (not supported)")
+    if getattr(sc, "async_scheduling", False):
+        out.append("async_scheduling=True: set async_scheduling=False (blocks are freed one step after compaction)")
+    if vc.kv_transfer_config is not None:
+        out.append("kv_transfer_config: remove it (connectors would move uncompacted block counts)")
+    if str(cc.cache_dtype) != "auto":
+        out.append(f"kv_cache_dtype={cc.cache_dtype!r}: use 'auto' (quantized KV caches are not supported)")
+    sizes = {"tensor_parallel_size": pc.tensor_parallel_size, "pipeline_parallel_size": pc.pipeline_parallel_size,
+             "data_parallel_size": pc.data_parallel_size}
+    for name, size in sizes.items():
+        if size != 1:
+            out.append(f"{name}={size}: use 1 (parallel engines are designed, not built: docs/vllm.md)")
+    if mc.get_sliding_window() is not None or _sliding_layers(mc):
+        out.append("the model has sliding-window layers: use a model with full attention in every layer")
+    if getattr(mc, "is_multimodal_model", False) or getattr(mc, "is_encoder_decoder", False):
+        out.append("multimodal and encoder-decoder models are not supported: use a decoder-only text model")
+    return out
+
+
+def _sliding_layers(mc: Any) -> bool:
+    text = mc.hf_config.get_text_config() if hasattr(mc.hf_config, "get_text_config") else mc.hf_config
+    return any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or []))
+
+
+def policy_problems(cfg: EvictConfig, vc: Any | None = None) -> list[str]:
+    """What keeps `cfg`'s policy from running in vLLM: it must evict at prefill, keep exactly its
+    budget with the same count in every KV head and every layer, and keep absolute positions.
+    Probed on synthetic tensors of the model's shape, so third-party policies are checked too."""
+    from evictkit.contract import Policy
+
+    policy = cfg.build()
+    name = policy.name
+    out = []
+    if "prefill" not in type(policy).phases:
+        out.append(f"policy {name!r} does not evict at prefill (phases={type(policy).phases}): evictkit_vllm runs "
+                   "prefill-time eviction only; decode-time eviction is not built yet")
+    exact_budget, positions = _declared(policy)
+    if not exact_budget:
+        out.append(f"policy {name!r} may keep fewer entries than its budget (exact_budget=False, e.g. lacache): "
+                   "vLLM's scheduler needs the kept count in advance")
+    if positions != "absolute":
+        out.append(f"policy {name!r} uses positions={positions!r}: use positions='absolute'")
+    if out:
+        return out
+    n_layers, heads, kv_heads, head_dim = _shape(vc)
+    length = 4 * max(64, (cfg.budget if isinstance(cfg.budget, int) else 64))
+    base = cfg.keep(length)
+    if type(policy).layer_budget is not Policy.layer_budget and any(
+        policy.layer_budget(base, i, n_layers, length) != base for i in range(n_layers)
+    ):
+        return [f"policy {name!r} gives each layer its own budget (per-layer schedules such as pyramidkv): vLLM keeps "
+                "one block table per request for all layers; use its uniform counterpart (snapkv)"]
+    sel = _probe(policy, base, length, heads, kv_heads, head_dim, n_layers)
+    if isinstance(sel, tuple):
+        out.append(f"policy {name!r} keeps different counts per KV head (ragged heads, e.g. adakv): vLLM's CPU "
+                   "attention reads one length per request; use a policy with equal per-head counts (snapkv)")
+    return out
+
+
+def _declared(policy: Any) -> tuple[bool, str]:
+    """(exact_budget, positions) as the policy declares them (evictkit.contract.declared where this
+    evictkit has it, the class members before)."""
+    try:
+        from evictkit.contract import declared
+    except ImportError:
+        return bool(type(policy).exact_budget), str(policy.position_mode())
+    needs = declared(policy)
+    return bool(needs.exact_budget), str(needs.positions)
+
+
+def _shape(vc: Any | None) -> tuple[int, int, int, int]:
+    if vc is None:
+        return 2, 4, 2, 16
+    mc, pc = vc.model_config, vc.parallel_config
+    return (mc.get_num_layers(pc), mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc), mc.get_head_size())
+
+
+@functools.lru_cache(maxsize=64)
+def reads_o_proj(policy: Any) -> bool:
+    """Whether the policy reads the layer's W_O (ReST-KV): one probe selection without it."""
+    try:
+        _probe(policy, 64, 256, 4, 2, 16, 2, o_proj=False)
+    except ValueError as exc:
+        if "o_proj_weight" in str(exc):
+            return True
+        raise
+    return False
+
+
+def _probe(policy: Any, budget: int, length: int, heads: int, kv_heads: int, head_dim: int, n_layers: int,
+           o_proj: bool = True):
+    """One selection on random tensors: what kind of selection the policy returns."""
+
+    with torch.inference_mode(False):  # the worker runs under inference mode: ReST-KV reads _version
+        return _probe_select(policy, budget, length, heads, kv_heads, head_dim, n_layers, o_proj)
+
+
+def _probe_select(policy: Any, budget: int, length: int, heads: int, kv_heads: int, head_dim: int, n_layers: int,
+                  o_proj: bool):
+    from evictkit.observation import Observation
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, kv_heads, length, head_dim, generator=g)
+    obs = Observation.from_tensors(
+        keys=keys, values=torch.randn(keys.shape, generator=g),
+        queries=torch.randn(1, heads, length, head_dim, generator=g), query_positions=torch.arange(length)[None],
+        scaling=head_dim**-0.5, layer_idx=0, n_layers=n_layers, window=policy.needs().window,
+        o_proj_weight=torch.randn(heads * head_dim, heads * head_dim, generator=g) if o_proj else None,
+    )
+    with torch.no_grad():
+        state = dict(policy.observe(obs) or {})
+        obs.state.update(state)
+        return policy.select(obs, budget)

