@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from evictkit.compress import Compression, compress
-from evictkit.contract import Needs, Policy, ScorePolicy, params_of
+from evictkit.contract import Needs, Policy, ScorePolicy, chunk_doc, declared, params_of
 from evictkit.models import load_model
 from evictkit.observation import Observation
 from evictkit.registry import PluginFailure, build_policy, get_registry
@@ -69,7 +69,7 @@ def policy(name: str, **params: Any) -> Policy:
 def describe(cls: type[Policy]) -> dict[str, Any]:
     """Name, phases, parameters and needs of a policy class (for `evictkit list`)."""
     entry = get_registry().entries.get(cls.name)
-    needs = cls().needs() if all(a.default is not attrs.NOTHING for a in params_of(cls).values()) else None
+    needs = declared(cls()) if all(a.default is not attrs.NOTHING for a in params_of(cls).values()) else None
     return {
         "name": cls.name,
         "package": entry.package if entry else "?",
@@ -77,7 +77,7 @@ def describe(cls: type[Policy]) -> dict[str, Any]:
         "params": {f: repr(a.default) for f, a in params_of(cls).items()},
         "needs": attrs.asdict(needs) if needs is not None else None,
         "summary": cls.summary,
-        "chunked": cls.chunked,
+        "chunked": chunk_doc(cls),
     }
 
 

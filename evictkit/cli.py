@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+import attrs
+
 DEMO_FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
@@ -55,8 +57,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps({"policies": rows, "failures": failures}, indent=2))
         return 0
     table = [("name", "package", "phases", "needs", "parameters")]
+    defaults = attrs.asdict(evictkit.Needs())  # a need is shown where it differs from its default
     for r in rows:
-        needs = ", ".join(f"{k}={v}" for k, v in (r["needs"] or {}).items() if v) or "-"
+        needs = ", ".join(f"{k}={v}" for k, v in (r["needs"] or {}).items() if v != defaults.get(k)) or "-"
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
         table.append((r["name"], r["package"], ",".join(r["phases"]) or "-", needs, params))
     widths = [max(len(row[i]) for row in table) for i in range(4)]  # the last column runs on

@@ -24,7 +24,7 @@ from torch import nn
 
 from evictkit import ragged, rows
 from evictkit.budget import check_budget, resolve_checked
-from evictkit.contract import PHASES, Policy
+from evictkit.contract import PHASES, Policy, declared
 from evictkit.debug import guard_from_env
 from evictkit.models import attention_modules, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
@@ -95,9 +95,9 @@ class Compression:
         self.modules = attention_modules(model)
         self.n_layers = len(self.modules)
         self._sliding = sliding_layers(model)
-        self._needs = policy.needs()
-        mode = policy.position_mode()
-        check_position_mode(mode, f"policy {policy.name!r}: position_mode()")
+        self._needs = declared(policy)  # needs(), with a legacy subclass's old declarations folded in
+        mode = self._needs.positions
+        check_position_mode(mode, f"policy {policy.name!r}: needs().positions")
         self._inv_freq = None  # set in "shift" mode: kept keys are re-rotated to their cache slots
         if mode == "shift":
             if self._sliding:

@@ -9,20 +9,32 @@ The extension ladder is `score -> select -> compact`:
   different number of entries in each KV head (AdaKV; see evictkit.ragged).
 - The compaction core does the memory work for both; no policy touches the cache.
 
+What an author learns is nine members: `name`, `phases`, `summary` (class attributes),
+`needs()`, `protected()`, `observe()`, `score()` or `select()`, `layer_budget()`, and rarely
+`check_budget()`. Everything else composes: per-head allocation wraps a scorer (AdaKV), a
+layer schedule overrides `layer_budget` (PyramidKV), and the position mode, `may_evict_newest`
+and `exact_budget` are `Needs` fields. The members that left (`may_evict_newest`,
+`exact_budget`, `chunked` and `shared_prefill` class attributes, `position_mode()`) still work
+with a DeprecationWarning; `declared(policy)` is what the core reads, and `chunk_doc(cls)` the
+per-chunk text of a policy's docstring.
+
 Policies are frozen attrs classes: their fields are the hyper-parameters (validated, with a
 readable repr that is saved with results) and they hold no per-sequence state. Per-token state
 (H2O's running scores) is returned by `observe` and travels with K/V in the cache's side tensors;
-per-layer scalars live in `obs.scratch`.
+per-layer scalars live in `obs.scratch`. Every tensor an Observation shows is read-only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import attrs
 import torch
 
+from evictkit.positions import POSITION_MODES
 from evictkit.selection import select_topk
 
 if TYPE_CHECKING:
@@ -44,23 +56,152 @@ class RaggedSelection(NamedTuple):
     counts: torch.Tensor
 
 
+def _validate_window(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Needs.{attr.name}={value!r}: must be an int >= 0 (newest queries the policy reads)")
+
+
+def _validate_flag(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Needs.{attr.name}={value!r}: must be True or False")
+
+
+def _validate_positions(_inst: object, attr: attrs.Attribute, value: object) -> None:
+    if value not in POSITION_MODES:
+        raise ValueError(f"Needs.{attr.name}={value!r}: must be one of {', '.join(map(repr, POSITION_MODES))}")
+
+
 @attrs.frozen
 class Needs:
-    """What a policy reads from an `Observation`; nothing else is computed for it.
+    """What a policy reads from an `Observation` (nothing else is computed for it), and the few
+    capability tags the core, the conformance kit and engines read instead of a list of names.
 
     window: number of newest queries (post-RoPE) the policy reads through
         `obs.window_queries` / `obs.window_attention`; at decode time the core keeps a
         rolling buffer of that many queries per layer.
     queries: all queries of the current forward (`obs.queries`), e.g. H2O.
+    positions: "absolute" (keys keep their true RoPE positions) or "shift" (StreamingLLM's
+        pos-shift: the core re-rotates kept keys to their cache slots and numbers new tokens from
+        the cache length; see evictkit.positions).
+    may_evict_newest: a decode-time eviction may drop the newest token (TOVA's reference can);
+        the protection law holds every other policy to keeping it.
+    exact_budget: False when select() may keep fewer than min(T, budget) entries (never more),
+        e.g. LaCache, whose ladder frees whole blocks; the budget stays a hard cap either way.
     """
 
-    window: int = 0
-    queries: bool = False
+    window: int = attrs.field(default=0, validator=_validate_window)
+    queries: bool = attrs.field(default=False, validator=_validate_flag)
+    positions: str = attrs.field(default="absolute", validator=_validate_positions)
+    may_evict_newest: bool = attrs.field(default=False, validator=_validate_flag)
+    exact_budget: bool = attrs.field(default=True, validator=_validate_flag)
+
+
+#: the default of the per-chunk text (`chunk_doc`)
+CHUNKED_DEFAULT = "evicts back to its budget after each chunk, scoring with what the chunk shows it"
+#: the paragraph of a policy's docstring that says what it does after a prefill chunk
+CHUNK_HEADING = "Per prefill chunk:"
+
+#: members a policy declared before the contract was cut to its core, and where each went; a
+#: subclass that still sets one gets a DeprecationWarning, and the value is still honoured
+MOVED = {
+    "may_evict_newest": "return Needs(may_evict_newest=...) from needs()",
+    "exact_budget": "return Needs(exact_budget=...) from needs()",
+    "position_mode": "return Needs(positions=...) from needs()",
+    "chunked": f"write a {CHUNK_HEADING!r} paragraph in the class docstring (read by evictkit.contract.chunk_doc)",
+}
+#: read by the evaluation harness only (evictkit.eval.engine.can_share); not a member of the contract
+EVAL_ONLY = ("shared_prefill",)
+
+
+def _legacy(cls: type, name: str) -> bool:
+    """Whether a subclass of Policy (not Policy itself) defines `name` the old way."""
+    for klass in cls.__mro__:
+        if klass is Policy or klass is ScorePolicy:
+            return False
+        if name in vars(klass):
+            return True
+    return False
+
+
+def declared(policy: Policy) -> Needs:
+    """The policy's `needs()`, with what a subclass still declares the old way (a `may_evict_newest`
+    or `exact_budget` class attribute or property, a `position_mode()` method) folded in. The core,
+    the kit and the engines read this, never the old members."""
+    needs = policy.needs()
+    if not isinstance(needs, Needs):
+        return needs  # the caller's own check names the mistake
+    old: dict[str, Any] = {}
+    cls = type(policy)
+    for name in ("may_evict_newest", "exact_budget"):
+        if _legacy(cls, name):
+            old[name] = getattr(policy, name)
+    if _legacy(cls, "position_mode"):
+        old["positions"] = policy.position_mode()
+    return attrs.evolve(needs, **old) if old else needs
+
+
+def chunk_doc(cls: type) -> str:
+    """What the policy class does after a prefill chunk, from its docstring's `Per prefill chunk:`
+    paragraph (a legacy `chunked` class attribute still counts), else the generic sentence."""
+    if _legacy(cls, "chunked"):
+        return str(vars(next(k for k in cls.__mro__ if "chunked" in vars(k)))["chunked"])
+    lines = inspect.getdoc(cls) or ""
+    for para in lines.split("\n\n"):
+        text = " ".join(line.strip() for line in para.splitlines())
+        if text.startswith(CHUNK_HEADING):
+            return text[len(CHUNK_HEADING):].strip()
+    return CHUNKED_DEFAULT
+
+
+class _Moved:
+    """A member that left the contract: reading it still works, with a DeprecationWarning."""
+
+    def __init__(self, where: str, read: Callable[[Any, type], Any]) -> None:
+        self.where, self.read = where, read
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        warnings.warn(f"{owner.__name__}.{self.name} is deprecated: {self.where}", DeprecationWarning, stacklevel=2)
+        return self.read(obj, owner)
+
+
+def _instance(obj: Any, owner: type) -> Any:
+    """The instance read, or for a read on the class its default instance (None when it has none)."""
+    if obj is not None:
+        return obj
+    try:
+        return owner()
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_need(name: str, default: object) -> Callable[[Any, type], Any]:
+    def read(obj: Any, owner: type) -> Any:
+        inst = _instance(obj, owner)
+        return default if inst is None else getattr(declared(inst), name)
+
+    return read
+
+
+def _read_shared_prefill(obj: Any, owner: type) -> bool:
+    for klass in owner.__mro__:
+        if "shared_prefill" in vars(klass) and not isinstance(vars(klass)["shared_prefill"], _Moved):
+            return bool(vars(klass)["shared_prefill"])
+    return True
 
 
 @attrs.define(frozen=True, kw_only=True)
 class Policy:
-    """Base of every eviction policy. Subclasses are `@attrs.define(frozen=True)` classes."""
+    """Base of every eviction policy. Subclasses are `@attrs.define(frozen=True)` classes.
+
+    The contract: `name`, `phases`, `summary`; `needs()` (what it reads, and its capability
+    tags: `Needs`), `protected()`, `observe()`, `select()` (or a ScorePolicy's `score()`),
+    `layer_budget()`, and, for budgets `protected()` alone cannot judge, `check_budget()`.
+    Features beyond that wrap a policy (AdaKV's per-head allocation wraps a scorer) or are a
+    `Needs` field (position mode, may_evict_newest, exact_budget).
+    """
 
     #: registry name, e.g. "snapkv"
     name: ClassVar[str] = ""
@@ -68,27 +209,36 @@ class Policy:
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     #: one-line description shown by `evictkit list`
     summary: ClassVar[str] = ""
-    #: whether a decode-time eviction may drop the newest token (TOVA's reference can); the
-    #: protection law holds every other policy to keeping it
-    may_evict_newest: ClassVar[bool] = False
-    #: False when select() may keep fewer than min(T, budget) entries (never more), e.g.
-    #: LaCache, whose ladder frees whole blocks; the budget stays a hard cap either way
-    exact_budget: ClassVar[bool] = True
-    #: what the policy does after a prefill chunk (a forward that continues the sequence with
-    #: several tokens), shown by `evictkit list`; every prefill policy evicts back to its budget
-    chunked: ClassVar[str] = "evicts back to its budget after each chunk, scoring with what the chunk shows it"
-    #: whether evictkit.eval may replay this policy on a cache filled by one shared full-attention
-    #: prefill (False for a policy whose observe() must see every forward as it happens)
-    shared_prefill: ClassVar[bool] = True
+
+    # deprecated: read them from `evictkit.contract.declared(policy)` (Needs) or `chunk_doc(cls)`
+    # (ClassVar[Any] for type checkers: a legacy subclass may still override them with a ClassVar)
+    may_evict_newest: ClassVar[Any] = _Moved("read evictkit.contract.declared(policy).may_evict_newest",
+                                             _read_need("may_evict_newest", False))
+    exact_budget: ClassVar[Any] = _Moved("read evictkit.contract.declared(policy).exact_budget",
+                                         _read_need("exact_budget", True))
+    chunked: ClassVar[Any] = _Moved("read evictkit.contract.chunk_doc(cls) (the docstring's 'Per prefill chunk:' "
+                                    "paragraph)", lambda obj, owner: chunk_doc(owner))
+    shared_prefill: ClassVar[Any] = _Moved("an evaluation setting now: read evictkit.eval.engine.can_share(policy)",
+                                           _read_shared_prefill)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__attrs_attrs__" in vars(cls):  # attrs' slotted copy of a class already checked
+            return
+        for name, where in MOVED.items():
+            if name in vars(cls):
+                warnings.warn(f"{cls.__qualname__} sets `{name}`, which left the policy contract: {where}",
+                              DeprecationWarning, stacklevel=2)
 
     def needs(self) -> Needs:
+        """What the policy reads, and its capability tags (see `Needs`)."""
         return Needs()
 
     def position_mode(self) -> str:
-        """"absolute" (keys keep their true RoPE positions) or "shift" (StreamingLLM's pos-shift:
-        the core re-rotates kept keys to their cache slots and numbers new tokens from the cache
-        length); see evictkit.positions."""
-        return "absolute"
+        """Deprecated: `declared(policy).positions` (a policy returns `Needs(positions="shift")`)."""
+        warnings.warn("Policy.position_mode() is deprecated: read evictkit.contract.declared(policy).positions "
+                      "(a policy returns Needs(positions=...) from needs())", DeprecationWarning, stacklevel=2)
+        return declared(self).positions
 
     def protected(self) -> tuple[int, int]:
         """(sinks, window): the oldest and newest cache slots that are always kept."""

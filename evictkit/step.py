@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from evictkit import ragged
-from evictkit.contract import Needs, Policy, RaggedSelection
+from evictkit.contract import Needs, Policy, RaggedSelection, declared
 from evictkit.hf import attn_implementation
 from evictkit.kernels import compact_many
 from evictkit.observation import Observation
@@ -100,7 +100,7 @@ class Guard:
             idx, counts = sel
             gather, pad = ragged.check_ragged(idx, counts, st.pad, B, H, T, want, policy.name, attn_impl)
             return Selection(idx, gather, counts, pad)
-        if not policy.exact_budget and isinstance(sel, torch.Tensor) and sel.dim() == 3:
+        if isinstance(sel, torch.Tensor) and sel.dim() == 3 and not declared(policy).exact_budget:
             want = min(max(sel.shape[-1], 1), want)  # LaCache frees whole ladder blocks: fewer, never more
         idx = cast(torch.Tensor, sel)
         check_indices(idx, B, H, T, want, policy.name)  # raises unless an int tensor [B, H, want]

@@ -134,15 +134,16 @@ def mass_share_weights(scores: torch.Tensor, candidate: torch.Tensor, per_head: 
 
 @attrs.define(frozen=True, kw_only=True)
 class AdaKV(ScorePolicy):
-    """Adaptive per-head budgets on top of a window scorer (default SnapKV); ragged heads."""
+    """Adaptive per-head budgets on top of a window scorer (default SnapKV); ragged heads.
+
+    Per prefill chunk: scores the cache with the chunk's last `window` queries (the rolling
+    window when a chunk is shorter) and re-allocates the layer's budget across heads after each
+    chunk; the reference defines one-shot prefill only
+    """
 
     name: ClassVar[str] = "adakv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "SnapKV scores with per-head budgets from a global top-k (prefill, ragged heads)"
-    chunked: ClassVar[str] = (
-        "scores the cache with the chunk's last `window` queries (the rolling window when a chunk is shorter) and "
-        "re-allocates the layer's budget across heads after each chunk; the reference defines one-shot prefill only"
-    )
 
     scorer: str | ScorePolicy = attrs.field(default="snapkv")
     alpha: float = attrs.field(default=0.2, validator=_check_alpha)

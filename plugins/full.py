@@ -12,12 +12,14 @@ from evictkit import Observation, Policy, hookimpl
 
 @attrs.define(frozen=True, kw_only=True)
 class Full(Policy):
-    """Keeps every entry: the full cache, whatever the budget."""
+    """Keeps every entry: the full cache, whatever the budget.
+
+    Per prefill chunk: keeps every entry
+    """
 
     name: ClassVar[str] = "full"
     phases: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = "no eviction (reference)"
-    chunked: ClassVar[str] = "keeps every entry"
 
     def check_budget(self, budget: int) -> None:
         return None

@@ -77,20 +77,20 @@ class H2O(ScorePolicy):
     """Accumulated attention (heavy hitters) + a recent window.
 
     Parameters: `recent` (None = max(1, budget // 2); else an int in [0, budget)).
+
+    Per prefill chunk: adds each chunk's queries' attention to the running scores and evicts to
+    the budget, as the reference does token by token
     """
 
     name: ClassVar[str] = "h2o"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "accumulated attention (heavy hitters) + recent window, every step"
-    chunked: ClassVar[str] = (
-        "adds each chunk's queries' attention to the running scores and evicts to the budget, "
-        "as the reference does token by token"
-    )
 
     recent: int | None = attrs.field(default=None, validator=_recent_valid)
 
     def needs(self) -> Needs:
-        return Needs(queries=True)
+        # Only a zero window leaves the newest token to the heavy-hitter ranking.
+        return Needs(queries=True, may_evict_newest=self.recent == 0)
 
     def protected(self) -> tuple[int, int]:
         # With recent=None the window depends on the budget; select() applies it.
@@ -102,11 +102,6 @@ class H2O(ScorePolicy):
                 f"recent={self.recent} must be smaller than budget={budget} (the rest of the budget holds "
                 "the heavy hitters); lower recent or raise the budget"
             )
-
-    @property
-    def may_evict_newest(self) -> bool:  # type: ignore[override]
-        # Only a zero window leaves the newest token to the heavy-hitter ranking.
-        return self.recent == 0
 
     def window_for(self, budget: int) -> int:
         """Recent slots kept for a layer budget (None: half of it, at least the newest token)."""

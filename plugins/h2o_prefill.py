@@ -39,15 +39,14 @@ class H2OPrefill(ScorePolicy):
     """H2O-prefill (KVCache-Factory variant): column sums of all prompt queries' attention.
 
     Parameters: `window` (32) newest entries always kept; `gqa` ("mean" or "max").
+
+    Per prefill chunk: column sums of the chunk's own queries (entries kept from earlier chunks
+    were chosen by theirs); the reference defines one-shot prefill only
     """
 
     name: ClassVar[str] = "h2o_prefill"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "H2O-prefill (KVCache-Factory variant): all-query attention sums, one shot"
-    chunked: ClassVar[str] = (
-        "column sums of the chunk's own queries (entries kept from earlier chunks were chosen by theirs); "
-        "the reference defines one-shot prefill only"
-    )
 
     window: int = attrs.field(default=32, validator=int_at_least(1))
     gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))

@@ -21,7 +21,7 @@ Budget (evictkit choice, documented deviation): `budget` is the hard cap, i.e. t
 the reference reaches: evictkit runs the reference logic with cache_size = budget - floor(R / 2),
 so after the compensation the capacity equals the budget. Since whole blocks are freed, a layer
 can hold fewer than `budget` entries after an eviction (by less than the block's R, or R' after
-a start-over); the policy declares `exact_budget = False` and the core accepts fewer, never more.
+a start-over); the policy declares `Needs(exact_budget=False)` and the core accepts fewer, never more.
 The per-sequence cursor and compensation flag live in `obs.scratch` (reset with each sequence);
 every layer keeps its own copy, and the copies agree because every layer sees the same lengths.
 
@@ -57,7 +57,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit import Observation, Policy, hookimpl
+from evictkit import Needs, Observation, Policy, hookimpl
 from evictkit.helpers import POSITION_MODES, int_at_least
 
 SCRATCH = "lacache"
@@ -201,15 +201,14 @@ class LaCache(Policy):
 
     Parameters: `span` (16, < layers), `overlap` (0, < span), `sinks` (4),
     `positions` ("absolute" | "shift").
+
+    Per prefill chunk: its iterative ladder compaction after each chunk, as the reference's
+    streaming loop does
     """
 
     name: ClassVar[str] = "lacache"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "ladder-shaped cache across layers, iterative compaction (positional)"
-    chunked: ClassVar[str] = (
-        "its iterative ladder compaction after each chunk, as the reference's streaming loop does"
-    )
-    exact_budget: ClassVar[bool] = False
 
     span: int = attrs.field(default=16, validator=int_at_least(1))
     overlap: int = attrs.field(default=0, validator=int_at_least(0))
@@ -220,8 +219,9 @@ class LaCache(Policy):
         if self.overlap >= self.span:
             raise ValueError(f"overlap={self.overlap} must be smaller than span={self.span}")
 
-    def position_mode(self) -> str:
-        return self.positions
+    def needs(self) -> Needs:
+        # the ladder frees whole blocks: an eviction may keep fewer than the budget, never more
+        return Needs(positions=self.positions, exact_budget=False)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)

@@ -73,15 +73,14 @@ class PyramidKV(SnapKV):
 
     Parameters: SnapKV's `window`, `kernel`, `pool`, `gqa`, and `beta` (20): the last layer's
     prefix share is about `(budget - window) / beta`.
+
+    Per prefill chunk: as SnapKV per chunk; the per-layer schedule uses the whole prompt's
+    length with compress(prefill_chunk=N), the first chunk's with generate(prefill_chunk_size=N)
     """
 
     name: ClassVar[str] = "pyramidkv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "SnapKV with per-layer budgets falling with depth (prefill)"
-    chunked: ClassVar[str] = (
-        "as SnapKV per chunk; the per-layer schedule uses the whole prompt's length with compress(prefill_chunk=N), "
-        "the first chunk's with generate(prefill_chunk_size=N)"
-    )
 
     beta: int = attrs.field(default=20, validator=int_at_least(1))
 

@@ -22,12 +22,13 @@ class Random(ScorePolicy):
     Every batch row gets the same draw, so a row keeps what it keeps alone (the batch law).
 
     Parameters: `seed` (0).
+
+    Per prefill chunk: a fresh seeded draw over the cache after each chunk
     """
 
     name: ClassVar[str] = "random"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "seeded random subset (floor)"
-    chunked: ClassVar[str] = "a fresh seeded draw over the cache after each chunk"
 
     seed: int = attrs.field(default=0, validator=_an_int)
 

@@ -123,15 +123,16 @@ COUNT = "restkv_n"
 
 @attrs.define(frozen=True, kw_only=True)
 class RestKV(ScorePolicy):
-    """ReST-KV scoring (see the module docstring); parameters are the released defaults."""
+    """ReST-KV scoring (see the module docstring); parameters are the released defaults.
+
+    Per prefill chunk: output-reconstruction scores with EMA and adaptive smoothing over the
+    chunk's last `window` queries (the rolling window when a chunk is shorter); the paper
+    defines one-shot prefill only
+    """
 
     name: ClassVar[str] = "restkv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "output-reconstruction score + EMA + adaptive smoothing (ReST-KV)"
-    chunked: ClassVar[str] = (
-        "output-reconstruction scores with EMA and adaptive smoothing over the chunk's last `window` queries "
-        "(the rolling window when a chunk is shorter); the paper defines one-shot prefill only"
-    )
 
     window: int = attrs.field(default=32, validator=int_at_least(1))
     alpha: float = attrs.field(default=0.3, validator=_alpha)

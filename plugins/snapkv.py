@@ -66,15 +66,14 @@ class SnapKV(ScorePolicy):
     Parameters: `window` (32) newest queries that vote and are always kept; `kernel` (7, odd)
     pooling width; `pool` ("max", "avg" counting zero padding, or "none"); `gqa` ("mean" or
     "max") reduction of query heads to KV heads.
+
+    Per prefill chunk: scores the cache with the chunk's last `window` queries (the rolling
+    window when a chunk is shorter); the reference defines one-shot prefill only
     """
 
     name: ClassVar[str] = "snapkv"
     phases: ClassVar[tuple[str, ...]] = ("prefill",)
     summary: ClassVar[str] = "observation-window attention, pooled (prefill)"
-    chunked: ClassVar[str] = (
-        "scores the cache with the chunk's last `window` queries (the rolling window when a chunk is shorter); "
-        "the reference defines one-shot prefill only"
-    )
 
     window: int = attrs.field(default=32, validator=int_at_least(1))
     kernel: int = attrs.field(default=7, validator=odd_kernel)

@@ -30,24 +30,27 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit import Observation, Policy, hookimpl
+from evictkit import Needs, Observation, Policy, hookimpl
 from evictkit.helpers import POSITION_MODES, int_at_least
 
 
 @attrs.define(frozen=True, kw_only=True)
 class StreamingLLM(Policy):
-    """Sinks + recent window. Parameters: `sinks` (4, >= 0), `positions` ("absolute" | "shift")."""
+    """Sinks + recent window. Parameters: `sinks` (4, >= 0), `positions` ("absolute" | "shift").
+
+    Per prefill chunk: sinks + the newest entries after each chunk: the same kept set as one
+    shot
+    """
 
     name: ClassVar[str] = "streaming_llm"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "attention sinks + recent window (positional)"
-    chunked: ClassVar[str] = "sinks + the newest entries after each chunk: the same kept set as one shot"
 
     sinks: int = attrs.field(default=4, validator=int_at_least(0))  # refuses True/False too
     positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))
 
-    def position_mode(self) -> str:
-        return self.positions
+    def needs(self) -> Needs:
+        return Needs(positions=self.positions)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)

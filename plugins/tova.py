@@ -47,18 +47,20 @@ def last_query_scores(attention: torch.Tensor, n_kv_heads: int, head_wise: bool)
 
 @attrs.define(frozen=True, kw_only=True)
 class TOVA(ScorePolicy):
-    """Last query's attention, mean over heads. Parameters: `head_wise` (False)."""
+    """Last query's attention, mean over heads. Parameters: `head_wise` (False).
+
+    Per prefill chunk: the chunk's last query's attention, as at every decode step
+    """
 
     name: ClassVar[str] = "tova"
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     summary: ClassVar[str] = "last query's attention, averaged over heads, every step"
-    chunked: ClassVar[str] = "the chunk's last query's attention, as at every decode step"
-    may_evict_newest: ClassVar[bool] = True
 
     head_wise: bool = attrs.field(default=False, validator=a_bool)
 
     def needs(self) -> Needs:
-        return Needs(window=1)
+        # the reference may drop the newest token at decode: it competes like any other
+        return Needs(window=1, may_evict_newest=True)
 
     def score(self, obs: Observation) -> torch.Tensor:
         row = obs.window_attention[:, :, -1, :]  # [B, H_q, T]

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import torch
 
+from evictkit import contract
 from evictkit.contract import Policy
 from evictkit.specs.cases import Case
 from evictkit.specs.driver import Step, drive, kept_mask, layer_budgets  # noqa: F401  (re-exported)
@@ -112,7 +113,8 @@ def protection_problem(idx: torch.Tensor, real: torch.Tensor, positions: torch.T
             problem += (". At decode the newest token is protected even though protected() does not cover it: "
                         "keep it with a window >= 1 at decode (protected() returning window >= 1, or "
                         "select_topk(..., window=max(window, 1)) when obs.phase == 'decode'), or declare "
-                        "`may_evict_newest = True` if the policy means to evict it (as TOVA does)")
+                        "declare may_evict_newest = True through needs() (return `Needs(may_evict_newest=True)`) if "
+                        "the policy means to evict it (as TOVA does)")
         return problem
     return None
 
@@ -145,7 +147,7 @@ def compare_runs(first: list[Step], second: list[Step]) -> str | None:
 
 def budget(policy: Policy, case: Case, *, label: str | None = None) -> None:
     """Exactly min(length, budget) entries per head after every eviction (ragged policies: the
-    layer total; `exact_budget = False`: at most that); the per-layer schedule averages to the
+    layer total; `Needs(exact_budget=False)`: at most that); the per-layer schedule averages to the
     declared budget (within rounding); never above budget + slack while decoding."""
     ctx = LawContext("budget", label or describe(policy), case)
     budgets = layer_budgets(policy, case, ctx)
@@ -157,7 +159,7 @@ def budget(policy: Policy, case: Case, *, label: str | None = None) -> None:
     for s in drive(policy, case, ctx) or ():
         H = s.before["keys"].shape[1]
         if s.idx is not None:
-            problem = budget_problem(s.idx, s.counts, s.real, s.T, s.budget, policy.exact_budget)  # type: ignore[arg-type]
+            problem = budget_problem(s.idx, s.counts, s.real, s.T, s.budget, contract.declared(policy).exact_budget)  # type: ignore[arg-type]
             if problem:
                 raise ctx.fail(f"{s.where}: {problem}")
         if s.phase == "prefill" and "prefill" in policy.phases and s.entries_after() > H * s.budget:
@@ -200,7 +202,7 @@ def order(policy: Policy, case: Case, *, label: str | None = None) -> None:
 
 def protection(policy: Policy, case: Case, *, label: str | None = None) -> None:
     """The sinks and window of `protected()` are always kept, and the newest token survives every
-    decode-time eviction unless the policy declares `may_evict_newest`."""
+    decode-time eviction unless the policy declares `Needs(may_evict_newest=True)`."""
     ctx = LawContext("protection", label or describe(policy), case)
     prot = ctx.call("protected()", policy.protected)
     if (not isinstance(prot, tuple) or len(prot) != 2
@@ -210,7 +212,7 @@ def protection(policy: Policy, case: Case, *, label: str | None = None) -> None:
     for s in drive(policy, case, ctx) or ():
         if s.idx is None:
             continue
-        newest = s.phase == "decode" and not policy.may_evict_newest
+        newest = s.phase == "decode" and not contract.declared(policy).may_evict_newest
         problem = protection_problem(s.idx, s.real, s.before["positions"], sinks, window, newest)  # type: ignore[arg-type]
         if problem:
             raise ctx.fail(f"{s.where}: {problem}")

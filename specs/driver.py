@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from evictkit import ragged
-from evictkit.contract import Policy, ScorePolicy
+from evictkit.contract import Policy, ScorePolicy, declared
 from evictkit.observation import Observation
 from evictkit.specs.cases import Case
 from evictkit.specs.subject import LawContext, _Refused
@@ -91,7 +91,7 @@ def _drive(policy: Policy, case: Case, ctx: LawContext, *, scores: bool) -> list
     B, H, D, layer = case.batch, case.kv_heads, case.head_dim, case.layer
     module, rope = tiny_attention(case.heads, H, D, layer, case.dtype)
     data = case.data()
-    needs = ctx.call("needs()", policy.needs)
+    needs = ctx.call("needs()", declared, policy)
     cfg = StepConfig(policy=policy, needs=needs, phases=tuple(policy.phases), slack=case.slack)
     st = LayerState(budget=layer_budgets(policy, case, ctx)[layer])
     true_pos = torch.arange(case.total).expand(B, case.total)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from evictkit.budget import resolve_budget
-from evictkit.contract import Policy
-from evictkit.hf import cache_arg, cache_of
+from evictkit.contract import Policy, declared
+from evictkit.hf import cache_of
 from evictkit.specs.cases import ModelCase
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
 from evictkit.specs.subject import LawContext, LawViolation, describe, min_valid_budget
@@ -34,10 +34,7 @@ class _Recorder(Policy):
         return repr(self.inner)
 
     def needs(self):
-        return self.inner.needs()
-
-    def position_mode(self):
-        return self.inner.position_mode()
+        return declared(self.inner)  # with a legacy subclass's old declarations folded in
 
     def protected(self):
         return self.inner.protected()
@@ -65,8 +62,7 @@ class _Recorder(Policy):
 def recording(policy: Policy, log: list[dict[str, Any]]) -> Policy:
     """`policy` wrapped so that `log` receives every observe/select call of a compress run."""
     cls = type(f"Recorded_{type(policy).__name__}", (_Recorder,), {
-        "name": policy.name, "phases": tuple(policy.phases), "may_evict_newest": policy.may_evict_newest,
-        "exact_budget": policy.exact_budget,
+        "name": policy.name, "phases": tuple(policy.phases),
     })
     return cls(policy, log)
 
@@ -128,13 +124,13 @@ def _check_log(
         kept = idx[real]
         if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= T):
             raise ctx_for("integrity").fail(f"{where}: select() returned indices outside [0, {T})")
-        problem = budget_problem(idx, counts, real, T, e["budget"], policy.exact_budget)
+        problem = budget_problem(idx, counts, real, T, e["budget"], declared(policy).exact_budget)
         if problem:
             raise ctx_for("budget").fail(f"{where}: {problem}")
         problem = order_problem(idx, real)
         if problem:
             raise ctx_for("order").fail(f"{where}: {problem}")
-        newest = e["phase"] == "decode" and not policy.may_evict_newest
+        newest = e["phase"] == "decode" and not declared(policy).may_evict_newest
         problem = protection_problem(idx, real, pos, sinks, window, newest)
         if problem:
             raise ctx_for("protection").fail(f"{where}: {problem}")
@@ -143,7 +139,7 @@ def _check_log(
 
 def _check_sizes(policy: Policy, log: list[dict[str, Any]], run, case: ModelCase, ctx: LawContext) -> None:
     """Real entries (summed over KV heads) after each forward: H_kv x min(prompt, budget) after
-    prefill for prefill policies (at most that without `exact_budget`), at most H_kv x (budget +
+    prefill for prefill policies (at most that with `Needs(exact_budget=False)`), at most H_kv x (budget +
     slack) after each decode forward for decode policies; the reported stats agree."""
     phases = tuple(policy.phases)
     after: dict[int, list[tuple[str, int]]] = {}  # layer -> [(phase, real entries after the forward)]
@@ -161,9 +157,10 @@ def _check_sizes(policy: Policy, log: list[dict[str, Any]], run, case: ModelCase
             continue
         if "prefill" in phases:
             got, want = seq[0][1], H * min(s.prompt_length, b)
-            if got != want if policy.exact_budget else got > want:
+            exact = declared(policy).exact_budget
+            if got != want if exact else got > want:
                 raise ctx.fail(f"layer {s.layer}: {got} entries in {H} KV heads after prefill, expected "
-                               f"{'' if policy.exact_budget else 'at most '}H_kv x min(prompt {s.prompt_length}, "
+                               f"{'' if exact else 'at most '}H_kv x min(prompt {s.prompt_length}, "
                                f"layer budget {b}) = {want}")
         if "decode" in phases:
             for k, (phase, got) in enumerate(seq):
@@ -335,7 +332,7 @@ def chunked(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
     try:
         with evictkit.compress(model, make(), budget=case.budget, slack=case.slack) as c:
             for start, seen in zip(bounds[:-1], bounds[1:]):
-                out = model(ids[:, start:seen], use_cache=True, **(cache_arg(model, cache) if cache else {}))
+                out = model(ids[:, start:seen], use_cache=True, **({"cache": cache} if cache else {}))
                 cache = cache_of(out)
                 for s in c.stats.layers:
                     H = case.kv_heads

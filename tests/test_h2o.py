@@ -11,6 +11,7 @@ from generation import assert_generation_unchanged, generate_with_snapshots, pro
 from models import tiny_model
 
 import evictkit
+from evictkit.contract import declared
 from evictkit.kernels import compact_many
 from evictkit.observation import Observation
 from evictkit.plugins.h2o import H2O, STATE
@@ -80,7 +81,8 @@ def test_default_recent_is_half_the_budget():
     assert H2O().select(obs, 4)[0, 0].tolist() == [0, 1, 6, 7]
     assert H2O(recent=0).select(obs, 4)[0, 0].tolist() == [0, 1, 2, 3]
     assert [H2O().window_for(b) for b in (1, 2, 7, 256)] == [1, 1, 3, 128]  # the newest always stays
-    assert H2O(recent=0).may_evict_newest and not H2O().may_evict_newest and not H2O(recent=1).may_evict_newest
+    newest = [declared(H2O(recent=r)).may_evict_newest for r in (0, None, 1)]
+    assert newest == [True, False, False]
 
 
 # --- against transformers' eager attention ------------------------------------------------

@@ -11,6 +11,7 @@ from generation import assert_generation_unchanged, generate_with_snapshots, pro
 from models import tiny_model
 
 import evictkit
+from evictkit.contract import declared
 from evictkit.observation import Observation
 from evictkit.plugins.tova import TOVA
 
@@ -122,4 +123,4 @@ def test_bad_parameters_name_themselves():
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="head_wise"):
             evictkit.policy("tova", head_wise=bad)
-    assert TOVA.may_evict_newest
+    assert declared(TOVA()).may_evict_newest

@@ -11,7 +11,8 @@ under that same context with true positions. `tests/test_eval_engine.py` checks,
 registered policy, that this equals a direct run under `evictkit.compress`.
 
 A policy can opt out with a class attribute `shared_prefill = False` (for a policy that
-changes the forward itself during prefill); it then gets its own prefill.
+changes the forward itself during prefill); it then gets its own prefill. That attribute is an
+evaluation setting, read here (`can_share`), not a member of the policy contract.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
-from evictkit.contract import Policy
+from evictkit.contract import Policy, declared
 from evictkit.hf import attention_modules, cache_kwarg, is_sliding, new_cache
 from evictkit.ragged_cache import dense_kv
 from evictkit.stats import CompressionStats, LayerStats
@@ -116,7 +117,13 @@ def kept_positions(comp: Compression) -> dict[int, torch.Tensor]:
 
 
 def can_share(policy: Policy) -> bool:
-    return type(policy).shared_prefill
+    """False when the policy's class (or a base below Policy) sets `shared_prefill = False`."""
+    for klass in type(policy).__mro__:
+        if klass is Policy:
+            break
+        if "shared_prefill" in vars(klass):
+            return bool(vars(klass)["shared_prefill"])
+    return True
 
 
 @attrs.define
@@ -315,7 +322,7 @@ def perplexity(nll: float) -> float:
 def batchable(policy: Policy) -> bool:
     """Whether the core runs `policy` on a left-padded batch (positions='shift' renumbers the cache
     and does not: such a variant runs its samples one at a time)."""
-    return policy.position_mode() != "shift"
+    return declared(policy).positions != "shift"
 
 
 def sample_prompt(sample, query_aware: bool) -> list[int]:
