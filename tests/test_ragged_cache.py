@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import evictkit
+from evictkit.hf import cache_of
 from evictkit.ragged_cache import RaggedLayer
 from evictkit.specs.tiny import tiny_model
 
@@ -15,7 +16,7 @@ def _run(model, ids, layout, **kw):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
         kept = run.kept_positions()
-        layers = list(out.cache.layers)
+        layers = list(cache_of(out).layers)
     return out, kept, layers, run
 
 
@@ -43,7 +44,7 @@ def test_each_head_holds_exactly_its_entries_and_the_layer_its_budget(ids):
     model = tiny_model(layers=2, kv_heads=H_KV, heads=4)
     with evictkit.compress(model, "adakv", budget=BUDGET, window=8) as run:
         out = model(ids, use_cache=True)
-        layers = list(out.cache.layers)
+        layers = list(cache_of(out).layers)
         kept = run.kept_positions()
     for li, layer in enumerate(layers):
         assert isinstance(layer, RaggedLayer)
@@ -64,8 +65,8 @@ def test_the_cache_gets_its_padded_layout_back_on_exit(ids):
         assert "evictkit_varlen_sdpa" in ALL_ATTENTION_FUNCTIONS
     assert model.config._attn_implementation == "sdpa"
     assert "evictkit_varlen_sdpa" not in ALL_ATTENTION_FUNCTIONS
-    assert not any(isinstance(layer, RaggedLayer) for layer in out.cache.layers)
-    assert all(layer.keys.dim() == 4 for layer in out.cache.layers)
+    assert not any(isinstance(layer, RaggedLayer) for layer in cache_of(out).layers)
+    assert all(layer.keys.dim() == 4 for layer in cache_of(out).layers)
 
 
 def test_beam_search_over_ragged_layers(ids):

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import evictkit
-from evictkit.hf import cache_arg
+from evictkit.hf import cache_arg, cache_of
 
 PROMPT, NEW = 24, 10
 
@@ -58,7 +58,7 @@ def test_shift_gives_new_tokens_the_cache_length():
     seen: list[tuple[int, list[int]]] = []
 
     def before(module, args, kwargs):
-        layer = kwargs["cache"].layers[module.layer_idx]
+        layer = cache_of(kwargs).layers[module.layer_idx]
         held = layer.keys.shape[2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
         seen.append((held, kwargs["position_ids"][0].tolist()))
 
