@@ -44,7 +44,9 @@ class EvictkitCPUAttentionImpl(CPUAttentionBackendImpl):
                 kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor, *args: Any, **kwargs: Any):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         p = _plan.PLAN
-        if p.jobs and attn_metadata is not None and attn_metadata.num_actual_tokens == p.num_tokens:
+        if (p.jobs and attn_metadata is not None and attn_metadata.num_actual_tokens == p.num_tokens
+                and layer.layer_name not in p.done):
+            p.done.add(layer.layer_name)
             with torch.no_grad():
                 for job in p.jobs:
                     self._compact(layer, job, query, key, value, kv_cache, attn_metadata, p)
@@ -93,6 +95,8 @@ class EvictkitCPUAttentionImpl(CPUAttentionBackendImpl):
                                        kv_cache_dtype=self.kv_cache_dtype)
         if p.record:
             _plan.KEPT.setdefault(job.req_id, {})[layer_idx] = idx.clone()
+            if layer_idx == 0:
+                _plan.COMPACTIONS[job.req_id] = _plan.COMPACTIONS.get(job.req_id, 0) + 1
 
 
 def _o_proj(weights: dict[str, torch.Tensor] | None, layer_name: str) -> torch.Tensor | None:

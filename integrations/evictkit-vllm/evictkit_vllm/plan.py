@@ -35,17 +35,21 @@ class Plan:
     record: bool = False
     o_proj: dict[str, torch.Tensor] | None = None  # {attention module name: W_O} for policies that read it
     n_layers: int = 0
+    done: set[str] = attrs.field(factory=set)  # layers compacted under this plan: a later forward skips them
 
 
 PLAN = Plan()
 
 #: with `record_kept`, {req_id: {layer_idx: [H_kv, K] kept prompt positions}} (tests read it in-process)
 KEPT: dict[str, dict[int, torch.Tensor]] = {}
+#: with `record_kept`, {req_id: how many times its prompt was compacted} (a preempted request: again on resume)
+COMPACTIONS: dict[str, int] = {}
 
 
 def set_plan(jobs: list[Job], num_tokens: int, **kw: Any) -> None:
     PLAN.jobs = jobs
     PLAN.num_tokens = num_tokens
+    PLAN.done = set()
     for k, v in kw.items():
         setattr(PLAN, k, v)
 

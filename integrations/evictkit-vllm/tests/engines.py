@@ -97,3 +97,29 @@ def engine_kept(rid: str) -> dict[int, torch.Tensor]:
     hits = [k for k in plan.KEPT if k == rid or k.startswith(rid + "-")]
     assert len(hits) == 1, (rid, list(plan.KEPT))
     return plan.KEPT[hits[0]]
+
+
+def preemption_scenario() -> dict:
+    """test_engine's forced preemption, run in a fresh process (see there)."""
+    from vllm import LLM, SamplingParams
+
+    import evictkit_vllm
+    from evictkit_vllm import plan
+
+    kw = evictkit_vllm.engine_kwargs("snapkv", budget=48, window=16)
+    kw["additional_config"]["evictkit"]["record_kept"] = True
+    llm = LLM(model=model_path(), **{**BASE, **kw, "block_size": 32, "num_gpu_blocks_override": 9,
+                                     "max_model_len": 256, "max_num_batched_tokens": 256})
+    mgr = scheduler(llm).kv_cache_manager
+    free0 = mgr.block_pool.get_num_free_blocks()
+    ids = prompts()[0]
+    sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": list(ids[:150])}, {"prompt_token_ids": list(ids[200:350])}], sp,
+                        use_tqdm=False)
+    return {
+        "lengths": [len(o.outputs[0].token_ids) for o in outs],
+        "compactions": sorted(n for rid, n in plan.COMPACTIONS.items()
+                              if any(rid.startswith(o.request_id) for o in outs)),
+        "free_before": free0,
+        "free_after": mgr.block_pool.get_num_free_blocks(),
+    }

@@ -49,3 +49,51 @@ def test_blocks_held_while_decoding_are_the_kept_ones():
     while engine.has_unfinished_requests():
         engine.step()
     assert mgr.block_pool.get_num_free_blocks() == free0
+
+
+def test_abort_leaves_no_state():
+    from vllm import SamplingParams
+
+    llm = evict_llm()
+    engine = llm.llm_engine
+    mgr = scheduler(llm).kv_cache_manager
+    runner = engine.model_executor.driver_worker.worker.model_runner
+    free0 = mgr.block_pool.get_num_free_blocks()
+    sp = SamplingParams(temperature=0, max_tokens=64, extra_args={"evictkit": {"policy": "tova", "budget": BUDGET}})
+    engine.add_request("abort-0", {"prompt_token_ids": list(prompts()[1])}, sp)
+    for _ in range(3):
+        engine.step()
+    assert any(r.startswith("abort-0") for r in runner._evictkit.requests)
+    engine.abort_request(["abort-0"])
+    engine.step() if engine.has_unfinished_requests() else None
+    # the worker hears of finished requests with the next scheduled step
+    engine.add_request("abort-1", {"prompt_token_ids": list(prompts()[2])}, SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not any(r.startswith("abort-0") for r in runner._evictkit.requests)
+    assert not runner._evictkit.pending
+    assert mgr.block_pool.get_num_free_blocks() == free0
+
+
+def test_forced_preemption_recompacts_the_resumed_request():
+    """8 blocks of 32 tokens (9, one is vLLM's null block) for two 150-token prompts at budget 48: both
+    run after compaction (2 blocks each), then grow a block every 32 tokens until the second is preempted
+    (all its blocks freed); resumed after the first finishes, its prompt and generated tokens are
+    prefilled again and the prompt compacted again. Invariants only: the recomputed generated tokens
+    saw the whole prompt, so its later tokens may differ from an unpreempted run (docs/vllm.md).
+    In a process of its own: an in-process vLLM engine that shuts down tears down the parallel state
+    the module's other engines share."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import json, engines; print('RESULT ' + json.dumps(engines.preemption_scenario()))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=900)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["lengths"] == [100, 100]
+    assert result["compactions"] == [1, 2]  # the preempted request was compacted again when it resumed
+    assert result["free_after"] == result["free_before"]
