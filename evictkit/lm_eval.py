@@ -51,6 +51,7 @@ from evictkit.budget import check_budget
 from evictkit.compress import PHASE_CHOICES
 from evictkit.hf import attention_modules, cache_arg, new_cache
 from evictkit.models import MODELS
+from evictkit.sequence import schedule_for
 
 try:
     from lm_eval.api.registry import register_model
@@ -217,7 +218,7 @@ class EvictkitLM(HFLM):
         step = self._chunk or scored or total
         first = total - scored or min(step, total)  # the prefill: the context, or a first chunk
         with self._compression() as run:
-            if first >= total or min(run.schedule(first)) >= total:
+            if first >= total or min(schedule_for(self.model, self._policy, self._budget, first)) >= total:
                 # nothing to split, or nothing can be evicted: the very forward lm-eval's hf backend runs
                 logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             else:

@@ -1,0 +1,356 @@
+"""One sequence under `evictkit.compress`: what a prompt's life needs, from its first forward on.
+
+A `Sequence` starts when a new prompt does (a forward on an empty cache, a replay, or a layer that
+sees its cache start again). It holds the prompt's length when known before its first forward
+(evictkit's own chunker), the padding of a left-padded batch, whether the sequence has decoded,
+whether continuations count as decode (`as_decode`), and the per-layer states. Its `step` runs
+after each managed layer's attention: it follows beam search's row moves, runs the per-layer
+step (evictkit.step, or evictkit.rows for a left-padded batch), writes the K/V back and keeps the
+books (stats, peaks, events) in one place, with the phase the step decided.
+
+The budgets a prompt gets per layer are the pure function `schedule`, so harnesses read them
+without a compress block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from typing import Any, cast
+
+import attrs
+import torch
+from torch import nn
+
+from evictkit import ragged, rows
+from evictkit.budget import check_budget, resolve_checked
+from evictkit.contract import Policy
+from evictkit.hf import Forward, attention_modules, attn_implementation, cache_in, is_sliding, new_cache
+from evictkit.ragged_cache import RaggedLayer, RaggedStore, newest_keys
+from evictkit.stats import CompressionStats, EvictEvent, LayerStats
+from evictkit.step import Guard, LayerState, StepConfig, evict_step, follow_rows, needs_step, phase_of, track
+
+
+def schedule(policy: Policy, budget: int | float, prompt_length: int, layers: Seq[int]) -> list[int]:
+    """Entries per KV head for each of `layers` (the layer indices of a model's attention modules,
+    in order) for a prompt of this length: the budget resolved for the prompt, then the policy's
+    `layer_budget` per layer. Raises ValueError when the budget is too small for the policy."""
+    budget = check_budget(budget)
+    if isinstance(budget, int):
+        policy.check_budget(budget)
+    base = resolve_checked(policy, budget, prompt_length)
+    return [policy.layer_budget(base, li, len(layers), prompt_length) for li in layers]
+
+
+def schedule_for(model: nn.Module, policy: Policy, budget: int | float, prompt_length: int) -> list[int]:
+    """`schedule` for every attention module of `model`, as `evictkit.compress` gives them."""
+    return schedule(policy, budget, prompt_length, [m.layer_idx for m in attention_modules(model)])
+
+
+def left_padding(mask: object, q: int) -> torch.Tensor | None:
+    """Padding tokens among a forward's q new tokens, per row [B] (None: no padding), from a
+    2-D attention mask; refuses anything but left padding."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return None
+    m = mask.long()
+    if bool((m.cummax(dim=1).values != m).any()):
+        raise ValueError(
+            "evictkit.compress supports left-padded batches only (the attention_mask has a 0 after a 1): "
+            "set tokenizer.padding_side = 'left' before tokenizing the batch"
+        )
+    return (m[:, -q:] == 0).sum(dim=1) if m.shape[1] >= q else (m == 0).sum(dim=1)
+
+
+@attrs.define
+class Settings:
+    """What a compress block fixes for every sequence it runs."""
+
+    step: StepConfig
+    budget: int | float
+    layers: tuple[int, ...]  # layer_idx of every attention module, in order: a schedule's index
+    schedule: Callable[[int], list[int]]  # prompt length -> per-layer budgets (memoized by the block)
+    guard: Guard
+    store: RaggedStore
+    stats: CompressionStats
+    observers: Any  # the pluggy hook caller of `evictkit_after_evict`, set when the block is entered
+
+    @property
+    def name(self) -> str:
+        return self.step.policy.name
+
+
+class Sequence:
+    """One prompt's life under a compress block (see the module's docstring)."""
+
+    def __init__(self, run: Settings, *, prompt: int | None = None, pad_before: torch.Tensor | None = None,
+                 new_pad: torch.Tensor | None = None, as_decode: bool = False) -> None:
+        self.run = run
+        self.layers: dict[int, LayerState] = {}
+        self.prompt = prompt  # the whole prompt's length, when evictkit's chunker knew it before the first chunk
+        self.pad_before = pad_before  # [B] padding of that whole prompt, while the chunker runs it
+        self.new_pad = new_pad  # [B] padding tokens among the current forward's new ones (None: none)
+        self.as_decode = as_decode  # continuations are decode steps (Compression.as_decode)
+        self.decoded = False  # a forward after the prompt has run
+        self.chunking = False  # inside the forwards evictkit's chunker runs itself
+
+    # --- forwards ------------------------------------------------------------------------------
+    def seen(self) -> int | None:
+        """Tokens of the sequence so far (the next token's true position); None before any."""
+        return next((s.seen for s in self.layers.values() if s.positions is not None), None)
+
+    def rows(self) -> list[LayerState | None] | None:
+        """A left-padded batch's per-row states (None: not a padded batch)."""
+        return next((s.rows for s in self.layers.values() if s.rows is not None), None)
+
+    def position_ids(self, bound: dict, tokens: torch.Tensor, empty: bool, forward: Forward) -> torch.Tensor | None:
+        """True `position_ids` for a forward that would number its tokens wrongly (None: leave it):
+        each row of a padded batch from its own first token, a continuation from the true length
+        (the model would count from the compacted cache), and in "shift" mode from the cache length."""
+        q, device = tokens.shape[1], tokens.device
+        shift = self.run.step.inv_freq is not None
+        rows_ = None if empty else self.rows()
+        if self.new_pad is not None or rows_ is not None:  # a left-padded batch (evictkit.rows)
+            if shift:
+                raise ValueError(f"policy {self.run.name!r} with positions='shift' does not support padded batches")
+            if bound.get("position_ids") is not None or not forward.takes("position_ids"):
+                return None
+            if rows_ is None:  # each row's first real token is position 0, as generate() numbers it
+                start = -(bound["attention_mask"].long() == 0).sum(-1)
+            else:  # each row continues from its own true length
+                start = torch.tensor([0 if r is None else r.seen for r in rows_])
+            return (start.to(device)[:, None] + torch.arange(q, device=device)).clamp(min=0)
+        seen = None if empty else self.seen()
+        if seen is None:
+            return None
+        if shift:  # pos-shift: new tokens are numbered from the cache length, whatever the caller passed
+            lengths = {s.positions.shape[-1] for s in self.layers.values() if s.positions is not None}
+            if len(lengths) != 1:
+                raise RuntimeError(f"positions='shift' needs equal cache lengths across layers, got {sorted(lengths)}")
+            start = lengths.pop()
+            return torch.arange(start, start + q, device=device).unsqueeze(0)
+        if bound.get("position_ids") is None and forward.takes("position_ids"):
+            return torch.arange(seen, seen + q, device=device).unsqueeze(0)
+        return None
+
+    def run_chunks(self, model: nn.Module, forward: Forward, c: int, args: tuple, kwargs: dict, bound: dict,
+                   tokens: torch.Tensor, cache: Any, empty: bool) -> tuple[tuple, dict]:
+        """Split one long forward into `c`-token forwards: every chunk but the last runs here, each
+        followed by the eviction step; the caller's forward then runs the last chunk, and gets its
+        outputs (all that generate() reads)."""
+        n = tokens.shape[1]
+        if bound.get("use_cache") is False:
+            raise ValueError("prefill_chunk needs the KV cache: do not pass use_cache=False")
+        key = "input_ids" if bound.get("input_ids") is not None else "inputs_embeds"
+        if cache is None:
+            cache = new_cache(model)
+        if empty:
+            self.prompt, self.pad_before = n, left_padding(bound.get("attention_mask"), n)
+            self.run.schedule(n)  # validate the budgets before anything is computed
+        seen = 0 if empty else (self.seen() or 0)
+        given = bound.get("position_ids")
+        mask = bound.get("attention_mask") if isinstance(bound.get("attention_mask"), torch.Tensor) else None
+        padded = mask is not None and not bool(mask.all())
+        if given is not None:
+            positions = given
+        elif mask is not None and padded and empty:  # a new left-padded batch: rows count from their first token
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
+        else:
+            positions = torch.arange(seen, seen + n, device=tokens.device).unsqueeze(0)
+        extra = {"logits_to_keep": 1} if forward.takes("logits_to_keep") else {}
+        # aligned to the end: the first chunk takes the remainder, so each row of a left-padded
+        # batch is cut at the same distances from its end as it is alone (the batch law), and the
+        # last chunk, whose queries score the final eviction, is always whole
+        bounds = [0, *range(n % c or c, n + 1, c)]
+        self.chunking = True
+        try:
+            for start, end in zip(bounds[:-2], bounds[1:-1]):
+                if mask is not None and padded:  # each chunk needs the padding in its mask; all ones needs none
+                    extra["attention_mask"] = mask[:, : seen + end]
+                model(**{key: tokens[:, start:end], forward.cache_kwarg: cache, "use_cache": True,
+                         "position_ids": positions[..., start:end]}, **extra)
+        finally:
+            # the caller's forward runs the last chunk as any forward: a row starting in it is whole there
+            self.chunking, self.pad_before = False, None
+        last = bounds[-2]
+        changes: dict[str, Any] = {key: tokens[:, last:], "cache": cache, "position_ids": positions[..., last:]}
+        if isinstance(mask, torch.Tensor):
+            changes["attention_mask"] = mask[:, : seen + n]
+        self.new_pad = left_padding(changes.get("attention_mask", bound.get("attention_mask")), n - last)
+        return forward.call(args, kwargs, **changes)
+
+    def attention_kwargs(self, module: Any, args: tuple, kwargs: dict) -> dict | None:
+        """An attention module's keyword arguments with a mask of its layer's own size (None: the
+        model's own mask serves): per-head padding hidden, each row's padding in a left-padded
+        batch, and the right length where layers differ in length (the model sizes one mask for
+        all from layer 0)."""
+        st = self.layers.get(module.layer_idx)
+        if st is None or st.positions is None:
+            return None
+        cache = cache_in(kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is None or hidden is None or module.layer_idx >= len(cache.layers):
+            return None
+        if isinstance(cache.layers[module.layer_idx], RaggedLayer):
+            return None  # evictkit's varlen attention reads each head's own entries: no mask
+        past = cache.layers[module.layer_idx].get_seq_length()
+        if past != st.positions.shape[-1]:  # a new sequence starts: nothing of ours applies
+            return None
+        mask, q = kwargs.get("attention_mask"), hidden.shape[1]
+        # a padded batch's own mask hides the slots where its padding was, wherever entries are now
+        if st.pad is None and st.rows is None and not (
+                isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
+            return None
+        return {**kwargs, "attention_mask": ragged.attention_mask(
+            st.pad, past, q, batch=hidden.shape[0], n_heads=module.o_proj.weight.shape[1] // module.head_dim,
+            like=mask, attn_impl=attn_implementation(module), dtype=hidden.dtype, device=hidden.device,
+            new_pad=self.new_pad if st.rows is not None else None,
+        )}
+
+    def restarts(self, module: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether a layer this sequence has stepped holds only this forward's tokens again: a new
+        prompt that the model pre-hook did not see start (a forward of a submodule alone)."""
+        cache = cache_in(kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if cache is None or hidden is None or module.layer_idx not in self.layers:
+            return False
+        return cache.layers[module.layer_idx].get_seq_length() == hidden.shape[1]
+
+    # --- the step after a layer's attention ----------------------------------------------------
+    def step(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """The eviction step of one managed layer after its attention (`kwargs` are the attention
+        module's: hidden_states, position_embeddings, position_ids, the cache)."""
+        cache = cache_in(kwargs)
+        if cache is None:
+            return
+        run, li = self.run, module.layer_idx
+        layer = cache.layers[li]
+        if is_sliding(layer):
+            if li not in run.stats.skipped_layers:
+                run.stats.skipped_layers.append(li)
+            return
+        hidden = cast(torch.Tensor, kwargs.get("hidden_states", args[0] if args else None))
+        is_ragged = isinstance(layer, RaggedLayer)
+        T, q = (layer.get_seq_length() if is_ragged else layer.keys.shape[2]), hidden.shape[1]
+        st = self.layers.get(li)
+        if st is not None and T > q:  # beam search may have reordered the rows since the last step
+            follow_rows(st, newest_keys(layer, q) if is_ragged else layer.keys[:, :, T - q - 1])
+        if (T == q and self.new_pad is not None) or (st is not None and st.rows is not None and T != q):
+            self._rows_step(module, layer, st, hidden, kwargs)
+            return
+        if T == q or st is None:  # the layer's first forward of this sequence
+            if T != q:
+                raise RuntimeError(
+                    f"layer {li}: the cache already held {T - q} entries when evictkit.compress first saw it; "
+                    "start the sequence (prefill) inside the `with` block"
+                )
+            st = self._start_layer(li, budget=run.schedule(self.prompt or T)[run.layers.index(li)])
+        elif st.positions is None or st.positions.shape[-1] != T - q:
+            raise RuntimeError(
+                f"layer {li}: the cache holds {T - q} earlier entries but evictkit tracked "
+                f"{0 if st.positions is None else st.positions.shape[-1]}; it was changed outside evictkit"
+            )
+        elif q > 1 and isinstance(run.budget, float) and not (
+                self.prompt is not None or self.decoded or self.as_decode):
+            raise ValueError(
+                f"budget={run.budget} is a fraction of the prompt, but this prompt arrives in chunks whose total "
+                "evictkit cannot know (transformers' prefill_chunk_size, or a loop of forwards): give an int budget, "
+                "or let evictkit chunk the prompt with evictkit.compress(..., prefill_chunk=N)"
+            )
+        # in "shift" mode position_ids are cache slots; the step counts the true positions itself
+        position_ids = None if run.step.inv_freq is not None else kwargs.get("position_ids")
+        if is_ragged and not needs_step(run.step, st, q, as_decode=self.as_decode):
+            # nothing reads the entries: keep the ragged layer as update() left it
+            phase = track(run.step, st, module=module, hidden_states=hidden,
+                          position_embeddings=kwargs["position_embeddings"], position_ids=position_ids,
+                          n_kv_heads=layer.shape[1], device=layer.keys.device, as_decode=self.as_decode)
+            evicted = False
+        else:
+            keys, values = (layer.padded()[:2]) if is_ragged else (layer.keys, layer.values)
+            result = evict_step(
+                run.step, st, module=module, layer_idx=li, n_layers=len(run.layers), keys=keys, values=values,
+                hidden_states=hidden, position_embeddings=kwargs["position_embeddings"], position_ids=position_ids,
+                as_decode=self.as_decode, guard=run.guard,
+            )
+            phase, evicted = result.phase, result.selection is not None
+            if evicted or not is_ragged:
+                run.store.store(cache, li, module, st.pad, result.keys, result.values)
+        layer = cache.layers[li]
+        if isinstance(layer, RaggedLayer):
+            size, entries = layer.get_seq_length(), layer.real_entries()
+            st.last_keys = newest_keys(layer)
+        else:
+            size = layer.keys.shape[2]
+            entries = ragged.real_entries(st.pad, layer.keys.shape[1], size)
+            st.last_keys = layer.keys[:, :, -1].clone()
+        self._record(li, st, phase=phase, evicted=evicted, before=T, size=size, entries=entries, seen=st.seen)
+
+    def _rows_step(self, module: Any, layer: Any, st: LayerState | None, hidden: torch.Tensor, kwargs: dict) -> None:
+        """A left-padded batch: each row stepped alone on its view of the layer (evictkit.rows)."""
+        run, li = self.run, module.layer_idx
+        T, q = layer.keys.shape[2], hidden.shape[1]
+        new_pad = self.new_pad.tolist() if self.new_pad is not None else [0] * layer.keys.shape[0]
+        index = run.layers.index(li)
+        if run.step.inv_freq is not None:
+            raise ValueError(f"policy {run.name!r} with positions='shift' does not support padded batches")
+        if st is None or T == q:  # the layer's first forward of this sequence
+            st = self._start_layer(li, budget=0)
+            st.rows, st.offsets = rows.start_rows(layer.keys.shape[0])
+        known, pad_before = self.prompt, self.pad_before
+
+        def row_budget(b: int, length: int) -> int:
+            if known is not None and pad_before is not None:  # the chunker saw the row's whole prompt
+                length = known - int(pad_before[b])
+            return run.schedule(length)[index]
+
+        phase = phase_of(st, q, self.as_decode)
+        keys, values, evicted = rows.rows_step(
+            run.step, st, module=module, layer_idx=li, n_layers=len(run.layers), keys=layer.keys,
+            values=layer.values, hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
+            position_ids=kwargs.get("position_ids"), new_pad=new_pad, row_budget=row_budget,
+            as_decode=self.as_decode, guard=run.guard,
+        )
+        layer.keys, layer.values = keys, values
+        st.last_keys = keys[:, :, -1].clone()
+        started = [r for r in st.rows or () if r is not None]
+        st.budget = max((r.budget for r in started), default=0)
+        self._record(li, st, phase=phase, evicted=evicted, before=T, size=keys.shape[2],
+                     entries=rows.real_entries(st), seen=max((r.seen for r in started), default=0))
+
+    # --- the books -----------------------------------------------------------------------------
+    def _start_layer(self, li: int, budget: int) -> LayerState:
+        st = self.layers[li] = LayerState(budget=budget)
+        self.decoded = False
+        stats = self._stats(li)
+        stats.prompt_length, stats.budget, stats.evictions, stats.peak = 0, budget, 0, 0
+        return st
+
+    def _record(self, li: int, st: LayerState, *, phase: str, evicted: bool, before: int, size: int, entries: int,
+                seen: int) -> None:
+        """The one bookkeeping path after a layer's step: sizes, peak, the prompt's numbers, and
+        the observers' event, all with the phase the step decided."""
+        run, stats = self.run, self._stats(li)
+        if evicted:
+            stats.evictions += 1
+            if run.observers is not None and run.observers.get_hookimpls():
+                run.observers(event=EvictEvent(policy=run.name, layer=li, phase=phase, before=before, after=size,
+                                               budget=st.budget))
+        stats.budget, stats.size, stats.entries = st.budget, size, entries
+        stats.peak = max(stats.peak, size)
+        if phase == "prefill" and not self.decoded:  # the prompt, in one forward or in chunks
+            stats.prompt_length = max(stats.prompt_length, seen)
+            stats.after_prefill = size
+        else:
+            self.decoded = True
+
+    def _stats(self, li: int) -> LayerStats:
+        layers = self.run.stats.layers
+        for s in layers:
+            if s.layer == li:
+                return s
+        s = LayerStats(layer=li)
+        layers.append(s)
+        layers.sort(key=lambda x: x.layer)
+        return s
+
+
+__all__ = ["Sequence", "Settings", "left_padding", "schedule", "schedule_for"]
