@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -56,6 +57,12 @@ def cache_in(kwargs: dict[str, Any]) -> Any:
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+def mask_query_length(arg: Any) -> int:
+    """The query length a cache layer's `get_mask_sizes` is asked about: transformers >= 5.24
+    passes it as an int, earlier 5.x passes the forward's `cache_position` tensor."""
+    return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)
 
 
 def new_cache(model: nn.Module) -> DynamicCache:
@@ -222,4 +229,4 @@ class Forward:
 
 __all__ = ["CACHE_KWARGS", "DynamicCache", "DynamicLayer", "Forward", "attention_function", "attention_modules",
            "attn_implementation", "cache_arg", "cache_in", "cache_kwarg", "cache_of", "check_model", "dense_layer",
-           "is_sliding", "new_cache", "own_attention", "sliding_layers"]
+           "is_sliding", "mask_query_length", "new_cache", "own_attention", "sliding_layers"]

@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from evictkit.hf import DynamicLayer, attention_function, attn_implementation, dense_layer, own_attention
+from evictkit.hf import (
+    DynamicLayer,
+    attention_function,
+    attn_implementation,
+    dense_layer,
+    mask_query_length,
+    own_attention,
+)
 from evictkit.kernels import varlen_attention
 
 #: attention implementations the varlen path can stand in front of (the others keep the padded layout)
@@ -101,8 +108,8 @@ class RaggedLayer(DynamicLayer):
         """The longest segment: the length of the padded layout this layer replaces."""
         return max(self._counts, default=0)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        return self.get_seq_length() + mask_query_length(query_length), 0
 
     def real_entries(self) -> int:
         """Entries summed over the KV heads of the fullest row."""
