@@ -126,7 +126,7 @@ $(VLLM_STAMP): pyproject.toml integrations/evictkit-vllm/pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -c '$(VLLM_ABSENT)'
-	cd integrations/evictkit-vllm && $(CURDIR)/$(VLLM_PY) -m pytest -q
+	cd integrations/evictkit-vllm && $(abspath $(VLLM_PY)) -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks
