@@ -45,7 +45,7 @@ def test_reordered_rows_equal_a_recomputation_of_their_history(model, name, para
     for b in range(2):  # the same history alone, with no reorder
         alone = DynamicCache(config=model.config)
         with evictkit.compress(model, name, budget=BUDGET, phase="both", **params) as solo:
-            model(prompt[origin[b]][None], cache=alone, use_cache=True)
+            model(prompt[origin[b]][None], **cache_arg(model, alone), use_cache=True)
             for t in history[b]:
                 ref = _decode(model, alone, [t])
             ref_kept = solo.kept_positions()
