@@ -16,6 +16,11 @@ be matched is listed with the results):
 - PyramidKV: PyramidKVPress(window_size=64, kernel_size=5, beta=20) vs pyramidkv(window=64,
   kernel=5, pool="avg", beta=20)
 - ObservedAttentionPress (eager attention) vs h2o_prefill(window=1)
+- KnormPress vs knorm; KeyDiffPress vs keydiff, and BlockPress(KeyDiffPress, 128) vs keydiff(block=128)
+- LagKVPress(n_sink=4, lag_size=128 | 40 | 32) vs lagkv(sinks=4, lag=...)
+- ExpectedAttentionPress vs expected_attention (defaults)
+- CriticalKVPress over SnapKVPress(64, 5), KnormPress and ExpectedAttentionPress(use_vnorm=False) vs
+  criticalkv over snapkv(window=64, kernel=5, pool="avg"), knorm and expected_attention(vnorm=False)
 A method whose policy or press is missing is reported as such; the others still run.
 """
 
@@ -45,6 +50,36 @@ METHODS = {
     "ObservedAttention / h2o_prefill": {"kvpress": ["ObservedAttentionPress", {}],
                                         "evictkit": ["h2o_prefill", {"window": 1, "gqa": "mean"}],
                                         "attn_kvpress": "eager"},
+    # issue 26: the keys/values-only presses, Expected Attention and the CriticalKV wrapper. A third
+    # element of "kvpress" is the press a wrapper press wraps (it gets the compression ratio).
+    "Knorm": {"kvpress": ["KnormPress", {}], "evictkit": ["knorm", {}]},
+    "KeyDiff": {"kvpress": ["KeyDiffPress", {}], "evictkit": ["keydiff", {}]},
+    "KeyDiff (block 128)": {"kvpress": ["BlockPress", {"block_size": 128}, ["KeyDiffPress", {}]],
+                            "evictkit": ["keydiff", {"block": 128}]},
+    # lag 128 (kvpress's default): at 1024 tokens and budget 256 the sinks and the tail fill the budget
+    "LagKV (lag 128)": {"kvpress": ["LagKVPress", {"n_sink": 4, "lag_size": 128}],
+                        "evictkit": ["lagkv", {"sinks": 4, "lag": 128}]},
+    # lag 40: 24 scored partitions share the 192 entries left after sinks and tail, 8 ranks each
+    "LagKV (lag 40)": {"kvpress": ["LagKVPress", {"n_sink": 4, "lag_size": 40}],
+                       "evictkit": ["lagkv", {"sinks": 4, "lag": 40}]},
+    # lag 32: 192 entries over 30 partitions (6.4 each), so one rank value straddles the cut: ties, definitional
+    "LagKV (lag 32)": {"kvpress": ["LagKVPress", {"n_sink": 4, "lag_size": 32}],
+                       "evictkit": ["lagkv", {"sinks": 4, "lag": 32}]},
+    "ExpectedAttention": {"kvpress": ["ExpectedAttentionPress", {}], "evictkit": ["expected_attention", {}]},
+    "CriticalKV(SnapKV)": {"kvpress": ["CriticalKVPress", {}, ["SnapKVPress", {"window_size": 64, "kernel_size": 5}]],
+                           "evictkit": ["criticalkv", {"scorer": "snapkv", "scorer_options": {
+                               "window": 64, "kernel": 5, "pool": "avg", "gqa": "mean"}}]},
+    # kvpress's SnapKVPress averages the window's attention, evictkit's snapkv sums it (as the SnapKV
+    # authors do): 64 times larger scores, so CriticalKV's additive epsilon matches at 64 x 1e-4
+    "CriticalKV(SnapKV) epsilon 64e-4": {
+        "kvpress": ["CriticalKVPress", {}, ["SnapKVPress", {"window_size": 64, "kernel_size": 5}]],
+        "evictkit": ["criticalkv", {"scorer": "snapkv", "epsilon": 64e-4, "scorer_options": {
+            "window": 64, "kernel": 5, "pool": "avg", "gqa": "mean"}}]},
+    "CriticalKV(Knorm)": {"kvpress": ["CriticalKVPress", {}, ["KnormPress", {}]],
+                          "evictkit": ["criticalkv", {"scorer": "knorm"}]},
+    "CriticalKV(ExpectedAttention)": {
+        "kvpress": ["CriticalKVPress", {}, ["ExpectedAttentionPress", {"use_vnorm": False}]],
+        "evictkit": ["criticalkv", {"scorer": "expected_attention", "scorer_options": {"vnorm": False}}]},
 }
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -49,11 +49,18 @@ def make_press(lib: str, spec: dict, budget: int, n: int, model):
     if lib == "kvpress":
         import kvpress
 
-        cls_name, kwargs = spec["kvpress"]
+        cls_name, kwargs, *inner = spec["kvpress"]
         # n_kept = int(n * (1 - ratio)) must be the budget: aim half a token above to survive float rounding
         ratio = 1.0 - (budget + 0.5) / n
-        press = getattr(kvpress, cls_name)(compression_ratio=ratio, **kwargs)
-        return (lambda: press(model)), repr(press)
+        if inner:  # a wrapper press (BlockPress, CriticalKVPress): the wrapped press holds the ratio
+            inner_cls, inner_kwargs = inner[0]
+            wrapped = getattr(kvpress, inner_cls)(compression_ratio=ratio, **inner_kwargs)
+            press = getattr(kvpress, cls_name)(press=wrapped, **kwargs)
+            desc = f"{cls_name}({wrapped!r}{''.join(f', {k}={v!r}' for k, v in kwargs.items())})"
+        else:
+            press = getattr(kvpress, cls_name)(compression_ratio=ratio, **kwargs)
+            desc = repr(press)
+        return (lambda: press(model)), desc
     import evictkit
     from evictkit.contract import params_of
 
