@@ -336,6 +336,28 @@ def test_criticalkv_delegates_to_the_scorer():
         CriticalKV(first_stage_ratio=1.5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_expected_attention_rotates_with_the_models_own_rotary_embedding(arch):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
+
+    from evictkit.plugins.expected_attention import future_cos_sin
+
+    sizes = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8)
+    config = {"llama": lambda: LlamaConfig(**sizes, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+              "qwen3": lambda: Qwen3Config(**sizes),
+              "gemma3": lambda: Gemma3TextConfig(**sizes, sliding_window=8,
+                                                 layer_types=["sliding_attention", "full_attention"])}[arch]()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    module = model.model.layers[-1].self_attn  # a full-attention layer in gemma3
+    pos = torch.arange(50, 60)[None]
+    x = torch.zeros(1, dtype=torch.float32)
+    args = (x, pos, "full_attention") if arch == "gemma3" else (x, pos)
+    want = model.model.rotary_emb(*args)
+    got = future_cos_sin(module, pos, x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_expected_attention_refuses_an_observation_without_the_attention_module():
     obs = Observation.from_tensors(
         keys=torch.randn(1, 2, 8, 4), values=torch.randn(1, 2, 8, 4), queries=torch.randn(1, 4, 8, 4),
