@@ -101,7 +101,11 @@ def policy_problems(cfg: EvictConfig, vc: Any | None = None) -> list[str]:
     ):
         return [f"policy {name!r} gives each layer its own budget (per-layer schedules such as pyramidkv): vLLM keeps "
                 "one block table per request for all layers; use its uniform counterpart (snapkv)"]
-    sel = _probe(policy, base, length, heads, kv_heads, head_dim, n_layers)
+    try:
+        sel = _probe(policy, base, length, heads, kv_heads, head_dim, n_layers)
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe is the policy's refusal, reported
+        return [f"policy {name!r} cannot select from an engine's tensors (post-RoPE queries, keys, values, W_O): "
+                f"{type(exc).__name__}: {exc}"]
     if isinstance(sel, tuple):
         out.append(f"policy {name!r} keeps different counts per KV head (ragged heads, e.g. adakv): vLLM's CPU "
                    "attention reads one length per request; use a policy with equal per-head counts (snapkv)")

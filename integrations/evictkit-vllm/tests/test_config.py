@@ -72,6 +72,7 @@ def test_each_unsupported_setting_is_named(change, named):
     ("adakv", {}, "ragged"),
     ("lacache", {}, "exact_budget=False"),
     ("streaming_llm", {"positions": "shift"}, "positions='absolute'"),
+    ("expected_attention", {}, "cannot select from an engine's tensors"),  # re-projects pre-RoPE queries
 ])
 def test_unsupported_policies_are_refused(policy, params, named):
     problems = policy_problems(EvictConfig(policy, 64, params), _vllm_config())

@@ -30,6 +30,10 @@ POLICIES = {
     "tova": {},
     "h2o_prefill": {"window": 16},
     "restkv": {"window": 16},
+    "knorm": {},
+    "keydiff": {},
+    "lagkv": {},
+    "criticalkv": {},
     "key_norm": {"sinks": 4, "window": 16},  # third-party: examples/evictkit-example-policy, found by entry point
 }
 POSITIONAL = {"streaming_llm", "random"}  # no floating-point scores: positions must match exactly
