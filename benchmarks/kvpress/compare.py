@@ -163,6 +163,9 @@ def main() -> int:
     ap.add_argument("--no-main-venv", action="store_true", help="skip evictkit in its own venv")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads in each side process (0 = torch's default; 1 is steadier on a loaded machine)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the model's dtype on every side (parity is defined in float32; bfloat16 shows the "
+                         "effect of kvpress computing in the cache dtype)")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild the markdown from the side results already in WORKDIR")
     ap.add_argument("--quick", action="store_true", help="smoke test: 256-token prompts, 1 round, 2 passkey samples")
@@ -187,6 +190,7 @@ def main() -> int:
     samples = passkey_samples(tok, args.passkey_ctx, args.passkey_samples) if args.passkey_samples else []
     inputs = {
         "model_dir": str(model_dir),
+        "dtype": args.dtype,
         "rounds": args.rounds,
         "threads": args.threads,
         "parity": {"ids": prompt_ids(tok, args.ctx)[0].tolist(), "budget": args.budget},
@@ -228,7 +232,8 @@ def main() -> int:
 
 def report(sides: dict, chosen: dict, inputs: dict, samples: list, tok, args) -> str:
     kp = sides["kvpress"]
-    lines = [f"kvpress side-by-side on SmolLM2-135M-Instruct (fp32, CPU), {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[inputs.get("dtype", "float32")]
+    lines = [f"kvpress side-by-side on SmolLM2-135M-Instruct ({dtype}, CPU), {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     for label, s in sides.items():
         if "failed" in s:
             lines.append(f"- {label}: FAILED ({s['failed']})")

@@ -32,10 +32,10 @@ import time
 import torch
 
 
-def load(model_dir: str, attn: str):
+def load(model_dir: str, attn: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
     return model.eval()
 
 
@@ -159,7 +159,8 @@ def main() -> int:
         import evictkit
 
         result["evictkit"] = evictkit.__version__
-    models = {"sdpa": load(spec["model_dir"], "sdpa")}
+    dtype = spec.get("dtype", "float32")
+    models = {"sdpa": load(spec["model_dir"], "sdpa", dtype)}
     parity_ids = torch.tensor([spec["parity"]["ids"]])
     n, budget = parity_ids.shape[1], spec["parity"]["budget"]
     rounds = spec.get("rounds", 3)
@@ -167,7 +168,7 @@ def main() -> int:
     def model_for(m: dict):
         attn = m.get(f"attn_{args.lib}", "sdpa")
         if attn not in models:
-            models[attn] = load(spec["model_dir"], attn)
+            models[attn] = load(spec["model_dir"], attn, dtype)
         return models[attn], attn
 
     def plain_time(model) -> float:
