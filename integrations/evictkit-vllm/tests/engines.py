@@ -123,3 +123,23 @@ def preemption_scenario() -> dict:
         "free_before": free0,
         "free_after": mgr.block_pool.get_num_free_blocks(),
     }
+
+
+def multiprocessing_scenario() -> dict:
+    """snapkv at budget 64 with the engine core in a process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1):
+    the tokens per prompt, the transformers reference with the same eviction, and without eviction."""
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    from vllm import LLM
+
+    import evictkit_vllm
+
+    llm = LLM(model=model_path(), **{**BASE, **evictkit_vllm.engine_kwargs("snapkv", budget=BUDGET, window=16)})
+    outs = generate(llm, prompts())
+    rows = []
+    for ids, (tokens, _, _) in zip(prompts(), outs):
+        evicted = reference("snapkv", ids, window=16)[0]
+        full = reference("snapkv", ids, budget=len(ids), window=16)[0]
+        rows.append({"tokens": tokens, "evicted": evicted, "full": full})
+    return {"rows": rows}

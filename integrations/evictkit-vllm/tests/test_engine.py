@@ -97,3 +97,24 @@ def test_forced_preemption_recompacts_the_resumed_request():
     assert result["lengths"] == [100, 100]
     assert result["compactions"] == [1, 2]  # the preempted request was compacted again when it resumed
     assert result["free_after"] == result["free_before"]
+
+
+def test_engine_core_in_its_own_process():
+    """vLLM's default: the engine core (scheduler and worker) in a subprocess, where vLLM loads the
+    plugin itself. The tokens are transformers' with the same eviction, not those without it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json, conftest, engines\n"
+            "if __name__ == '__main__':\n"
+            "    print('RESULT ' + json.dumps(engines.multiprocessing_scenario()))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    rows = json.loads(lines[-1][len("RESULT "):])["rows"]
+    assert all(r["tokens"] == r["evicted"] for r in rows)
+    assert any(r["evicted"] != r["full"] for r in rows)  # the eviction changed something: it ran
