@@ -20,6 +20,11 @@ TINY_POLICIES = [
     ("restkv", {"window": 8}),
     ("lacache", {"span": 1}),
     ("random", {}),
+    ("knorm", {}),
+    ("keydiff", {}),
+    ("lagkv", {"lag": 4}),
+    ("expected_attention", {}),
+    ("criticalkv", {"scorer_options": {"window": 8}}),
 ]
 
 
