@@ -129,4 +129,4 @@ test-vllm: $(VLLM_STAMP)
 	cd integrations/evictkit-vllm && $(abspath $(VLLM_PY)) -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(OLD_VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks
+	rm -rf $(VENV) $(OLD_VENV) $(VLLM_VENV) .venv-kvpress build *.egg-info .hypothesis .benchmarks
