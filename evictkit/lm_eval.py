@@ -124,8 +124,8 @@ class EvictkitLM(HFLM):
         self._phase, self._slack, self._chunk = phase, slack, chunk
         if str(batch_size) != "1":
             raise ValueError(
-                f"batch_size={batch_size!r}: the evictkit backend runs one request at a time (evictkit.compress "
-                "does not support padded batches yet); use --batch_size 1"
+                f"batch_size={batch_size!r}: the evictkit backend runs one request at a time (its requests are "
+                "not yet batched as left-padded rows); use --batch_size 1"
             )
         self._builtin = pretrained if isinstance(pretrained, str) and pretrained in MODELS else None
         if self._builtin:
