@@ -192,36 +192,28 @@ def _direct(check: Callable[..., None], *, noop: bool = False, styles: Sequence[
     return run
 
 
-def _reset(subject: Subject, prof: Profile) -> None:
-    policy = subject.make()
-    lo = min_valid_budget(policy, subject.label)
-    strategy = cases(lo=lo, limits=prof.limits, policy=policy)
+def _two_sequences(check: Callable[..., None], *, with_subject: bool = False):
+    """A law over two sequences run one after the other (reset, independence): Hypothesis pairs,
+    then the edge cases paired first with last. `check` takes the subject itself when
+    `with_subject`, else its factory."""
 
-    @prof.settings()
-    @given(first=strategy, second=strategy)
-    def law(first, second):
-        checks.reset(subject.make, first, second, label=subject.label)
+    def run(subject: Subject, prof: Profile) -> None:
+        policy = subject.make()
+        lo = min_valid_budget(policy, subject.label)
+        strategy = cases(lo=lo, limits=prof.limits, policy=policy)
+        target = subject if with_subject else subject.make
 
-    _run(law)
-    edges = edge_cases(policy, lo)
-    for first, second in zip(edges, edges[::-1]):
-        checks.reset(subject.make, first, second, label=subject.label)
+        @prof.settings()
+        @given(first=strategy, second=strategy)
+        def law(first, second):
+            check(target, first, second, label=subject.label)
 
+        _run(law)
+        edges = edge_cases(policy, lo)
+        for first, second in zip(edges, edges[::-1]):
+            check(target, first, second, label=subject.label)
 
-def _independence(subject: Subject, prof: Profile) -> None:
-    policy = subject.make()
-    lo = min_valid_budget(policy, subject.label)
-    strategy = cases(lo=lo, limits=prof.limits, policy=policy)
-
-    @prof.settings()
-    @given(first=strategy, second=strategy)
-    def law(first, second):
-        checks.independence(subject, first, second, label=subject.label)
-
-    _run(law)
-    edges = edge_cases(policy, lo)
-    for first, second in zip(edges, edges[::-1]):
-        checks.independence(subject, first, second, label=subject.label)
+    return run
 
 
 def _model(check: Callable[..., None], *, noop: bool = False, second: bool = False):
@@ -271,8 +263,8 @@ LAWS: dict[str, Law] = {
         Law("noop", checks.noop.__doc__, _direct(checks.noop, noop=True)),
         Law("integrity", checks.integrity.__doc__, _direct(checks.integrity, styles=STYLES)),
         Law("batch_rows", checks.batch_rows.__doc__, _direct(checks.batch_rows)),
-        Law("reset", checks.reset.__doc__, _reset),
-        Law("independence", checks.independence.__doc__, _independence),
+        Law("reset", checks.reset.__doc__, _two_sequences(checks.reset)),
+        Law("independence", checks.independence.__doc__, _two_sequences(checks.independence, with_subject=True)),
         Law("fresh_process", checks.fresh_process.__doc__, _fresh_process, profiles=("thorough",)),
         Law("invalid_budget", endtoend.invalid_budgets.__doc__, _invalid_budgets),
         Law("compress", endtoend.compress_run.__doc__, _model(endtoend.compress_run)),
