@@ -28,6 +28,16 @@ TINY_POLICIES = [
 ]
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch of 1-D prompts: ids [B, W] (padding 0) and attention mask [B, W]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
 def prompt_ids(n: int, seed: int = 0) -> torch.Tensor:
     """[1, n] random token ids in [3, 128), reproducible by seed."""
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from generation import TINY_POLICIES
+from generation import TINY_POLICIES, left_padded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,15 +29,6 @@ def _prompts(lengths, seed=0):
     return [torch.randint(3, 128, (n,), generator=g) for n in lengths]
 
 
-def _left_padded(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return ids, mask
-
-
 def _run(model, ids, mask, name, params, **kw):
     with evictkit.compress(model, name, budget=kw.pop("budget", BUDGET), **params, **kw) as run:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_scores=True,
@@ -52,7 +43,7 @@ def _kept_rows(kept, row):
 
 
 def _assert_batch_law(model, prompts, name, params, **kw):
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     width = ids.shape[1]
     out, kept, run = _run(model, ids, mask, name, params, **kw)
     for i, p in enumerate(prompts):
@@ -81,7 +72,7 @@ def test_the_batch_law_holds_with_decode_time_eviction(model, name, params):
 
 def test_a_fraction_budget_is_a_fraction_of_each_row(model):
     prompts = _prompts([80, 40])
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     _, kept, _ = _run(model, ids, mask, "snapkv", {"window": 4}, budget=0.25)
     assert [len(_kept_rows(kept, i)[0][0]) for i in range(2)] == [20 + NEW - 1, 10 + NEW - 1]
 
@@ -89,7 +80,7 @@ def test_a_fraction_budget_is_a_fraction_of_each_row(model):
 def test_padding_is_never_kept_or_scored(model):
     """A padding token's id changes nothing in any row: it is neither scored nor kept."""
     prompts = _prompts([50, 20])
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     first, kept, _ = _run(model, ids, mask, "h2o", {})
     ids[1, :30] = 7  # other padding ids
     second, kept2, _ = _run(model, ids, mask, "h2o", {})

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from generation import left_padded
 
 import evictkit
 from evictkit.hf import cache_arg, new_cache
@@ -32,15 +33,6 @@ def events():
         pm.unregister(obs)
 
 
-def _left_padded(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return ids, mask
-
-
 def _prompt_then_questions(model, ids, mask, questions, events):
     """Prefill, then each question as one forward under `as_decode()`: (stats per layer after the
     prompt, after each question, and the phases of the questions' events)."""
@@ -65,7 +57,7 @@ def test_a_batched_question_under_as_decode_is_booked_as_decode(events):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (40, 27)]
     questions = [torch.randint(3, 128, (2, n), generator=g) for n in (5, 8)]  # 16+5 fits the slack, +8 does not
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     batch = _prompt_then_questions(model, ids, mask, questions, events)
     alone = _prompt_then_questions(model, prompts[0][None], torch.ones(1, 40, dtype=torch.long),
                                    [q[:1] for q in questions], events)
