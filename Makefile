@@ -1,7 +1,8 @@
 # Two commands on a fresh machine with Python 3 and the package registries:
 #   make demo   - set up .venv and run a short long-prompt demo on SmolLM2 (offline)
 #   make test   - lint, the whole suite on the newest allowed versions (.venv), then the fast
-#                 subset on the oldest supported ones (.venv-oldest)
+#                 subset on the oldest supported ones (.venv-oldest), then the vLLM plugin's tests
+#                 in their own venv (.venv-vllm, `make test-vllm`)
 # Versions come from two places only (README, "Supported versions"): pyproject.toml's ranges, and
 # constraints/*.txt read with pip's -c (newest.txt: the CPU torch build; oldest.txt: the lower bounds).
 PYTHON ?= python3
@@ -37,21 +38,22 @@ $(OLD_STAMP): pyproject.toml Makefile constraints/oldest.txt constraints/newest.
 demo: $(STAMP)
 	$(VENV)/bin/evictkit demo
 
-# ruff on the four packages, tests/ and benchmarks/, mypy on the four packages ([tool.ruff] and [tool.mypy] in
-# pyproject.toml); `make test` runs it first.
+# ruff on the four packages, tests/, benchmarks/ and integrations/ (the vLLM plugin, under the ruff settings of its
+# own pyproject.toml; ruff imports nothing, so .venv needs no vLLM), mypy on the four packages ([tool.ruff] and
+# [tool.mypy] in pyproject.toml); `make test` runs it first.
 # mypy does not follow the editable install's import hook, which maps plugins/, kernels/ and specs/ to
 # evictkit.plugins/.kernels/.specs: build/mypy/evictkit is that layout as links, and mypy checks -p evictkit
 # there (mypy_path); messages name build/mypy/evictkit/plugins/x.py for plugins/x.py.
 MYPY_TREE := build/mypy/evictkit
 
 lint: $(STAMP)
-	$(PY) -m ruff check evictkit plugins kernels specs tests benchmarks
+	$(PY) -m ruff check evictkit plugins kernels specs tests benchmarks integrations
 	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)
 	for f in evictkit/*; do case $$f in evictkit/plugins|evictkit/kernels|evictkit/specs) ;; *) ln -s "$(CURDIR)/$$f" $(MYPY_TREE)/;; esac; done
 	for d in plugins kernels specs; do mkdir $(MYPY_TREE)/$$d && ln -s "$(CURDIR)"/$$d/*.py "$(CURDIR)/evictkit/$$d/__init__.py" $(MYPY_TREE)/$$d/; done
 	$(PY) -m mypy -p evictkit
 
-test: lint test-newest test-oldest
+test: lint test-newest test-oldest test-vllm
 
 test-newest: $(STAMP)
 	$(PY) -m pytest -q
