@@ -67,7 +67,8 @@ def policy(name: str, **params: Any) -> Policy:
 
 
 def describe(cls: type[Policy]) -> dict[str, Any]:
-    """Name, phases, parameters and needs of a policy class (for `evictkit list`)."""
+    """Name, phases, parameters, needs and capability tags (`Needs.tags()`, None when the class
+    has no default instance) of a policy class (for `evictkit list`)."""
     entry = get_registry().entries.get(cls.name)
     needs = declared(cls()) if all(a.default is not attrs.NOTHING for a in params_of(cls).values()) else None
     return {
@@ -76,6 +77,7 @@ def describe(cls: type[Policy]) -> dict[str, Any]:
         "phases": list(cls.phases),
         "params": {f: repr(a.default) for f, a in params_of(cls).items()},
         "needs": attrs.asdict(needs) if needs is not None else None,
+        "tags": list(needs.tags()) if needs is not None else None,
         "summary": cls.summary,
         "chunked": chunk_doc(cls),
     }

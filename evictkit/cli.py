@@ -50,21 +50,25 @@ def _budget(text: str) -> int | float:
 
 def cmd_list(args: argparse.Namespace) -> int:
     import evictkit
+    from evictkit.contract import FLAG_FIELDS
 
     rows = [evictkit.describe(cls) for cls in evictkit.policies().values()]
     failures = [str(f) for f in evictkit.plugin_failures()]
     if args.json:
         print(json.dumps({"policies": rows, "failures": failures}, indent=2))
         return 0
-    table = [("name", "package", "phases", "needs", "parameters")]
+    table = [("name", "package", "phases", "tags", "needs", "parameters")]
     defaults = attrs.asdict(evictkit.Needs())  # a need is shown where it differs from its default
     for r in rows:
-        needs = ", ".join(f"{k}={v}" for k, v in (r["needs"] or {}).items() if v != defaults.get(k)) or "-"
+        # the capability flags are shown as tags; the other needs (window, positions, ...) as such
+        needs = ", ".join(f"{k}={v}" for k, v in (r["needs"] or {}).items()
+                          if v != defaults.get(k) and k not in FLAG_FIELDS) or "-"
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-        table.append((r["name"], r["package"], ",".join(r["phases"]) or "-", needs, params))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]  # the last column runs on
+        tags = ",".join(r["tags"] or []) or "?"  # "?": no default instance to ask
+        table.append((r["name"], r["package"], ",".join(r["phases"]) or "-", tags, needs, params))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]  # the last column runs on
     for row, r in zip(table, [None, *rows]):  # type: ignore[assignment]  # r is None for the header row
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5])
         if r is not None and args.chunks:
             print(f"{'':{widths[0]}}  per prefill chunk: {r['chunked']}")
     for f in failures:

@@ -12,8 +12,9 @@ The extension ladder is `score -> select -> compact`:
 What an author learns is nine members: `name`, `phases`, `summary` (class attributes),
 `needs()`, `protected()`, `observe()`, `score()` or `select()`, `layer_budget()`, and rarely
 `check_budget()`. Everything else composes: per-head allocation wraps a scorer (AdaKV), a
-layer schedule overrides `layer_budget` (PyramidKV), and the position mode, `may_evict_newest`
-and `exact_budget` are `Needs` fields. The members that left (`may_evict_newest`,
+layer schedule overrides `layer_budget` (PyramidKV), and the position mode, `may_evict_newest`,
+`exact_budget` and the capability flags engines read (`Needs.tags()`, `capabilities(policy)`)
+are `Needs` fields. The members that left (`may_evict_newest`,
 `exact_budget`, `chunked` and `shared_prefill` class attributes, `position_mode()`) still work
 with a DeprecationWarning; `declared(policy)` is what the core reads, and `chunk_doc(cls)` the
 per-chunk text of a policy's docstring.
@@ -87,6 +88,16 @@ class Needs:
         the protection law holds every other policy to keeping it.
     exact_budget: False when select() may keep fewer than min(T, budget) entries (never more),
         e.g. LaCache, whose ladder frees whole blocks; the budget stays a hard cap either way.
+
+    Capability flags (read by engines and prefill-attention plugins through `tags()` and
+    `capabilities(policy)`; the core computes nothing from them):
+    layer_weights: reads the layer's weights (`obs.o_proj_weight`: CriticalKV, ReST-KV).
+    attention_weights: reads the attention weights of all of a forward's queries (H2O,
+        h2o_prefill). evictkit recomputes them densely from the queries, so a sparse prefill
+        kernel does not change them; requires `queries=True`.
+    extra_passes: needs forward passes of its own beyond the model's (KVzip; no built-in today).
+    ragged_heads: its per-head kept counts can differ within a layer (AdaKV's RaggedSelection);
+        an engine with one block table per layer refuses it.
     """
 
     window: int = attrs.field(default=0, validator=_validate_window)
@@ -94,6 +105,51 @@ class Needs:
     positions: str = attrs.field(default="absolute", validator=_validate_positions)
     may_evict_newest: bool = attrs.field(default=False, validator=_validate_flag)
     exact_budget: bool = attrs.field(default=True, validator=_validate_flag)
+    layer_weights: bool = attrs.field(default=False, validator=_validate_flag)
+    attention_weights: bool = attrs.field(default=False, validator=_validate_flag)
+    extra_passes: bool = attrs.field(default=False, validator=_validate_flag)
+    ragged_heads: bool = attrs.field(default=False, validator=_validate_flag)
+
+    def __attrs_post_init__(self) -> None:
+        if self.attention_weights and not self.queries:
+            raise ValueError("Needs(attention_weights=True) needs queries=True too: evictkit recomputes the "
+                             "attention weights of all of a forward's queries from those queries")
+
+    def tags(self) -> tuple[str, ...]:
+        """The capability tags, in the order of `TAGS`: "kv_only" when the policy reads nothing
+        but keys, values and positions, else each of "window_queries" (window > 0), "queries",
+        "layer_weights", "attention_weights", "extra_passes" it reads; then "ragged_heads" when
+        its per-head counts can differ. An engine accepts or refuses a policy from these."""
+        reads = [tag for tag, on in (("window_queries", self.window > 0), ("queries", self.queries),
+                                     ("layer_weights", self.layer_weights),
+                                     ("attention_weights", self.attention_weights),
+                                     ("extra_passes", self.extra_passes)) if on]
+        return (*(reads or ["kv_only"]), *(["ragged_heads"] if self.ragged_heads else []))
+
+
+#: every capability tag `Needs.tags()` can give, in its order (a stable set: engines match on them)
+TAGS = ("kv_only", "window_queries", "queries", "layer_weights", "attention_weights", "extra_passes",
+        "ragged_heads")
+#: the tags that say what a policy reads (all of TAGS but "ragged_heads")
+READ_TAGS = TAGS[:-1]
+#: the Needs fields that are capability flags only (shown as tags, not as needs, by `evictkit list`)
+FLAG_FIELDS = ("queries", "layer_weights", "attention_weights", "extra_passes", "ragged_heads")
+
+
+def capabilities(policy: Policy) -> dict[str, Any]:
+    """What an engine or a prefill-attention plugin needs to know to accept or refuse `policy`:
+
+    {"tags": declared(policy).tags(), "reads": the tags without "ragged_heads" ("kv_only" or what
+    it reads), "phases": the phases it evicts in by default (tuple), "ragged_heads": bool,
+    "window": the newest queries it reads (int), "positions": "absolute" or "shift"}.
+    """
+    needs = declared(policy)
+    if not isinstance(needs, Needs):
+        raise ValueError(f"policy {getattr(policy, 'name', policy)!r}: needs() must return evictkit.Needs, "
+                         f"got {type(needs).__name__}")
+    tags = needs.tags()
+    return {"tags": tags, "reads": tuple(t for t in tags if t != "ragged_heads"), "phases": tuple(policy.phases),
+            "ragged_heads": needs.ragged_heads, "window": needs.window, "positions": needs.positions}
 
 
 #: the default of the per-chunk text (`chunk_doc`)

@@ -124,7 +124,7 @@ class CriticalKV(Policy):
         object.__setattr__(self, "_base", base)
 
     def needs(self) -> Needs:
-        return self._base.needs()
+        return attrs.evolve(self._base.needs(), layer_weights=True)  # o_proj, besides the scorer's reads
 
     def protected(self) -> tuple[int, int]:
         return self._base.protected()

@@ -26,7 +26,8 @@ only, as the reference.
 
 What it reads: the whole forward's hidden states (all prompt tokens at a one-shot prefill, not a
 window of queries), the query projection and the model's rotary embedding class (found beside the
-attention module, as `<Arch>RotaryEmbedding`); keys and values.
+attention module, as `<Arch>RotaryEmbedding`); keys and values. Capability tags: "queries"
+(`Needs(queries=True)`: all of the forward's queries, here pre-RoPE).
 
 Deviations from the reference:
 - fp32 statistics, softmax and scores; kvpress computes them in the model dtype (bf16 means a
@@ -53,7 +54,7 @@ import attrs
 import torch
 from torch import nn
 
-from evictkit import Observation, ScorePolicy, hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
 from evictkit.helpers import a_bool, int_at_least
 
 
@@ -167,6 +168,10 @@ class ExpectedAttention(ScorePolicy):
     covariance: bool = attrs.field(default=True, validator=a_bool)
     vnorm: bool = attrs.field(default=True, validator=a_bool)
     epsilon: float = attrs.field(default=0.0, validator=_nonnegative)
+
+    def needs(self) -> Needs:
+        # the whole forward's queries (re-projected pre-RoPE from its hidden states), not a window
+        return Needs(queries=True)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)

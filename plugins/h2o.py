@@ -90,7 +90,7 @@ class H2O(ScorePolicy):
 
     def needs(self) -> Needs:
         # Only a zero window leaves the newest token to the heavy-hitter ranking.
-        return Needs(queries=True, may_evict_newest=self.recent == 0)
+        return Needs(queries=True, attention_weights=True, may_evict_newest=self.recent == 0)
 
     def protected(self) -> tuple[int, int]:
         # With recent=None the window depends on the budget; select() applies it.

@@ -52,7 +52,7 @@ class H2OPrefill(ScorePolicy):
     gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))
 
     def needs(self) -> Needs:
-        return Needs(window=self.window, queries=True)
+        return Needs(window=self.window, queries=True, attention_weights=True)
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)

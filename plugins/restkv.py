@@ -151,7 +151,10 @@ class RestKV(ScorePolicy):
         return self.decode == "carried" and self.metric_mode == "after" and self.temporal != "inv_ema"
 
     def needs(self) -> Needs:
-        return Needs(window=self.window, queries=self.carries)
+        # o_proj is read by the reconstruction indicator; the carried mode adds each decode forward's
+        # queries' attention to its aggregate
+        return Needs(window=self.window, queries=self.carries, attention_weights=self.carries,
+                     layer_weights=self.indicator == "reconstruction")
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)

@@ -63,7 +63,9 @@ CONTRACT = {"name", "phases", "summary", "needs", "protected", "observe", "selec
 def test_the_contract_is_nine_members():
     public = {n for n in vars(Policy) | vars(ScorePolicy) if not n.startswith("_")}
     assert public - set(MOVED) - set(EVAL_ONLY) == CONTRACT
-    assert set(attrs.fields_dict(Needs)) == {"window", "queries", "positions", "may_evict_newest", "exact_budget"}
+    # the capability flags are Needs fields too, not members (tests/test_capabilities.py)
+    assert set(attrs.fields_dict(Needs)) == {"window", "queries", "positions", "may_evict_newest", "exact_budget",
+                                             "layer_weights", "attention_weights", "extra_passes", "ragged_heads"}
 
 
 #: the built-ins this contract was cut with (built-ins added since have their own tests)
