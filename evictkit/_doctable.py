@@ -53,16 +53,22 @@ def _cell(value: Any) -> str:
 
 def render(rows: Sequence[dict[str, Any]], pages: Collection[str] = ()) -> str:
     """The markdown table of `rows` (as `evictkit list --json` gives them): name, package,
-    phases, parameters with their defaults, the per-chunk behaviour when the rows carry a
-    `chunked` entry, the summary, and a link to docs/policies/<name>.md for names in `pages`."""
+    phases, the capability tags when the rows carry a `tags` entry, parameters with their
+    defaults, the per-chunk behaviour when the rows carry a `chunked` entry, the summary, and a
+    link to docs/policies/<name>.md for names in `pages`."""
     chunked = any("chunked" in r for r in rows)
-    head = ["name", "package", "phases", "parameters (defaults)", *(["per chunk"] if chunked else []), "summary"]
+    tagged = any("tags" in r for r in rows)
+    head = ["name", "package", "phases", *(["tags"] if tagged else []), "parameters (defaults)",
+            *(["per chunk"] if chunked else []), "summary"]
     if pages:
         head.append("page")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         params = _cell(", ".join(f"{k}={v}" for k, v in r["params"].items()))
-        cells = [f"`{r['name']}`", _cell(r["package"]), _cell(r["phases"]), NONE if params == NONE else f"`{params}`"]
+        cells = [f"`{r['name']}`", _cell(r["package"]), _cell(r["phases"])]
+        if tagged:
+            cells.append(_cell(r.get("tags")))
+        cells.append(NONE if params == NONE else f"`{params}`")
         if chunked:
             cells.append(_cell(r.get("chunked")))
         cells.append(_cell(r["summary"]))

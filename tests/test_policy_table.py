@@ -52,6 +52,14 @@ def test_render_has_a_per_chunk_column_once_describe_gives_one() -> None:
     assert second.split(" | ")[4] == "—"
 
 
+def test_render_has_a_tags_column_once_describe_gives_one() -> None:
+    table = _doctable.render([_row(tags=["window_queries", "ragged_heads"]), _row(name="x", tags=None)])
+    head, _, first, second = table.splitlines()
+    assert head == "| name | package | phases | tags | parameters (defaults) | summary |"
+    assert first.split(" | ")[3] == "window_queries, ragged_heads"
+    assert second.split(" | ")[3] == "—"
+
+
 def test_a_stale_table_is_reported_with_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "snapkv.md").write_text("# SnapKV\n")

@@ -712,7 +712,7 @@ def test_defaults_and_contract():
     )
     assert p.phases == ("prefill",)
     assert p.decode == "carried" and p.carries
-    assert p.needs() == evictkit.Needs(window=32, queries=True)
+    assert p.needs() == evictkit.Needs(window=32, queries=True, attention_weights=True, layer_weights=True)
     assert not evictkit.policy("restkv", temporal="inv_ema").carries
     assert not evictkit.policy("restkv", metric_mode="before").carries
     assert not evictkit.policy("restkv", decode="window").carries
