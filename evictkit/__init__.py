@@ -21,6 +21,8 @@ from evictkit.compress import Compression, compress
 from evictkit.contract import Needs, Policy, ScorePolicy, chunk_doc, declared, params_of
 from evictkit.models import load_model
 from evictkit.observation import Observation
+from evictkit.prefill_attention import PrefillScope, use_prefill_attention
+from evictkit.prefill_contract import PatternAttention, PrefillAttention, PrefillOutput
 from evictkit.registry import PluginFailure, build_policy, get_registry
 from evictkit.specs.hookspecs import hookimpl
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
@@ -34,8 +36,12 @@ __all__ = [
     "LayerStats",
     "Needs",
     "Observation",
+    "PatternAttention",
     "PluginFailure",
     "Policy",
+    "PrefillAttention",
+    "PrefillOutput",
+    "PrefillScope",
     "ScorePolicy",
     "compress",
     "hookimpl",
@@ -43,12 +49,19 @@ __all__ = [
     "plugin_failures",
     "policies",
     "policy",
+    "prefill_attentions",
+    "use_prefill_attention",
 ]
 
 
 def policies() -> Mapping[str, type[Policy]]:
     """Every registered policy class by name: built-ins and installed plugins."""
     return get_registry().policies()
+
+
+def prefill_attentions() -> Mapping[str, type[PrefillAttention]]:
+    """Every registered prefill attention class by name (`dense`, the built-in sparse ones, plugins')."""
+    return get_registry().prefill_attentions()
 
 
 def plugin_failures() -> list[PluginFailure]:

@@ -25,6 +25,7 @@ import attrs
 import pluggy
 
 from evictkit.contract import Policy, params_of
+from evictkit.prefill_contract import PrefillAttention, prefill_params
 from evictkit.specs import hookspecs
 
 ENTRY_POINT_GROUP = "evictkit"
@@ -63,6 +64,7 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.entries: dict[str, PolicyEntry] = {}
+        self.prefill_entries: dict[str, PolicyEntry] = {}  # prefill attention name -> its class
         self.failures: list[PluginFailure] = []
 
     def ensure_loaded(self) -> None:
@@ -81,6 +83,7 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.entries = {}
+        self.prefill_entries = {}
         self.failures = []
 
     def _load(self) -> None:
@@ -123,6 +126,35 @@ class Registry:
                 raise
             except BaseException as exc:
                 self._fail(plugin, package, f"evictkit_register_policies raised {_describe(exc)}")
+        self._register_prefill_from(module, plugin, package)
+
+    def _register_prefill_from(self, module: object, plugin: str, package: str) -> None:
+        """The module's `evictkit_register_prefill_attention` implementations, as for policies."""
+        hook = self.pm.hook.evictkit_register_prefill_attention
+        for impl in [i for i in hook.get_hookimpls() if i.plugin is module]:
+            try:
+                impl.function(register=lambda cls: self.add_prefill(cls, plugin=plugin, package=package))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self._fail(plugin, package, f"evictkit_register_prefill_attention raised {_describe(exc)}")
+
+    def add_prefill(self, cls: type, *, plugin: str, package: str) -> None:
+        """Register one prefill attention class; a bad class or duplicate name is recorded as a failure."""
+        if not (isinstance(cls, type) and issubclass(cls, PrefillAttention)):
+            self._fail(plugin, package, f"registered {cls!r}, which is not an evictkit.PrefillAttention subclass")
+            return
+        name = getattr(cls, "name", "")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            self._fail(plugin, package, f"{cls.__qualname__} has the prefill attention name {name!r}, which is "
+                       f"not allowed: a name is {NAME_RULE}")
+            return
+        if name in self.prefill_entries:
+            other = self.prefill_entries[name]
+            self._fail(plugin, package, f"duplicate prefill attention name {name!r} (already registered by "
+                       f"{other.package})")
+            return
+        self.prefill_entries[name] = PolicyEntry(cls=cls, plugin=plugin, package=package)
 
     def add(self, cls: type, *, plugin: str, package: str) -> None:
         """Register one policy class; a bad class or duplicate name is recorded as a failure."""
@@ -151,6 +183,10 @@ class Registry:
     def policies(self) -> Mapping[str, type]:
         self.ensure_loaded()
         return {name: e.cls for name, e in sorted(self.entries.items())}
+
+    def prefill_attentions(self) -> Mapping[str, type]:
+        self.ensure_loaded()
+        return {name: e.cls for name, e in sorted(self.prefill_entries.items())}
 
 
 def _describe(exc: BaseException) -> str:
@@ -266,3 +302,23 @@ def build_policy(name: str, **params: Any) -> Any:
     except (TypeError, ValueError) as exc:
         # attrs' validators raise tuples (message, Attribute, type, value): say it in words
         raise ValueError(f"policy {name!r}: {param_error_message(fields, params, exc)}") from exc
+
+
+def build_prefill_attention(name: str, **params: Any) -> PrefillAttention:
+    """The prefill attention registered as `name`, built with checked parameters."""
+    table = get_registry().prefill_attentions()
+    if not isinstance(name, str) or name not in table:
+        close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.6) if isinstance(name, str) else []
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown prefill attention {name!r}{hint}; registered: {', '.join(table) or '(none)'} "
+                         "(`evictkit list` shows their parameters)")
+    cls = table[name]
+    fields = prefill_params(cls)
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        valid = ", ".join(f"{f}={a.default!r}" for f, a in fields.items()) or "(none)"
+        raise ValueError(f"prefill attention {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"prefill attention {name!r}: {param_error_message(fields, params, exc)}") from exc

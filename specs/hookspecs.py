@@ -34,6 +34,12 @@ def evictkit_register_policies(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def evictkit_register_prefill_attention(register: Callable[[type], None]) -> None:
+    """Call `register(PrefillAttentionClass)` once for each prefill attention this plugin provides
+    (an `evictkit.PrefillAttention` subclass: a sparse or dense attention for prefill forwards)."""
+
+
+@hookspec
 def evictkit_after_evict(event: EvictEvent) -> None:
     """Observe one eviction (an `evictkit.EvictEvent`): layer, phase, sizes before and after.
 
