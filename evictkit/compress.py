@@ -28,6 +28,7 @@ from evictkit.contract import PHASES, Policy, declared
 from evictkit.debug import guard_from_env
 from evictkit.hf import Forward, attention_modules, cache_in, sliding_layers
 from evictkit.positions import check_position_mode, rope_inv_freq
+from evictkit.prefill_attention import PrefillAttention, PrefillScope, resolve
 from evictkit.ragged_cache import RAGGED_LAYOUTS, RaggedStore
 from evictkit.sequence import Sequence, Settings, left_padding, schedule
 from evictkit.stats import CompressionStats
@@ -46,8 +47,13 @@ class Compression:
     """The context manager returned by `evictkit.compress`. `stats` holds the achieved sizes."""
 
     def __init__(self, model: nn.Module, policy: Policy, budget: int | float, *, phase: str | None = None,
-                 slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen") -> None:
+                 slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen",
+                 prefill_attention: str | PrefillAttention | None = None,
+                 prefill_params: dict[str, Any] | None = None) -> None:
         self._store = RaggedStore(ragged_layout)  # checks the layout
+        method = resolve(prefill_attention, prefill_params)  # checks the name and parameters
+        #: the prefill attention's scope (its `stats`: densities per layer), None for the model's own
+        self.prefill = PrefillScope(model, method) if method is not None else None
         self.ragged_layout = ragged_layout
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
@@ -113,6 +119,8 @@ class Compression:
                 _ACTIVE[m] = self
             self._entered_in = threading.current_thread().name
         try:
+            if self.prefill is not None:
+                self.prefill.__enter__()
             self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             for module in self.modules:
                 if module.layer_idx in self._sliding:
@@ -132,6 +140,8 @@ class Compression:
             handle.remove()
         self._handles.clear()
         self._store.close()
+        if self.prefill is not None:
+            self.prefill.close()
         with _ACTIVE_LOCK:
             for m in self.modules:
                 if _ACTIVE.get(m) is self:
@@ -265,6 +275,7 @@ class Compression:
 
 def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, phase: str | None = None,
              slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen",
+             prefill_attention: str | PrefillAttention | None = None, prefill_params: dict[str, Any] | None = None,
              **params: Any) -> Compression:
     """Evict from `model`'s KV cache under `policy` while the returned context is active.
 
@@ -283,6 +294,12 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         each head with exactly its own entries and attends with evictkit's varlen attention (sdpa
         and eager models; left-padded batches and positions='shift' keep the padded layout);
         "padded" left-pads every head to the longest one and hides the padding with masks.
+        With a prefill attention, "varlen" acts as "padded" (both need the attention implementation).
+    prefill_attention: a registered prefill attention ("a_shape", "tri_shape", "vertical_slash",
+        "xattention", a plugin's) or an instance, serving every prefill forward (chunks included)
+        over the full K/V before the policy evicts; decode runs the model's own attention. None
+        or "dense": the model's own attention (docs/sparse-prefill.md)
+    prefill_params: the prefill attention's parameters, with a name
     """
     if isinstance(policy, str):
         from evictkit.registry import build_policy
@@ -291,7 +308,8 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
     elif params:
         raise ValueError(f"parameters {sorted(params)} can only be given with a policy name, not an instance")
     return Compression(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk,
-                       ragged_layout=ragged_layout)
+                       ragged_layout=ragged_layout, prefill_attention=prefill_attention,
+                       prefill_params=prefill_params)
 
 
 __all__ = ["PHASE_CHOICES", "RAGGED_LAYOUTS", "Compression", "compress"]
