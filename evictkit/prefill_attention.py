@@ -108,16 +108,16 @@ class PrefillScope:
         if self.method.dense:
             return self
         configs = {id(m.config): m.config for m in self.modules}
-        for config in configs.values():
-            impl = attn_implementation(config)
-            if impl not in SUPPORTED_IMPLS:
-                raise ValueError(f"prefill attention {self.method.name!r} needs the model's attn_implementation to be "
-                                 f"one of {', '.join(SUPPORTED_IMPLS)}, got {impl!r}")
         with _LOCK:
             busy = [m for m in self.modules if m in _SCOPES]
             if busy:
                 raise RuntimeError(f"{type(self.model).__name__} already has a prefill attention "
                                    f"({_SCOPES[busy[0]].method.name!r}): scopes cannot be nested")
+            for config in configs.values():
+                impl = attn_implementation(config)
+                if impl not in SUPPORTED_IMPLS:
+                    raise ValueError(f"prefill attention {self.method.name!r} needs the model's attn_implementation "
+                                     f"to be one of {', '.join(SUPPORTED_IMPLS)}, got {impl!r}")
             for m in self.modules:
                 _SCOPES[m] = self
         try:

@@ -46,7 +46,8 @@ def _top(scores: torch.Tensor, forced: int, k: int) -> torch.Tensor:
     S = scores.shape[-1]
     ranked = scores.clone()
     n = min(forced, S)
-    ranked[:, :n] = torch.finfo(ranked.dtype).max / 2 - torch.arange(n, dtype=ranked.dtype, device=ranked.device)
+    above = ranked.max() + 1  # above every score, by small integers that stay exact in fp32
+    ranked[:, :n] = above + torch.arange(n, 0, -1, dtype=ranked.dtype, device=ranked.device)
     keep = torch.zeros_like(scores, dtype=torch.bool)
     return keep.scatter_(-1, ranked.topk(min(k, S), dim=-1).indices, True)
 
