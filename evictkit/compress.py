@@ -53,7 +53,7 @@ class Compression:
         self._store = RaggedStore(ragged_layout)  # checks the layout
         method = resolve(prefill_attention, prefill_params)  # checks the name and parameters
         #: the prefill attention's scope (its `stats`: densities per layer), None for the model's own
-        self.prefill = PrefillScope(model, method) if method is not None else None
+        self.prefill = PrefillScope(model, method, policy=policy) if method is not None else None
         self.ragged_layout = ragged_layout
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
@@ -294,11 +294,11 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         each head with exactly its own entries and attends with evictkit's varlen attention (sdpa
         and eager models; left-padded batches and positions='shift' keep the padded layout);
         "padded" left-pads every head to the longest one and hides the padding with masks.
-        With a prefill attention, "varlen" acts as "padded" (both need the attention implementation).
     prefill_attention: a registered prefill attention ("a_shape", "tri_shape", "vertical_slash",
         "xattention", a plugin's) or an instance, serving every prefill forward (chunks included)
         over the full K/V before the policy evicts; decode runs the model's own attention. None
-        or "dense": the model's own attention (docs/sparse-prefill.md)
+        or "dense": the model's own attention; policies tagged ragged_heads (AdaKV) are refused with
+        a sparse one (docs/sparse-prefill.md)
     prefill_params: the prefill attention's parameters, with a name
     """
     if isinstance(policy, str):
