@@ -16,10 +16,10 @@ Chunked prefill: a chunk's queries are the last q of the S cached slots; the plu
 retained cache as keys (causal offset S - q). After an eviction the slots are no longer token
 positions, so a pattern laid out by distance (window, slash) is laid out in slots there.
 
-Ragged layers: a compress block with a prefill attention stores layers whose KV heads keep
-different counts in the padded layout (`ragged_layout="varlen"` acts as "padded"): the varlen
-attention and the prefill attention both need the model's attention implementation, and
-transformers points a config at one function.
+Ragged layers: a policy whose per-head counts differ (capability tag `ragged_heads`, AdaKV) is
+refused with a prefill attention: its layers need the varlen attention or per-head masks over the
+model's own implementation, and transformers points a config at one function. Every other policy
+keeps equal counts, so `ragged_layout` never comes into play.
 
 Policies are unaffected in what they read: every policy recomputes the attention it scores from
 the layer's hidden states (window queries, all queries) over all keys, densely, so its scores are
@@ -38,6 +38,7 @@ import attrs
 import torch
 from torch import nn
 
+from evictkit.contract import Policy, capabilities
 from evictkit.hf import attention_function, attention_modules, attn_implementation, own_attention
 from evictkit.prefill_contract import PrefillAttention
 from evictkit.registry import build_prefill_attention
@@ -97,7 +98,12 @@ class PrefillScope:
     """The context manager that serves `model`'s prefill forwards with `method`; `stats` is a `PrefillStats`.
     A dense method (`method.dense`) installs nothing: the model's own attention runs, bit for bit."""
 
-    def __init__(self, model: nn.Module, method: PrefillAttention) -> None:
+    def __init__(self, model: nn.Module, method: PrefillAttention, *, policy: Any = None) -> None:
+        if isinstance(policy, Policy) and not method.dense and capabilities(policy)["ragged_heads"]:
+            raise ValueError(
+                f"policy {policy.name!r} keeps different counts per KV head (tag ragged_heads), which needs the "
+                f"model's own attention for its per-head masks; prefill attention {method.name!r} replaces it "
+                "inside the block: use a policy with equal per-head counts, or no prefill_attention")
         self.model = model
         self.method = method
         self.modules = attention_modules(model)

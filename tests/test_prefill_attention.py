@@ -229,14 +229,13 @@ def test_chunked_prefill_serves_every_chunk(model):
     assert run.prefill.stats.forwards == 2 * 4 and run.prefill.stats.density() < 1  # 4 chunks (8 + 3 x 64)
 
 
-def test_ragged_policies_are_refused_with_a_prefill_attention_for_now(model):
-    """Per-head counts (AdaKV) need per-head masks, and evictkit.ragged accepts them only under the
-    model's own sdpa/eager name; the config names evictkit's prefill function inside the block.
-    (Letting evictkit.ragged accept `evictkit_prefill_*` would compose them in the padded layout: the
-    prefill function hands a per-head mask to the model's own attention.)"""
-    with pytest.raises(ValueError, match="per-head attention masks"), \
-            evictkit.compress(model, "adakv", budget=48, window=8, prefill_attention="tri_shape",
-                              prefill_params=SMALL["tri_shape"]):
+def test_ragged_policies_are_refused_up_front(model):
+    """Per-head counts (AdaKV, tag ragged_heads) need the model's own attention (per-head masks) or
+    the varlen one; a sparse prefill attention replaces it, so the block refuses before any forward."""
+    with pytest.raises(ValueError, match="policy 'adakv' keeps different counts per KV head .tag ragged_heads."):
+        evictkit.compress(model, "adakv", budget=48, window=8, prefill_attention="tri_shape")
+    with evictkit.compress(model, "adakv", budget=48, window=8, prefill_attention="dense") as run:
+        assert run.prefill is not None and run.prefill.method.dense  # dense installs nothing: no conflict
         model.generate(_ids(160), max_new_tokens=2, do_sample=False)
     assert attn_implementation(model.config) == "sdpa"
 
