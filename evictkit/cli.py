@@ -157,6 +157,53 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_prompts(path: str, field: str) -> list[str]:
+    """The prompts of `--prompts`: a .jsonl file gives one per line (a string, or an object's
+    `field`); any other file is one prompt, the whole text (the authors calibrate on one long text)."""
+    try:
+        text = _read_prompt(path)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("--prompt-file", "--prompts", 1)) from None
+    if not path.endswith(".jsonl"):
+        return [text] if text.strip() else []
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--prompts {path!r}, line {n}: not JSON ({exc.msg})") from None
+        value = rec.get(field) if isinstance(rec, dict) else rec
+        if not isinstance(value, str):
+            raise ValueError(f"--prompts {path!r}, line {n}: needs a string or an object with a string {field!r} "
+                             "field (--field names another)")
+        prompts.append(value)
+    return prompts
+
+
+def cmd_triattention_stats(args: argparse.Namespace) -> int:
+    """Compute TriAttention's per-head query statistics from a model and prompts, into a file."""
+    import torch
+
+    import evictkit
+    from evictkit.plugins import _triattention_stats as qs
+
+    prompts = _calibration_prompts(args.prompts, args.field)
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts!r} holds no prompt")
+    model, tok = evictkit.load_model(args.model, dtype=getattr(torch, args.dtype))
+    ids = [(_chat_ids(tok, p)[0].tolist() if args.chat else tok.encode(p))[: args.max_tokens] for p in prompts]
+    eos = getattr(tok, "eos_token_id", None)
+    stats = qs.compute_stats(model, ids, generate=args.generate, skip_first=args.skip_first, model_name=args.model,
+                             eos=[eos] if isinstance(eos, int) else [])
+    qs.save(stats, args.out)
+    L, H, D = stats.shape
+    print(f"{args.out}: {L} layers x {H} query heads x {D // 2} frequencies from {stats.meta['tokens']} tokens "
+          f"of {len(prompts)} prompts ({args.model}); use it with --params stats={args.out}")
+    return 0
+
+
 #: the distributions `evictkit env` reports, beside evictkit and python
 _ENV_PACKAGES = ("torch", "transformers", "triton", "pluggy", "attrs", "hypothesis")
 
@@ -294,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
     p.add_argument("--budget", type=_budget, default=64)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("triattention-stats", help="compute TriAttention's per-head query statistics from your model "
+                       "and a few prompts, into a file the `triattention` policy reads (stats=FILE)")
+    p.add_argument("--model", default="smollm2",
+                   help="built-in model (smollm2, gemma3-270m) or a local HF directory (default: smollm2)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="a text file (one prompt: the whole text) or a .jsonl file (one prompt per line)")
+    p.add_argument("--field", default="prompt",
+                   help="the field of a .jsonl line that holds the prompt (default: prompt)")
+    p.add_argument("--out", required=True, help="the statistics file to write (safetensors)")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="append the model's own greedy continuation of up to N tokens to each prompt (default 0)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="truncate each prompt to this many tokens")
+    p.add_argument("--skip-first", type=int, default=0, metavar="N",
+                   help="leave the first N tokens of each sequence out (default 0: all, as the authors)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(func=cmd_triattention_stats)
 
     p = sub.add_parser("env", help="versions and devices: what to paste into a bug report or check on a GPU machine")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -26,6 +26,7 @@ BUILT_IN_TAGS = {
     "snapkv": ("window_queries",),
     "streaming_llm": ("kv_only",),
     "tova": ("window_queries",),
+    "triattention": ("queries",),
 }
 
 
