@@ -1,12 +1,13 @@
 """`evictkit.compress`: forward hooks that evict from a transformers cache, and remove themselves.
 
-This module is the wiring: options are checked here, hooks go on and come off here, and one
-block serves one thread. What happens inside lives elsewhere: transformers' names in
-evictkit.hf, a prompt's life (positions, chunks, the per-layer step, stats) in evictkit.sequence,
-the step itself in evictkit.step, ragged storage in evictkit.ragged_cache.
+This module is the wiring: hooks go on and come off here. What happens inside lives elsewhere:
+options are checked in evictkit.options, the one-block-one-thread rule is evictkit.claims,
+transformers' names are in evictkit.hf, a prompt's life (positions, chunks, the per-layer step,
+stats) is evictkit.sequence, the step itself evictkit.step, and each storage layout a view of
+evictkit.layout.
 
 Hooks: a pre-forward hook on the model starts a new `Sequence` when a prompt starts, notes a
-left-padded batch's padding (right padding is refused), splits long forwards with
+batch's padding (left padding within each forward's new tokens; right padding is refused), splits long forwards with
 `prefill_chunk`, and supplies true `position_ids`; a forward hook after each managed attention
 module runs the sequence's step; a pre-forward hook on each attention module gives a compacted
 layer a mask of its own size (per-head and per-row padding hidden, evictkit.ragged).
@@ -15,32 +16,22 @@ layer a mask of its own size (per-head and per-row padding hidden, evictkit.ragg
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from evictkit.budget import check_budget
-from evictkit.contract import PHASES, Policy, declared
+from evictkit.claims import Claim
+from evictkit.contract import Policy
 from evictkit.debug import guard_from_env
 from evictkit.hf import Forward, attention_modules, cache_in, sliding_layers
-from evictkit.positions import check_position_mode, rope_inv_freq
+from evictkit.options import PHASE_CHOICES, Options
 from evictkit.prefill_attention import PrefillAttention, PrefillScope, resolve
 from evictkit.ragged_cache import RAGGED_LAYOUTS, RaggedStore
 from evictkit.sequence import Sequence, Settings, left_padding, schedule
 from evictkit.stats import CompressionStats
-from evictkit.step import LayerState, StepConfig
-
-PHASE_CHOICES = ("prefill", "decode", "both")
-
-# attention module -> the compress block whose hooks are on it. Weak keys: nothing is set on the
-# user's model, and a model dropped inside a block is not kept alive. The lock also guards
-# `Compression._owner`, the thread a block serves.
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Compression] = weakref.WeakKeyDictionary()
-_ACTIVE_LOCK = threading.Lock()
+from evictkit.step import LayerState
 
 
 class Compression:
@@ -50,50 +41,23 @@ class Compression:
                  slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen",
                  prefill_attention: str | PrefillAttention | None = None,
                  prefill_params: dict[str, Any] | None = None) -> None:
-        self._store = RaggedStore(ragged_layout)  # checks the layout
+        opts = Options.check(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk,
+                             ragged_layout=ragged_layout)
         method = resolve(prefill_attention, prefill_params)  # checks the name and parameters
         #: the prefill attention's scope (its `stats`: densities per layer), None for the model's own
         self.prefill = PrefillScope(model, method, policy=policy) if method is not None else None
-        self.ragged_layout = ragged_layout
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be None (no chunking) or an int >= 1 "
-                             "(tokens per prefill forward)")
-        self.prefill_chunk = prefill_chunk
-        if not isinstance(policy, Policy):
-            raise ValueError(f"policy must be an evictkit.Policy or a registered name, got {type(policy).__name__}")
-        self.budget = check_budget(budget)
-        if isinstance(self.budget, int):
-            policy.check_budget(self.budget)
-        if phase is None:
-            self.phases = tuple(policy.phases)
-        elif phase in PHASE_CHOICES:
-            self.phases = PHASES if phase == "both" else (phase,)
-        else:
-            raise ValueError(
-                f"phase={phase!r}: must be one of {', '.join(PHASE_CHOICES)} (or None for the policy's own)")
-        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
-            raise ValueError(
-                f"slack={slack!r}: must be an int >= 0 (extra entries allowed before a decode-time eviction)")
-        self.model = model
-        self.policy = policy
-        self.slack = slack
+        self.model, self.policy, self.budget, self.phases = model, policy, opts.budget, opts.phases
+        self.slack, self.prefill_chunk, self.ragged_layout = slack, prefill_chunk, ragged_layout
+        self._store = RaggedStore(ragged_layout)
         self.modules = attention_modules(model)
         self.n_layers = len(self.modules)
         self._sliding = sliding_layers(model)
-        self._needs = declared(policy)  # needs(), with a legacy subclass's old declarations folded in
-        mode = self._needs.positions
-        check_position_mode(mode, f"policy {policy.name!r}: needs().positions")
-        self._inv_freq = None  # set in "shift" mode: kept keys are re-rotated to their cache slots
-        if mode == "shift":
-            if self._sliding:
-                raise ValueError("positions='shift' is not supported on models with sliding-window layers")
-            self._inv_freq = rope_inv_freq(model)
         self._schedules: dict[int, list[int]] = {}
-        self._step = StepConfig(policy=policy, needs=self._needs, phases=self.phases, slack=slack,
-                                inv_freq=self._inv_freq)
+        self._step = opts.step_config()
         self._handles: list[Any] = []
-        self._owner: tuple[int, str] | None = None  # (ident, name) of the thread the block serves
+        self._claim = Claim(self.modules, lambda: (
+            f"{type(model).__name__} is already under evictkit.compress with policy {policy.name!r} "
+            f"(budget={self.budget!r})"))
         self._forward = Forward(model)
         self.stats = CompressionStats(skipped_layers=sorted(self._sliding))
         self._settings = Settings(
@@ -109,15 +73,7 @@ class Compression:
         from evictkit.registry import get_registry
 
         self._settings.observers = get_registry().pm.hook.evictkit_after_evict
-        with _ACTIVE_LOCK:
-            # two blocks' hooks on one layer would each compact the cache behind the other's back
-            other = next((_ACTIVE[m] for m in self.modules if m in _ACTIVE), None)
-            if other is not None:
-                raise RuntimeError(other._busy(f"a second evictkit.compress block (policy {self.policy.name!r}) "
-                                               "cannot start"))
-            for m in self.modules:
-                _ACTIVE[m] = self
-            self._entered_in = threading.current_thread().name
+        self._claim.take(f"policy {self.policy.name!r}")
         try:
             if self.prefill is not None:
                 self.prefill.__enter__()
@@ -142,24 +98,7 @@ class Compression:
         self._store.close()
         if self.prefill is not None:
             self.prefill.close()
-        with _ACTIVE_LOCK:
-            for m in self.modules:
-                if _ACTIVE.get(m) is self:
-                    del _ACTIVE[m]
-            self._owner = None
-
-    def _busy(self, what: str) -> str:
-        """Why `what` is refused while this block is active on its model (nesting, threads)."""
-        where = f"entered in thread {self._entered_in!r}"
-        if self._owner is not None:
-            where += f", running sequences in thread {self._owner[1]!r}"
-        return (
-            f"{what}: {type(self.model).__name__} is already under evictkit.compress with policy "
-            f"{self.policy.name!r} (budget={self.budget!r}; {where}). One compress block per model at a time, "
-            "used by one thread at a time: blocks cannot be nested, and other threads cannot share the model "
-            "while a block is active. Leave the active `with` block first, serialize the threads (one lock "
-            "around each whole `with` block), or give each thread its own copy of the model."
-        )
+        self._claim.release()
 
     # --- sequences -------------------------------------------------------------------------
     def _start(self, **kwargs: Any) -> Sequence:
@@ -228,15 +167,7 @@ class Compression:
 
     # --- hooks -----------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        # The per-layer state is one sequence's: the first thread to run a forward owns the block
-        # until it exits, and a forward from any other thread is refused before anything changes.
-        me = threading.get_ident()
-        with _ACTIVE_LOCK:
-            if self._owner is None:
-                self._owner = (me, threading.current_thread().name)
-            owner = self._owner
-        if owner[0] != me:
-            raise RuntimeError(self._busy(f"a forward from thread {threading.current_thread().name!r} is refused"))
+        self._claim.serve_this_thread()  # the per-layer state is one sequence's (evictkit.claims)
         bound = self._forward.arguments(args, kwargs)
         tokens = bound.get("input_ids")
         if tokens is None:

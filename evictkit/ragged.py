@@ -38,13 +38,6 @@ def valid_mask(pad: torch.Tensor | None, T: int) -> torch.Tensor | None:
     return torch.arange(T, device=pad.device) >= pad[..., None]
 
 
-def real_entries(pad: torch.Tensor | None, n_kv_heads: int, T: int) -> int:
-    """Real entries of a layer summed over its KV heads (the largest over the batch)."""
-    if pad is None:
-        return n_kv_heads * T
-    return n_kv_heads * T - int(pad.sum(-1).min())
-
-
 def check_ragged(
     idx: torch.Tensor,
     counts: torch.Tensor,

@@ -111,11 +111,8 @@ class RaggedLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
         return self.get_seq_length() + mask_query_length(query_length), 0
 
-    def real_entries(self) -> int:
-        """Entries summed over the KV heads of the fullest row."""
-        return int(self.counts.sum(-1).max())
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row b takes old row beam_idx[b]'s segments (rows may repeat or drop: beam search)."""
         B, H = self.shape
         rows = beam_idx.tolist()
         seg_k = list(self.keys.split(self._counts))
@@ -126,8 +123,24 @@ class RaggedLayer(DynamicLayer):
         self.counts = self.counts[beam_idx.to(self.counts.device)]
         self._counts = self.counts.flatten().tolist()
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("a ragged evictkit cache layer cannot be cropped")
+    # DynamicLayer's own batch operations index dim 0 of [B, H_kv, T, D]; here dim 0 is tokens, so
+    # each is answered in rows (contrastive search, assisted decoding) or refused, never inherited.
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Every row repeated `repeats` times in place, as `DynamicLayer` does to its tensors."""
+        B, _ = self.shape
+        self.reorder_cache(torch.arange(B, device=self.counts.device).repeat_interleave(repeats))  # type: ignore[arg-type]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Only the rows `indices` kept, in that order."""
+        self.reorder_cache(torch.as_tensor(indices, device=self.counts.device).long())  # type: ignore[arg-type]
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "a ragged evictkit cache layer cannot be cropped (its heads hold different tokens); assisted decoding "
+            "and other crop users need ragged_layout='padded'")
+
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("a ragged evictkit cache layer is made from a padded one, never initialized empty")
 
 
 def _append(flat: torch.Tensor, counts: list[int], new: torch.Tensor) -> torch.Tensor:
@@ -152,9 +165,13 @@ def dense_kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def newest_keys(layer: RaggedLayer, before: int = 0) -> torch.Tensor:
-    """[B, H_kv, D] each segment's newest key, `before` entries back from its end."""
+    """[B, H_kv, D] each segment's newest key, `before` entries back from its end; zeros for a segment
+    shorter than that (what the padded layout holds in that slot)."""
     B, H = layer.shape
-    return layer.keys[layer.offsets[1:] - 1 - before].view(B, H, -1)
+    short = (layer.counts <= before).flatten()
+    idx = (layer.offsets[1:] - 1 - before).clamp(min=0)
+    keys = layer.keys[idx] if layer.keys.shape[0] else layer.keys.new_zeros(B * H, layer.keys.shape[-1])
+    return keys.masked_fill(short[:, None], 0).view(B, H, -1)
 
 
 def _name(impl: str) -> str:

@@ -122,10 +122,3 @@ def _joint_view(rows: list[LayerState | None], offsets: list[int], H: int, K: in
         pad.append(inner.to(device) + off)
     joint = torch.cat(pad, dim=0)
     return torch.cat(positions, dim=0), (joint if bool(joint.any()) else None)
-
-
-def real_entries(st: LayerState) -> int:
-    """Real entries summed over the KV heads of the fullest row."""
-    if st.positions is None:
-        return 0
-    return int((st.positions >= 0).sum((1, 2)).max())

@@ -26,7 +26,8 @@ from evictkit import ragged, rows
 from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import Policy
 from evictkit.hf import Forward, attention_modules, attn_implementation, cache_in, is_sliding, new_cache
-from evictkit.ragged_cache import RaggedLayer, RaggedStore, newest_keys
+from evictkit.layout import view_of
+from evictkit.ragged_cache import RaggedStore
 from evictkit.stats import CompressionStats, EvictEvent, LayerStats
 from evictkit.step import Guard, LayerState, StepConfig, evict_step, follow_rows, needs_step, phase_of, track
 
@@ -190,9 +191,10 @@ class Sequence:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if cache is None or hidden is None or module.layer_idx >= len(cache.layers):
             return None
-        if isinstance(cache.layers[module.layer_idx], RaggedLayer):
+        view = view_of(cache.layers[module.layer_idx], st.pad)
+        if not view.masked:
             return None  # evictkit's varlen attention reads each head's own entries: no mask
-        past = cache.layers[module.layer_idx].get_seq_length()
+        past = view.slots
         if past != st.positions.shape[-1]:  # a new sequence starts: nothing of ours applies
             return None
         mask, q = kwargs.get("attention_mask"), hidden.shape[1]
@@ -229,11 +231,11 @@ class Sequence:
                 run.stats.skipped_layers.append(li)
             return
         hidden = cast(torch.Tensor, kwargs.get("hidden_states", args[0] if args else None))
-        is_ragged = isinstance(layer, RaggedLayer)
-        T, q = (layer.get_seq_length() if is_ragged else layer.keys.shape[2]), hidden.shape[1]
         st = self.layers.get(li)
+        view = view_of(layer, None if st is None else st.pad)
+        T, q = view.slots, hidden.shape[1]
         if st is not None and T > q:  # beam search may have reordered the rows since the last step
-            follow_rows(st, newest_keys(layer, q) if is_ragged else layer.keys[:, :, T - q - 1])
+            follow_rows(st, view.newest_keys(q))
         if (T == q and self.new_pad is not None) or (st is not None and st.rows is not None and T != q):
             self._rows_step(module, layer, st, hidden, kwargs)
             return
@@ -258,31 +260,26 @@ class Sequence:
             )
         # in "shift" mode position_ids are cache slots; the step counts the true positions itself
         position_ids = None if run.step.inv_freq is not None else kwargs.get("position_ids")
-        if is_ragged and not needs_step(run.step, st, q, as_decode=self.as_decode):
-            # nothing reads the entries: keep the ragged layer as update() left it
+        if view.costly_to_read and not needs_step(run.step, st, q, as_decode=self.as_decode):
+            # nothing reads the entries: keep the layer as update() left it
             phase = track(run.step, st, module=module, hidden_states=hidden,
                           position_embeddings=kwargs["position_embeddings"], position_ids=position_ids,
-                          n_kv_heads=layer.shape[1], device=layer.keys.device, as_decode=self.as_decode)
+                          n_kv_heads=view.n_kv_heads, device=hidden.device, as_decode=self.as_decode)
             evicted = False
         else:
-            keys, values = (layer.padded()[:2]) if is_ragged else (layer.keys, layer.values)
+            keys, values = view.kv()
             result = evict_step(
                 run.step, st, module=module, layer_idx=li, n_layers=len(run.layers), keys=keys, values=values,
                 hidden_states=hidden, position_embeddings=kwargs["position_embeddings"], position_ids=position_ids,
                 as_decode=self.as_decode, guard=run.guard,
             )
             phase, evicted = result.phase, result.selection is not None
-            if evicted or not is_ragged:
+            if evicted or not view.costly_to_read:
                 run.store.store(cache, li, module, st.pad, result.keys, result.values)
-        layer = cache.layers[li]
-        if isinstance(layer, RaggedLayer):
-            size, entries = layer.get_seq_length(), layer.real_entries()
-            st.last_keys = newest_keys(layer)
-        else:
-            size = layer.keys.shape[2]
-            entries = ragged.real_entries(st.pad, layer.keys.shape[1], size)
-            st.last_keys = layer.keys[:, :, -1].clone()
-        self._record(li, st, phase=phase, evicted=evicted, before=T, size=size, entries=entries, seen=st.seen)
+        after = view_of(cache.layers[li], st.pad)
+        st.last_keys = after.newest_keys().clone()
+        self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots, entries=after.real_entries(),
+                     seen=st.seen)
 
     def _rows_step(self, module: Any, layer: Any, st: LayerState | None, hidden: torch.Tensor, kwargs: dict) -> None:
         """A left-padded batch: each row stepped alone on its view of the layer (evictkit.rows)."""
@@ -310,11 +307,12 @@ class Sequence:
             as_decode=self.as_decode, guard=run.guard,
         )
         layer.keys, layer.values = keys, values
-        st.last_keys = keys[:, :, -1].clone()
+        after = view_of(layer, st.pad)
+        st.last_keys = after.newest_keys().clone()
         started = [r for r in st.rows or () if r is not None]
         st.budget = max((r.budget for r in started), default=0)
-        self._record(li, st, phase=phase, evicted=evicted, before=T, size=keys.shape[2],
-                     entries=rows.real_entries(st), seen=max((r.seen for r in started), default=0))
+        self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots,
+                     entries=after.real_entries(), seen=max((r.seen for r in started), default=0))
 
     # --- the books -----------------------------------------------------------------------------
     def _start_layer(self, li: int, budget: int) -> LayerState:

@@ -29,6 +29,7 @@ from evictkit import ragged
 from evictkit.contract import Needs, Policy, RaggedSelection, declared
 from evictkit.hf import attn_implementation
 from evictkit.kernels import compact_many
+from evictkit.layout import real_entries
 from evictkit.observation import Observation
 from evictkit.positions import shift_to_slots
 from evictkit.selection import check_indices
@@ -322,7 +323,7 @@ def choose(
     H_kv x limit (limit = budget, plus slack while decoding); (limit, None) otherwise."""
     B, Hkv, T, _ = obs.keys.shape
     limit = st.budget + (cfg.slack if obs.phase == "decode" else 0)
-    if obs.phase not in cfg.phases or ragged.real_entries(st.pad, Hkv, T) <= Hkv * limit:
+    if obs.phase not in cfg.phases or real_entries(st.pad, Hkv, T) <= Hkv * limit:
         return limit, None
     guard.before_select(obs)
     chosen = guard.call("select()", cfg.policy.select, obs, st.budget)
