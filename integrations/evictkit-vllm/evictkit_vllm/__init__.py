@@ -15,9 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from evictkit_vllm.config import ENV_BUDGET, ENV_PARAMS, ENV_POLICY, VLLM_VERSION, EvictConfig, check_vllm_version
+from evictkit_vllm.config import (
+    ENV_BUDGET,
+    ENV_PARAMS,
+    ENV_PHASE,
+    ENV_POLICY,
+    ENV_SLACK,
+    VLLM_VERSION,
+    EvictConfig,
+    check_vllm_version,
+)
 
-__all__ = ["ENV_BUDGET", "ENV_PARAMS", "ENV_POLICY", "VLLM_VERSION", "EvictConfig", "engine_kwargs", "register"]
+__all__ = ["ENV_BUDGET", "ENV_PARAMS", "ENV_PHASE", "ENV_POLICY", "ENV_SLACK", "VLLM_VERSION", "EvictConfig",
+           "engine_kwargs", "register"]
 
 WORKER_CLS = "evictkit_vllm.worker.EvictkitCPUWorker"
 SCHEDULER_CLS = "evictkit_vllm.scheduler.EvictkitScheduler"
@@ -44,16 +54,24 @@ def register() -> None:
     _registered = True
 
 
-def engine_kwargs(policy: str, budget: int | float, **params: Any) -> dict[str, Any]:
+def engine_kwargs(policy: str, budget: int | float, *, phase: str | None = None, slack: int = 0,
+                  **params: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` / `EngineArgs(...)` that run `policy` at `budget`.
 
-    The policy and parameters are validated now (unknown names and bad values raise ValueError);
-    the engine settings evictkit needs are included (prefix caching and chunked prefill off, eager
-    mode). Merge your own settings in, but keep these.
+    phase and slack mean what they mean in `evictkit.compress`: phase "prefill", "decode" or
+    "both" (None: the policy's own phases); while decoding, a layer evicts back to its budget when
+    it holds more than budget + slack. The policy and parameters are validated now (unknown names
+    and bad values raise ValueError); the engine settings evictkit needs are included (prefix
+    caching and chunked prefill off, eager mode). Merge your own settings in, but keep these.
     """
-    EvictConfig(policy, budget, dict(params)).build()  # validates
+    EvictConfig(policy, budget, dict(params), phase=phase, slack=slack).build()  # validates
+    section = {"policy": policy, "budget": budget, "params": dict(params)}
+    if phase is not None:
+        section["phase"] = phase
+    if slack:
+        section["slack"] = slack
     return {
-        "additional_config": {"evictkit": {"policy": policy, "budget": budget, "params": dict(params)}},
+        "additional_config": {"evictkit": section},
         "worker_cls": WORKER_CLS,
         "scheduler_cls": SCHEDULER_CLS,
         "enable_prefix_caching": False,

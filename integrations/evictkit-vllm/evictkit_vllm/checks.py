@@ -74,17 +74,14 @@ def _sliding_layers(mc: Any) -> bool:
 
 
 def policy_problems(cfg: EvictConfig, vc: Any | None = None) -> list[str]:
-    """What keeps `cfg`'s policy from running in vLLM: it must evict at prefill, keep exactly its
-    budget with the same count in every KV head and every layer, and keep absolute positions.
+    """What keeps `cfg`'s policy from running in vLLM: it must keep exactly its budget with the
+    same count in every KV head and every layer, and keep absolute positions.
     Probed on synthetic tensors of the model's shape, so third-party policies are checked too."""
     from evictkit.contract import Policy
 
     policy = cfg.build()
     name = policy.name
     out = []
-    if "prefill" not in type(policy).phases:
-        out.append(f"policy {name!r} does not evict at prefill (phases={type(policy).phases}): evictkit_vllm runs "
-                   "prefill-time eviction only; decode-time eviction is not built yet")
     exact_budget, positions = _declared(policy)
     if not exact_budget:
         out.append(f"policy {name!r} may keep fewer entries than its budget (exact_budget=False, e.g. lacache): "

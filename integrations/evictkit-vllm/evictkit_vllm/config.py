@@ -16,6 +16,11 @@ VLLM_VERSION = "0.32.0"
 ENV_POLICY = "EVICTKIT_VLLM_POLICY"
 ENV_BUDGET = "EVICTKIT_VLLM_BUDGET"
 ENV_PARAMS = "EVICTKIT_VLLM_PARAMS"  # a JSON object of the policy's parameters
+ENV_PHASE = "EVICTKIT_VLLM_PHASE"  # prefill, decode or both (unset: the policy's own phases)
+ENV_SLACK = "EVICTKIT_VLLM_SLACK"  # an int >= 0
+
+#: what one engine's (or one request's) evictkit section may hold
+KEYS = ("policy", "budget", "params", "phase", "slack")
 
 
 def check_vllm_version() -> None:
@@ -30,25 +35,74 @@ def check_vllm_version() -> None:
         )
 
 
+#: `phase` values, as evictkit.compress takes them (None: the policy's own phases)
+PHASE_CHOICES = ("prefill", "decode", "both")
+
+
+def _check_phase(_inst: object, _attr: object, value: object) -> None:
+    if value is not None and value not in PHASE_CHOICES:
+        raise ValueError(f"phase={value!r}: must be one of {', '.join(PHASE_CHOICES)} (or None for the policy's own)")
+
+
+def _check_slack(_inst: object, _attr: object, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"slack={value!r}: must be an int >= 0 (extra entries allowed before a decode-time eviction)")
+
+
 @attrs.frozen
 class EvictConfig:
     """One engine's eviction: `policy` (a registered evictkit name), `budget` (entries per layer per
-    KV head, or a fraction of each prompt), `params` (the policy's parameters)."""
+    KV head, or a fraction of each prompt), `params` (the policy's parameters), and, as in
+    `evictkit.compress`, `phase` ("prefill", "decode", "both"; None = the policy's own phases) and
+    `slack` (while decoding, evict only when a layer holds more than budget + slack, back to budget)."""
 
     policy: str
     budget: int | float
     params: dict[str, Any] = attrs.field(factory=dict, eq=False, hash=False)
     record_kept: bool = False  # tests: keep each request's kept slots per layer (evictkit_vllm.plan.KEPT)
+    phase: str | None = attrs.field(default=None, validator=_check_phase)
+    slack: int = attrs.field(default=0, validator=_check_slack)
 
     def build(self):
         """The evictkit policy object (validated); ValueError names what is wrong."""
         return _build(self.policy, json.dumps(self.params, sort_keys=True), self.budget)
 
-    def keep(self, prompt_len: int) -> int:
-        """Entries per KV head a prompt of `prompt_len` tokens keeps (prompt_len when nothing is evicted)."""
+    def phases(self) -> tuple[str, ...]:
+        """The phases in which this configuration evicts (evictkit.compress's rule)."""
+        if self.phase is None:
+            return tuple(type(self.build()).phases)
+        return ("prefill", "decode") if self.phase == "both" else (self.phase,)
+
+    def evicts_while_decoding(self) -> bool:
+        return "decode" in self.phases()
+
+    def limit(self, prompt_len: int) -> int:
+        """K, the entries per layer per KV head this request keeps after an eviction (a fraction
+        budget resolves against the prompt, as in evictkit.compress)."""
         from evictkit.budget import resolve_checked
 
-        return min(prompt_len, resolve_checked(self.build(), self.budget, prompt_len))
+        return resolve_checked(self.build(), self.budget, prompt_len)
+
+    def keep(self, prompt_len: int) -> int:
+        """Entries per KV head a prompt of `prompt_len` tokens holds after its prefill."""
+        return self.stored(prompt_len, prompt_len)
+
+    def stored(self, prompt_len: int, n: int) -> int:
+        """Entries per KV head a request holds after `n` >= prompt_len tokens were computed, one
+        forward per generated token: the prefill evicts to K when it holds more (phase prefill);
+        each decode step adds one and evicts back to K when that makes more than K + slack (phase
+        decode). The scheduler and the worker both compute their block and slot arithmetic from
+        it, so it needs no channel; the attention backend checks that each step kept this many.
+        Needs an exact-budget policy (checks.policy_problems refuses the others)."""
+        K = self.limit(prompt_len)
+        phases = self.phases()
+        s0 = min(prompt_len, K) if "prefill" in phases else prompt_len
+        j = n - prompt_len
+        cap = K + self.slack
+        if j == 0 or "decode" not in phases or s0 + j <= cap:
+            return s0 + j
+        first = max(1, cap - s0 + 1)  # the decode step of the first decode-time eviction
+        return K + (j - first) % (self.slack + 1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -73,21 +127,21 @@ def request_config(default: EvictConfig, sampling_params: Any) -> EvictConfig | 
     section = extra["evictkit"]
     if section is None:
         return None
-    if not isinstance(section, dict) or set(section) - {"policy", "budget", "params"}:
-        raise ValueError(f'SamplingParams.extra_args["evictkit"] must be None or a dict with policy/budget/params, '
-                         f"got {section!r}")
+    if not isinstance(section, dict) or set(section) - set(KEYS):
+        raise ValueError('SamplingParams.extra_args["evictkit"] must be None or a dict with '
+                         f"{'/'.join(KEYS)}, got {section!r}")
     cfg = EvictConfig(section.get("policy", default.policy), section.get("budget", default.budget),
                       dict(section.get("params", default.params if "policy" not in section else {})),
-                      default.record_kept)
-    _checked_override(cfg.policy, cfg.budget, json.dumps(cfg.params, sort_keys=True))
+                      default.record_kept, section.get("phase", default.phase), section.get("slack", default.slack))
+    _checked_override(cfg.policy, cfg.budget, json.dumps(cfg.params, sort_keys=True), cfg.phase, cfg.slack)
     return cfg
 
 
 @functools.lru_cache(maxsize=64)
-def _checked_override(policy: str, budget: int | float, params_json: str) -> None:
+def _checked_override(policy: str, budget: int | float, params_json: str, phase: str | None, slack: int) -> None:
     from evictkit_vllm.checks import Unsupported, policy_problems
 
-    problems = policy_problems(EvictConfig(policy, budget, json.loads(params_json)))
+    problems = policy_problems(EvictConfig(policy, budget, json.loads(params_json), phase=phase, slack=slack))
     if problems:
         raise Unsupported("; ".join(problems))
 
@@ -105,6 +159,8 @@ def config_of(vllm_config: Any) -> EvictConfig | None:
             "policy": os.environ[ENV_POLICY],
             "budget": json.loads(budget_text),
             "params": json.loads(os.environ.get(ENV_PARAMS) or "{}"),
+            "phase": os.environ.get(ENV_PHASE) or None,
+            "slack": json.loads(os.environ.get(ENV_SLACK) or "0"),
         }
     if section is None:
         return None
@@ -113,10 +169,10 @@ def config_of(vllm_config: Any) -> EvictConfig | None:
             'additional_config["evictkit"] must be a dict with "policy" and "budget" (and optionally "params"), '
             f"got {section!r}"
         )
-    unknown = set(section) - {"policy", "budget", "params", "record_kept"}
+    unknown = set(section) - {*KEYS, "record_kept"}
     if unknown:
         raise ValueError(f'additional_config["evictkit"]: unknown keys {sorted(unknown)}')
     cfg = EvictConfig(section["policy"], section["budget"], dict(section.get("params") or {}),
-                      bool(section.get("record_kept", False)))
+                      bool(section.get("record_kept", False)), section.get("phase"), section.get("slack", 0))
     cfg.build()
     return cfg

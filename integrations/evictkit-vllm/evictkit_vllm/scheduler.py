@@ -3,12 +3,14 @@
 Selected per engine with `scheduler_cls="evictkit_vllm.scheduler.EvictkitScheduler"`. Without an
 evictkit configuration it is vLLM's scheduler unchanged. Otherwise its `KVCacheManager`'s class is
 swapped for a subclass overriding one private method of vLLM 0.32, `allocate_slots`: once a
-request's prompt has been prefilled (`num_computed_tokens >= num_prompt_tokens`) and evicted
-(prompt P longer than its budget K), it frees the tail blocks past cdiv(num_computed - (P - K),
-block_size), then allocates as vLLM does with `num_computed_tokens` lowered by P - K around the
-call, so every block count is in compacted space. Stateless: P and K follow from the request and
-the configuration, the same numbers the worker computes; a preempted request (num_computed_tokens
-back to 0) allocates its recomputation in full and is compacted again. Why a private method: the
+request's prompt has been prefilled (`num_computed_tokens` = n >= `num_prompt_tokens`), the
+request holds S(n) entries (EvictConfig.stored: K after a prefill eviction, growing by one per
+decode step and back to K past K + slack while decoding); it frees the tail blocks past
+cdiv(S(n), block_size), then allocates as vLLM does with `num_computed_tokens` lowered by n - S(n)
+around the call, so every block count is in compacted space. Stateless: S(n) follows from the
+request and the configuration, the same number the worker computes and the attention backend
+checks; a preempted request (num_computed_tokens back to 0) allocates its recomputation in full
+and is compacted again to S(n). Why a private method: the
 scheduler side has no public seam (vLLM warns that the scheduler interface is not public).
 """
 
@@ -48,7 +50,8 @@ class _ManagerMixin:
         if request.num_computed_tokens < prompt:
             return super().allocate_slots(request, num_new_tokens, *args, **kwargs)  # type: ignore[misc]
         cfg = request_config(self._evictkit, request.sampling_params)
-        delta = 0 if cfg is None else prompt - cfg.keep(prompt)
+        done = request.num_computed_tokens
+        delta = 0 if cfg is None else done - cfg.stored(prompt, done)
         if delta <= 0:
             return super().allocate_slots(request, num_new_tokens, *args, **kwargs)  # type: ignore[misc]
         self._release(request, request.num_computed_tokens - delta)

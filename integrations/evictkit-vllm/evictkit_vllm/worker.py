@@ -5,10 +5,11 @@ has no evictkit configuration it is vLLM's worker unchanged. Otherwise, after vL
 `CPUModelRunner`, the runner's class is swapped for a subclass that overrides two private methods
 of vLLM 0.32's `GPUModelRunner` (which the CPU runner inherits):
 
-- `_prepare_inputs` (after the original): plans this step's compactions (requests whose whole
-  prompt is in this step and longer than its budget) for the attention backend, and, for requests
-  compacted earlier, lowers `seq_lens` and the CPU upper bound `optimistic_seq_lens_cpu` by the
-  evicted count and recomputes the slot mapping from `positions - evicted`. `positions` stay true
+- `_prepare_inputs` (after the original): plans this step's jobs for the attention backend
+  (prefills that evict or start a request that evicts while decoding; the decode steps of such
+  requests), and, for requests compacted earlier, lowers `seq_lens` and the CPU upper bound
+  `optimistic_seq_lens_cpu` by the evicted count n - S(n) (EvictConfig.stored) and recomputes the
+  slot mapping from `positions - evicted`. `positions` stay true
   (RoPE), `num_computed_tokens` stays logical (sampling, stop checks, max_model_len).
 - `_update_states` (before the original): truncates the block-table rows of requests compacted in
   the previous step to the blocks they still use, before vLLM appends newly allocated blocks
@@ -36,20 +37,19 @@ from evictkit_vllm.config import EvictConfig, config_of, request_config
 @attrs.define
 class _Request:
     prompt: int
-    keep: int
-    total: int  # tokens stored for the request by its compacting step (P, or P + generated when resumed)
+    cfg: EvictConfig  # the request's own (engine's, or its SamplingParams override)
 
-    @property
-    def delta(self) -> int:
-        return self.prompt - self.keep
+    def stored(self, n: int) -> int:
+        """Entries per KV head held after n computed tokens (EvictConfig.stored)."""
+        return self.cfg.stored(self.prompt, n)
 
 
 @attrs.define
 class WorkerState:
     cfg: EvictConfig
-    requests: dict[str, _Request] = attrs.field(factory=dict)  # compacted requests
+    requests: dict[str, _Request] = attrs.field(factory=dict)  # requests whose cache evictkit changes
     o_proj: dict[str, torch.Tensor] | None = None  # ordinary copies of each layer's W_O, made on first need
-    pending: set[str] = attrs.field(factory=set)  # compacted in the last step: block table not truncated yet
+    pending: dict[str, int] = attrs.field(factory=dict)  # compacted in the last step: {request: entries held}
 
 
 class EvictkitCPUWorker(CPUWorker):
@@ -82,9 +82,10 @@ class _RunnerMixin:
         resumed = set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         for rid in finished | resumed:
             st.requests.pop(rid, None)
-            st.pending.discard(rid)
-        for rid in st.pending:
-            _truncate(self, rid, st.requests[rid])
+            st.pending.pop(rid, None)
+            _plan.forget(rid)
+        for rid, held in st.pending.items():
+            _truncate(self, rid, held)
         st.pending.clear()
         return super()._update_states(scheduler_output)  # type: ignore[misc]
 
@@ -103,16 +104,30 @@ class _RunnerMixin:
                 if sched < prompt:
                     raise RuntimeError(f"evictkit: request {rid} was scheduled {sched} of its {prompt} prompt tokens; "
                                        "chunked prefill is not supported (enable_chunked_prefill=False)")
+                _plan.forget(rid)
                 cfg = request_config(st.cfg, self.requests[rid].sampling_params)  # type: ignore[attr-defined]
-                keep = prompt if cfg is None else cfg.keep(prompt)
-                if keep < prompt:
-                    jobs.append(_plan.Job(rid, i, int(starts[i]), prompt, sched, keep, cfg.build()))  # type: ignore[union-attr]
-                    st.requests[rid] = _Request(prompt, keep, sched)
-                    st.pending.add(rid)
-                else:
+                job = None if cfg is None else _prefill_job(rid, i, int(starts[i]), prompt, sched, cfg)
+                if job is None:
                     st.requests.pop(rid, None)
+                    continue
+                jobs.append(job)
+                st.requests[rid] = _Request(prompt, cfg)  # type: ignore[arg-type]
+                if job.target < sched:
+                    st.pending[rid] = job.target
             elif rid in st.requests:
-                delta[i] = st.requests[rid].delta
+                req = st.requests[rid]
+                held = req.stored(done)
+                delta[i] = done - held
+                if req.cfg.evicts_while_decoding():
+                    if sched != 1:
+                        raise RuntimeError(f"evictkit: request {rid} was scheduled {sched} tokens in a decode step; "
+                                           "decode-time eviction needs one token per step (no speculative decoding)")
+                    target = req.stored(done + 1)
+                    jobs.append(_plan.Job(rid, i, int(starts[i]), prompt, 1, req.stored(prompt), req.cfg.build(),
+                                          kind="decode", target=target, limit=req.cfg.limit(prompt),
+                                          slack=req.cfg.slack, phases=req.cfg.phases(), before=done, track=True))
+                    if target < held + 1:
+                        st.pending[rid] = target
         total = int(num_scheduled_tokens[:n].sum())
         if st.o_proj is None and any(reads_o_proj(job.policy) for job in jobs):
             st.o_proj = _o_proj_copies(self.model, self.model_config.dtype)  # type: ignore[attr-defined]
@@ -126,6 +141,17 @@ class _RunnerMixin:
             shifted = self.positions[:total] - per_token.to(self.positions.dtype)  # type: ignore[attr-defined]
             ib.block_table.compute_slot_mapping(n, self.query_start_loc.gpu[: n + 1], shifted)  # type: ignore[attr-defined]
         return out
+
+
+def _prefill_job(rid: str, row: int, start: int, prompt: int, total: int, cfg: EvictConfig) -> _plan.Job | None:
+    """The prefill's job, or None when evictkit leaves the request alone (it never exceeds its
+    budget at prefill and does not evict while decoding)."""
+    target = cfg.stored(prompt, total)
+    track = cfg.evicts_while_decoding()
+    if target == total and not track:
+        return None
+    return _plan.Job(rid, row, start, prompt, total, cfg.keep(prompt), cfg.build(), kind="prefill", target=target,
+                     limit=cfg.limit(prompt), slack=cfg.slack, phases=cfg.phases(), track=track)
 
 
 def _o_proj_copies(model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -157,17 +183,16 @@ def _o_proj_copies(model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
-def _truncate(runner: Any, rid: str, req: _Request) -> None:
-    """Drop the blocks past the compacted entries from the request's block ids and batch row."""
+def _truncate(runner: Any, rid: str, held: int) -> None:
+    """Drop the blocks past the `held` entries from the request's block ids and batch row."""
     state = runner.requests.get(rid)
     if state is None:
         return
-    stored = req.total - req.delta
     ib = runner.input_batch
     row = ib.req_id_to_index.get(rid)
     for g, ids in enumerate(state.block_ids):
         table = ib.block_table[g]
-        keep = -(-stored // table.block_size)
+        keep = -(-held // table.block_size)
         del ids[keep:]
         if row is not None and table.num_blocks_per_row[row] > keep:
             table.block_table.np[row, keep : table.num_blocks_per_row[row]] = 0

@@ -1,5 +1,5 @@
 """Shared engines, prompts and the transformers reference (module-level caches: a vLLM engine
-takes 10-40 s to start, so the tests share two)."""
+takes 10-40 s to start, so the tests share three)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ BASE = dict(enforce_eager=True, dtype="float32", max_model_len=2048, enable_pref
             enable_chunked_prefill=False, max_num_batched_tokens=2048, max_num_seqs=4, seed=0)
 NEW_TOKENS = 16
 BUDGET = 64
+# the near-tie rule (docs/vllm.md, test_equivalence's docstring)
+NEAR_TIE = 2e-3  # nats
+LOGPROB_TOL = 1e-3  # nats, when both engines keep the same entries
+LOGPROB_TOL_OTHER_KEPT = 1e-2  # nats, when near-tied scores kept a few different entries (at most 1%)
+MIN_KEPT_AGREEMENT = 0.99  # scorers: share of kept (layer, head, entry) equal to transformers'
 
 
 @functools.cache
@@ -65,28 +70,44 @@ def scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-def generate(llm, ids_list, evictkit=..., logprobs: int = 2):
+@functools.cache
+def decode_llm():
+    """vLLM configured for evictkit with blocks of 32 tokens, so that decode-time evictions free
+    blocks; requests pick policy, phase and slack through SamplingParams.extra_args."""
+    from vllm import LLM
+
+    import evictkit_vllm
+
+    kw = evictkit_vllm.engine_kwargs("snapkv", budget=4096)
+    kw["additional_config"]["evictkit"]["record_kept"] = True
+    return LLM(model=model_path(), **{**BASE, **kw, "block_size": 32, "num_gpu_blocks_override": 256})
+
+
+def generate(llm, ids_list, evictkit=..., logprobs: int = 2, new_tokens: int = NEW_TOKENS):
     """Greedy outputs per prompt: (token ids, [{token: logprob}] per step, engine request id)."""
     from vllm import SamplingParams
 
     extra = {} if evictkit is ... else {"evictkit": evictkit}
-    sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=logprobs, extra_args=extra)
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=logprobs, extra_args=extra)
     outs = llm.generate([{"prompt_token_ids": list(ids)} for ids in ids_list], sp, use_tqdm=False)
     return [(list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs],
              o.request_id) for o in outs]
 
 
-def reference(policy: str, ids, budget: int = BUDGET, **params):
-    """evictkit.compress on transformers, prefill-time eviction only: (tokens, per-step log-softmax
-    [steps, vocab], {layer: kept positions [H_kv, K]})."""
+def reference(policy: str, ids, budget: int = BUDGET, *, phase: str | None = "prefill", slack: int = 0,
+              new_tokens: int = NEW_TOKENS, **params):
+    """evictkit.compress on transformers (prefill-time eviction only unless `phase` says otherwise):
+    (tokens, per-step log-softmax [steps, vocab], {layer: kept positions [H_kv, K]}): with phase
+    "prefill" the prompt's kept positions, else every position the layer holds at the end."""
     import evictkit
 
     model, _ = hf()
     x = torch.tensor([list(ids)])
-    with torch.no_grad(), evictkit.compress(model, policy, budget=budget, phase="prefill", **params) as run:
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+    with torch.no_grad(), evictkit.compress(model, policy, budget=budget, phase=phase, slack=slack, **params) as run:
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
                              output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-        kept = {layer: pos[0, :, : min(budget, len(ids))].clone() for layer, pos in run.kept_positions().items()}
+        width = min(budget, len(ids)) if phase == "prefill" else None
+        kept = {layer: pos[0, :, :width].clone() for layer, pos in run.kept_positions().items()}
     steps = torch.stack([s[0].float().log_softmax(-1) for s in out.scores])
     return out.sequences[0, x.shape[1]:].tolist(), steps, kept
 
@@ -143,3 +164,17 @@ def multiprocessing_scenario() -> dict:
         full = reference("snapkv", ids, budget=len(ids), window=16)[0]
         rows.append({"tokens": tokens, "evicted": evicted, "full": full})
     return {"rows": rows}
+
+
+def greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol=LOGPROB_TOL) -> tuple[int, float]:
+    """(tokens equal before the first divergence, max log-prob gap there); fails unless the
+    divergence, if any, is a near tie."""
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(tokens, ref_tokens)):
+        if a != b:
+            gap = abs(float(ref_steps[i, a] - ref_steps[i, b]))
+            assert gap <= NEAR_TIE, f"token {i}: vLLM {a}, transformers {b}, {gap:.2e} nats apart (no near tie)"
+            return i, worst
+        worst = max(worst, abs(logprobs[i][a] - float(ref_steps[i, a])))
+        assert worst <= tol, f"token {i}: log-prob {logprobs[i][a]} vs {float(ref_steps[i, a])}"
+    return len(tokens), worst

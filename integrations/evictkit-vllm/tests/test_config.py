@@ -159,3 +159,44 @@ def test_request_overrides():
     assert (other.policy, other.params) == ("tova", {})
     with pytest.raises(Unsupported, match="per-layer"):
         request_config(engine, SimpleNamespace(extra_args={"evictkit": {"policy": "pyramidkv"}}))
+
+
+def _stored_by_steps(cfg: EvictConfig, prompt: int, n: int) -> int:
+    """EvictConfig.stored by brute force: evictkit.compress's rule applied forward by forward."""
+    K, phases = cfg.limit(prompt), cfg.phases()
+    held = prompt
+    if "prefill" in phases and held > K:
+        held = K
+    for _ in range(n - prompt):
+        held += 1
+        if "decode" in phases and held > K + cfg.slack:
+            held = K
+    return held
+
+
+@pytest.mark.parametrize(("policy", "budget", "phase", "slack"), [
+    ("snapkv", 40, None, 0), ("snapkv", 40, "both", 0), ("snapkv", 40, "both", 5), ("snapkv", 40, "decode", 3),
+    ("streaming_llm", 40, None, 7), ("tova", 0.25, None, 2), ("h2o", 16, "decode", 0),
+])
+def test_stored_counts_follow_compress_rule(policy, budget, phase, slack):
+    cfg = EvictConfig(policy, budget, phase=phase, slack=slack)
+    for prompt in (8, 31, 32, 33, 60, 200):
+        if isinstance(budget, float) and prompt < 64:
+            continue
+        for n in range(prompt, prompt + 70):
+            assert cfg.stored(prompt, n) == _stored_by_steps(cfg, prompt, n), (prompt, n)
+
+
+def test_phase_and_slack_are_validated_and_passed_on():
+    kw = evictkit_vllm.engine_kwargs("snapkv", 64, phase="both", slack=8, window=16)
+    assert kw["additional_config"]["evictkit"] == {"policy": "snapkv", "budget": 64, "params": {"window": 16},
+                                                   "phase": "both", "slack": 8}
+    cfg = config_of(SimpleNamespace(additional_config=kw["additional_config"]))
+    assert (cfg.phases(), cfg.slack, cfg.evicts_while_decoding()) == (("prefill", "decode"), 8, True)
+    assert EvictConfig("snapkv", 64).phases() == ("prefill",) and EvictConfig("h2o", 64).evicts_while_decoding()
+    with pytest.raises(ValueError, match="phase='prefil'"):
+        evictkit_vllm.engine_kwargs("snapkv", 64, phase="prefil")
+    with pytest.raises(ValueError, match="slack=-1"):
+        evictkit_vllm.engine_kwargs("snapkv", 64, slack=-1)
+    other = request_config(cfg, SimpleNamespace(extra_args={"evictkit": {"phase": "prefill"}}))
+    assert (other.phases(), other.slack) == (("prefill",), 8)

@@ -16,12 +16,20 @@
 from __future__ import annotations
 
 import pytest
-from engines import BUDGET, engine_kept, evict_llm, generate, plain_llm, prompts, reference, scheduler
-
-NEAR_TIE = 2e-3  # nats
-LOGPROB_TOL = 1e-3  # nats, when both engines keep the same entries
-LOGPROB_TOL_OTHER_KEPT = 1e-2  # nats, when near-tied scores kept a few different entries (at most 1%)
-MIN_KEPT_AGREEMENT = 0.99  # scorers: share of kept (layer, head, entry) equal to transformers'
+from engines import (
+    BUDGET,
+    LOGPROB_TOL,
+    LOGPROB_TOL_OTHER_KEPT,
+    MIN_KEPT_AGREEMENT,
+    engine_kept,
+    evict_llm,
+    generate,
+    greedy_agrees,
+    plain_llm,
+    prompts,
+    reference,
+    scheduler,
+)
 
 POLICIES = {
     "streaming_llm": {},
@@ -39,20 +47,6 @@ POLICIES = {
 POSITIONAL = {"streaming_llm", "random"}  # no floating-point scores: positions must match exactly
 
 
-def _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol=LOGPROB_TOL) -> tuple[int, float]:
-    """(tokens equal before the first divergence, max log-prob gap there); fails unless the
-    divergence, if any, is a near tie."""
-    worst = 0.0
-    for i, (a, b) in enumerate(zip(tokens, ref_tokens)):
-        if a != b:
-            gap = abs(float(ref_steps[i, a] - ref_steps[i, b]))
-            assert gap <= NEAR_TIE, f"token {i}: vLLM {a}, transformers {b}, {gap:.2e} nats apart (no near tie)"
-            return i, worst
-        worst = max(worst, abs(logprobs[i][a] - float(ref_steps[i, a])))
-        assert worst <= tol, f"token {i}: log-prob {logprobs[i][a]} vs {float(ref_steps[i, a])}"
-    return len(tokens), worst
-
-
 def test_noop_budget_is_plain_vllm():
     plain = generate(plain_llm(), prompts())
     noop = generate(evict_llm(), prompts())
@@ -68,7 +62,7 @@ def test_same_kept_positions_and_tokens_as_transformers(policy, capsys):
     params = POLICIES[policy]
     mgr = scheduler(evict_llm()).kv_cache_manager
     free_before = mgr.block_pool.get_num_free_blocks()
-    outs = generate(evict_llm(), prompts(), {"policy": policy, "budget": BUDGET, "params": params})
+    outs = generate(evict_llm(), prompts(), {"policy": policy, "budget": BUDGET, "params": params, "phase": "prefill"})
     assert mgr.block_pool.get_num_free_blocks() == free_before  # every block back after the requests end
     lines = []
     for ids, (tokens, logprobs, rid) in zip(prompts(), outs):
@@ -86,7 +80,7 @@ def test_same_kept_positions_and_tokens_as_transformers(policy, capsys):
         else:
             assert same / total >= MIN_KEPT_AGREEMENT, f"{policy} P={P}: {same}/{total} kept entries agree"
         tol = LOGPROB_TOL if same == total else LOGPROB_TOL_OTHER_KEPT
-        n_same, worst = _greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol)
+        n_same, worst = greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol)
         freed = mgr.evictkit_freed[next(k for k in mgr.evictkit_freed if k == rid or k.startswith(rid + "-"))]
         assert freed == -(-P // 128) - -(-BUDGET // 128)
         lines.append(f"{policy} P={P}: kept {same}/{total} equal, {n_same}/{len(tokens)} tokens before a divergence, "
