@@ -121,7 +121,14 @@ def engine_kept(rid: str) -> dict[int, torch.Tensor]:
 
 
 def preemption_scenario() -> dict:
-    """test_engine's forced preemption, run in a fresh process (see there)."""
+    """test_engine's forced preemptions, run in a fresh process (see there): 8 blocks of 32 tokens.
+
+    Round "prefill": two 150-token prompts, snapkv at budget 48 at prefill only (100 tokens each).
+    Round "decode": A (100 tokens, prefill only, 150 new) grows to 7 blocks while B (100 tokens,
+    snapkv with phase="both", slack 16, 150 new) holds 2-3, so B is preempted, then recomputed (prompt
+    and generated tokens) and compacted again to what an unpreempted request holds.
+    After each round one more short request lets the worker hear of the finished ones; then no
+    per-request state may be left (`stale`)."""
     from vllm import LLM, SamplingParams
 
     import evictkit_vllm
@@ -132,17 +139,29 @@ def preemption_scenario() -> dict:
     llm = LLM(model=model_path(), **{**BASE, **kw, "block_size": 32, "num_gpu_blocks_override": 9,
                                      "max_model_len": 256, "max_num_batched_tokens": 256})
     mgr = scheduler(llm).kv_cache_manager
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     free0 = mgr.block_pool.get_num_free_blocks()
     ids = prompts()[0]
-    sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": list(ids[:150])}, {"prompt_token_ids": list(ids[200:350])}], sp,
-                        use_tqdm=False)
+
+    def run(requests: list[tuple[list[int], int, dict | None]]) -> dict:
+        sps = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True,
+                              extra_args={} if extra is None else {"evictkit": extra}) for _, m, extra in requests]
+        outs = llm.generate([{"prompt_token_ids": p} for p, _, _ in requests], sps, use_tqdm=False)
+        llm.generate([{"prompt_token_ids": list(ids[:5])}], SamplingParams(max_tokens=1), use_tqdm=False)
+        mine = [rid for rid in plan.COMPACTIONS if any(rid.startswith(o.request_id) for o in outs)]
+        return {
+            "lengths": [len(o.outputs[0].token_ids) for o in outs],
+            "compactions": [plan.COMPACTIONS.get(next((r for r in mine if r.startswith(o.request_id)), ""), 0)
+                            for o in outs],
+            "free_after": mgr.block_pool.get_num_free_blocks(),
+            "stale": sorted({*runner._evictkit.requests, *runner._evictkit.pending, *plan.SIDES}),
+        }
+
+    both = {"phase": "both", "slack": 16}
     return {
-        "lengths": [len(o.outputs[0].token_ids) for o in outs],
-        "compactions": sorted(n for rid, n in plan.COMPACTIONS.items()
-                              if any(rid.startswith(o.request_id) for o in outs)),
         "free_before": free0,
-        "free_after": mgr.block_pool.get_num_free_blocks(),
+        "prefill": run([(list(ids[:150]), 100, None), (list(ids[200:350]), 100, None)]),
+        "decode": run([(list(ids[:100]), 150, {"phase": "prefill"}), (list(ids[200:300]), 150, both)]),
     }
 
 

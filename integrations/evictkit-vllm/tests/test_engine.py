@@ -51,8 +51,10 @@ def test_blocks_held_while_decoding_are_the_kept_ones():
     assert mgr.block_pool.get_num_free_blocks() == free0
 
 
-def test_abort_leaves_no_state():
+def test_abort_and_finish_leave_no_state():
     from vllm import SamplingParams
+
+    from evictkit_vllm import plan
 
     llm = evict_llm()
     engine = llm.llm_engine
@@ -61,9 +63,13 @@ def test_abort_leaves_no_state():
     free0 = mgr.block_pool.get_num_free_blocks()
     sp = SamplingParams(temperature=0, max_tokens=64, extra_args={"evictkit": {"policy": "tova", "budget": BUDGET}})
     engine.add_request("abort-0", {"prompt_token_ids": list(prompts()[1])}, sp)
+    # finishes on its own (max_tokens) while abort-0 runs
+    engine.add_request("finish-0", {"prompt_token_ids": list(prompts()[0])}, SamplingParams(
+        temperature=0, max_tokens=2, extra_args={"evictkit": {"policy": "h2o", "budget": BUDGET}}))
     for _ in range(3):
         engine.step()
     assert any(r.startswith("abort-0") for r in runner._evictkit.requests)
+    assert any(r.startswith("abort-0") for r in plan.SIDES)  # tova evicts while decoding: per-layer state
     engine.abort_request(["abort-0"])
     engine.step() if engine.has_unfinished_requests() else None
     # the worker hears of finished requests with the next scheduled step
@@ -71,6 +77,7 @@ def test_abort_leaves_no_state():
     while engine.has_unfinished_requests():
         engine.step()
     assert not any(r.startswith("abort-0") for r in runner._evictkit.requests)
+    assert not any(r.startswith(("abort-0", "finish-0")) for r in plan.SIDES)
     assert not runner._evictkit.pending
     assert mgr.block_pool.get_num_free_blocks() == free0
 
@@ -79,7 +86,8 @@ def test_forced_preemption_recompacts_the_resumed_request():
     """8 blocks of 32 tokens (9, one is vLLM's null block) for two 150-token prompts at budget 48: both
     run after compaction (2 blocks each), then grow a block every 32 tokens until the second is preempted
     (all its blocks freed); resumed after the first finishes, its prompt and generated tokens are
-    prefilled again and the prompt compacted again. Invariants only: the recomputed generated tokens
+    prefilled again and the prompt compacted again. Then the same with a preempted request that evicts
+    while decoding (engines.preemption_scenario). Invariants only: the recomputed generated tokens
     saw the whole prompt, so its later tokens may differ from an unpreempted run (docs/vllm.md).
     In a process of its own: an in-process vLLM engine that shuts down tears down the parallel state
     the module's other engines share."""
@@ -94,9 +102,16 @@ def test_forced_preemption_recompacts_the_resumed_request():
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    assert result["lengths"] == [100, 100]
-    assert result["compactions"] == [1, 2]  # the preempted request was compacted again when it resumed
-    assert result["free_after"] == result["free_before"]
+    prefill, decode = result["prefill"], result["decode"]
+    assert prefill["lengths"] == [100, 100]
+    assert sorted(prefill["compactions"]) == [1, 2]  # the preempted request was compacted again when it resumed
+    assert decode["lengths"] == [150, 150]
+    # B, which evicts while decoding, was preempted and compacted again to what it would hold unpreempted
+    # (the backend raises when a layer holds another count than the scheduler's)
+    assert decode["compactions"] == [1, 2]
+    for part in (prefill, decode):
+        assert part["stale"] == []  # no request, pending truncation or per-layer decode state left behind
+        assert part["free_after"] == result["free_before"]
 
 
 def test_engine_core_in_its_own_process():
