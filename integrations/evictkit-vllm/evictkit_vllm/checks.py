@@ -3,7 +3,6 @@ engine's start with the setting's name and what to change (docs/vllm.md, "Suppor
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -73,51 +72,75 @@ def _sliding_layers(mc: Any) -> bool:
     return any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or []))
 
 
+#: what this backend hands a policy, by evictkit capability tag (evictkit.contract.capabilities)
+SUPPLIED = {
+    "kv_only": "keys, values and their true positions",
+    "window_queries": "the newest post-RoPE queries, kept across decode steps",
+    "queries": "all of a forward's post-RoPE queries (a whole prompt: chunked prefill is refused)",
+    "attention_weights": "recomputed by evictkit from those queries",
+    "layer_weights": "W_O, read back once per layer through vLLM's o_proj",
+}
+#: tags this backend refuses, each with why and what to change
+REFUSED = {
+    "ragged_heads": "its per-head kept counts can differ within a layer, and vLLM's CPU attention reads one "
+                    "length per request and layer: use a policy whose needs() has ragged_heads=False",
+    "extra_passes": "it runs forward passes of its own, which vLLM's scheduler never schedules: use a policy "
+                    "that scores from the forward it is shown (extra_passes=False)",
+}
+
+
 def policy_problems(cfg: EvictConfig, vc: Any | None = None) -> list[str]:
-    """What keeps `cfg`'s policy from running in vLLM: it must keep exactly its budget with the
-    same count in every KV head and every layer, and keep absolute positions.
-    Probed on synthetic tensors of the model's shape, so third-party policies are checked too."""
-    from evictkit.contract import Policy
+    """What keeps `cfg`'s policy from running in vLLM, decided from what it declares
+    (evictkit.contract.capabilities: capability tags, positions, exact_budget, layer_budget):
+    every tag must be one this backend supplies (SUPPLIED; REFUSED and unknown tags are refused),
+    it must keep exactly its budget, the same count in every layer, with absolute positions.
+    One selection on synthetic tensors of the model's shape then confirms that what it declares
+    is all it reads (a policy whose needs() leaves out a read fails here, not mid-request)."""
+    from evictkit.contract import Policy, capabilities, declared
 
     policy = cfg.build()
     name = policy.name
-    out = []
-    exact_budget, positions = _declared(policy)
-    if not exact_budget:
-        out.append(f"policy {name!r} may keep fewer entries than its budget (exact_budget=False, e.g. lacache): "
-                   "vLLM's scheduler needs the kept count in advance")
-    if positions != "absolute":
-        out.append(f"policy {name!r} uses positions={positions!r}: use positions='absolute'")
+    caps = capabilities(policy)
+    needs = declared(policy)
+    out = [f"policy {name!r} has the capability tag {tag!r}: {REFUSED[tag]}" for tag in caps["tags"] if tag in REFUSED]
+    unknown = [tag for tag in caps["tags"] if tag not in SUPPLIED and tag not in REFUSED]
+    if unknown:
+        out.append(f"policy {name!r} has capability tags {unknown} that this evictkit-vllm does not know how to "
+                   f"supply (it supplies {sorted(SUPPLIED)}): upgrade evictkit-vllm or use a policy without them")
+    if not needs.exact_budget:
+        out.append(f"policy {name!r} may keep fewer entries than its budget (Needs.exact_budget=False): vLLM's "
+                   "scheduler lays out blocks for the kept count in advance; use a policy that keeps exactly its "
+                   "budget")
+    if needs.positions != "absolute":
+        out.append(f"policy {name!r} uses positions={needs.positions!r}: vLLM's RoPE positions stay true and kept "
+                   "keys are never re-rotated; use positions='absolute'")
     if out:
         return out
     n_layers, heads, kv_heads, head_dim = _shape(vc)
     length = 4 * max(64, (cfg.budget if isinstance(cfg.budget, int) else 64))
-    base = cfg.keep(length)
+    base = cfg.limit(length)
     if type(policy).layer_budget is not Policy.layer_budget and any(
         policy.layer_budget(base, i, n_layers, length) != base for i in range(n_layers)
     ):
-        return [f"policy {name!r} gives each layer its own budget (per-layer schedules such as pyramidkv): vLLM keeps "
-                "one block table per request for all layers; use its uniform counterpart (snapkv)"]
+        return [f"policy {name!r} gives each layer its own budget (layer_budget): vLLM keeps one block table and one "
+                "sequence length per request for all layers; use a policy with one budget for every layer"]
     try:
         sel = _probe(policy, base, length, heads, kv_heads, head_dim, n_layers)
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is the policy's refusal, reported
-        return [f"policy {name!r} cannot select from an engine's tensors (post-RoPE queries, keys, values, W_O): "
-                f"{type(exc).__name__}: {exc}"]
+        return [f"policy {name!r} declares the capability tags {list(caps['tags'])}, which vLLM supplies, but fails "
+                f"to select from an engine's tensors (post-RoPE queries, keys, values, W_O), so it reads something "
+                f"its needs() does not declare: {type(exc).__name__}: {exc}"]
     if isinstance(sel, tuple):
-        out.append(f"policy {name!r} keeps different counts per KV head (ragged heads, e.g. adakv): vLLM's CPU "
-                   "attention reads one length per request; use a policy with equal per-head counts (snapkv)")
+        out.append(f"policy {name!r} returned per-head counts without declaring Needs(ragged_heads=True): "
+                   f"{REFUSED['ragged_heads']}")
     return out
 
 
-def _declared(policy: Any) -> tuple[bool, str]:
-    """(exact_budget, positions) as the policy declares them (evictkit.contract.declared where this
-    evictkit has it, the class members before)."""
-    try:
-        from evictkit.contract import declared
-    except ImportError:
-        return bool(type(policy).exact_budget), str(policy.position_mode())
-    needs = declared(policy)
-    return bool(needs.exact_budget), str(needs.positions)
+def reads_layer_weights(policy: Any) -> bool:
+    """Whether the policy reads the layer's W_O (its capability tag "layer_weights")."""
+    from evictkit.contract import capabilities
+
+    return "layer_weights" in capabilities(policy)["reads"]
 
 
 def _shape(vc: Any | None) -> tuple[int, int, int, int]:
@@ -127,28 +150,15 @@ def _shape(vc: Any | None) -> tuple[int, int, int, int]:
     return (mc.get_num_layers(pc), mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc), mc.get_head_size())
 
 
-@functools.lru_cache(maxsize=64)
-def reads_o_proj(policy: Any) -> bool:
-    """Whether the policy reads the layer's W_O (ReST-KV): one probe selection without it."""
-    try:
-        _probe(policy, 64, 256, 4, 2, 16, 2, o_proj=False)
-    except ValueError as exc:
-        if "o_proj_weight" in str(exc):
-            return True
-        raise
-    return False
-
-
-def _probe(policy: Any, budget: int, length: int, heads: int, kv_heads: int, head_dim: int, n_layers: int,
-           o_proj: bool = True):
+def _probe(policy: Any, budget: int, length: int, heads: int, kv_heads: int, head_dim: int, n_layers: int):
     """One selection on random tensors: what kind of selection the policy returns."""
 
     with torch.inference_mode(False):  # the worker runs under inference mode: ReST-KV reads _version
-        return _probe_select(policy, budget, length, heads, kv_heads, head_dim, n_layers, o_proj)
+        return _probe_select(policy, budget, length, heads, kv_heads, head_dim, n_layers)
 
 
-def _probe_select(policy: Any, budget: int, length: int, heads: int, kv_heads: int, head_dim: int, n_layers: int,
-                  o_proj: bool):
+def _probe_select(policy: Any, budget: int, length: int, heads: int, kv_heads: int, head_dim: int, n_layers: int):
+    from evictkit.contract import declared
     from evictkit.observation import Observation
 
     g = torch.Generator().manual_seed(0)
@@ -156,8 +166,8 @@ def _probe_select(policy: Any, budget: int, length: int, heads: int, kv_heads: i
     obs = Observation.from_tensors(
         keys=keys, values=torch.randn(keys.shape, generator=g),
         queries=torch.randn(1, heads, length, head_dim, generator=g), query_positions=torch.arange(length)[None],
-        scaling=head_dim**-0.5, layer_idx=0, n_layers=n_layers, window=policy.needs().window,
-        o_proj_weight=torch.randn(heads * head_dim, heads * head_dim, generator=g) if o_proj else None,
+        scaling=head_dim**-0.5, layer_idx=0, n_layers=n_layers, window=declared(policy).window,
+        o_proj_weight=torch.randn(heads * head_dim, heads * head_dim, generator=g),
     )
     with torch.no_grad():
         state = dict(policy.observe(obs) or {})

@@ -30,7 +30,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from evictkit_vllm import SCHEDULER_CLS, WORKER_CLS
 from evictkit_vllm import plan as _plan
-from evictkit_vllm.checks import check_engine, reads_o_proj
+from evictkit_vllm.checks import check_engine, reads_layer_weights
 from evictkit_vllm.config import EvictConfig, config_of, request_config
 
 
@@ -129,7 +129,7 @@ class _RunnerMixin:
                     if target < held + 1:
                         st.pending[rid] = target
         total = int(num_scheduled_tokens[:n].sum())
-        if st.o_proj is None and any(reads_o_proj(job.policy) for job in jobs):
+        if st.o_proj is None and any(reads_layer_weights(job.policy) for job in jobs):
             st.o_proj = _o_proj_copies(self.model, self.model_config.dtype)  # type: ignore[attr-defined]
         _plan.set_plan(jobs, total, record=st.cfg.record_kept, o_proj=st.o_proj,
                        n_layers=self.model_config.get_num_layers(self.parallel_config))  # type: ignore[attr-defined]

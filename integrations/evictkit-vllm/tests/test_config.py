@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import evictkit
 import pytest
 
 import evictkit_vllm
 from evictkit_vllm import SCHEDULER_CLS, WORKER_CLS, config
-from evictkit_vllm.checks import Unsupported, check_engine, policy_problems, reads_o_proj
+from evictkit_vllm.checks import Unsupported, check_engine, policy_problems, reads_layer_weights
 from evictkit_vllm.config import EvictConfig, config_of, request_config
 
 
@@ -68,11 +69,12 @@ def test_each_unsupported_setting_is_named(change, named):
 
 
 @pytest.mark.parametrize(("policy", "params", "named"), [
-    ("pyramidkv", {}, "per-layer"),
-    ("adakv", {}, "ragged"),
+    ("pyramidkv", {}, "its own budget (layer_budget)"),
+    ("adakv", {}, "capability tag 'ragged_heads'"),
     ("lacache", {}, "exact_budget=False"),
     ("streaming_llm", {"positions": "shift"}, "positions='absolute'"),
-    ("expected_attention", {}, "cannot select from an engine's tensors"),  # re-projects pre-RoPE queries
+    # tagged "queries" only, but re-projects pre-RoPE queries through the transformers module
+    ("expected_attention", {}, "reads something its needs() does not declare"),
 ])
 def test_unsupported_policies_are_refused(policy, params, named):
     problems = policy_problems(EvictConfig(policy, 64, params), _vllm_config())
@@ -81,14 +83,52 @@ def test_unsupported_policies_are_refused(policy, params, named):
         _check(_vllm_config(), EvictConfig(policy, 64, params))
 
 
-@pytest.mark.parametrize("policy", ["streaming_llm", "random", "snapkv", "tova", "h2o_prefill", "restkv"])
+@pytest.mark.parametrize("policy", ["streaming_llm", "random", "snapkv", "tova", "h2o", "h2o_prefill", "restkv",
+                                    "knorm", "keydiff", "lagkv", "criticalkv"])
 def test_supported_policies_pass(policy):
     assert policy_problems(EvictConfig(policy, 64), _vllm_config()) == []
 
 
-def test_reads_o_proj():
-    assert reads_o_proj(evictkit_vllm.EvictConfig("restkv", 64).build())
-    assert not reads_o_proj(evictkit_vllm.EvictConfig("snapkv", 64).build())
+def _with_needs(monkeypatch, **changes):
+    """A third-party-like policy: snapkv declaring other capabilities, served by EvictConfig.build()."""
+    import attrs
+
+    base = type(evictkit.policy("snapkv"))
+
+    class Declared(base):
+        def needs(self):
+            return attrs.evolve(super().needs(), **changes)
+
+    policy = Declared()
+    monkeypatch.setattr(config, "_build", lambda *a: policy)
+    return EvictConfig("declared", 64)
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"extra_passes": True}, "capability tag 'extra_passes': it runs forward passes of its own"),
+    ({"ragged_heads": True}, "capability tag 'ragged_heads'"),
+])
+def test_refused_from_capability_tags(monkeypatch, changes, named):
+    problems = policy_problems(_with_needs(monkeypatch, **changes), _vllm_config())
+    assert len(problems) == 1 and named in problems[0]
+
+
+def test_unknown_capability_tags_are_refused(monkeypatch):
+    import evictkit.contract as contract
+
+    cfg = _with_needs(monkeypatch)
+    assert policy_problems(cfg, _vllm_config()) == []
+    real = contract.capabilities
+    monkeypatch.setattr(contract, "capabilities", lambda p: {**real(p), "tags": (*real(p)["tags"], "telepathy")})
+    problems = policy_problems(cfg, _vllm_config())
+    assert len(problems) == 1 and "['telepathy']" in problems[0] and "upgrade evictkit-vllm" in problems[0]
+
+
+def test_layer_weights_come_from_the_tag(monkeypatch):
+    assert reads_layer_weights(EvictConfig("restkv", 64).build())
+    assert reads_layer_weights(EvictConfig("criticalkv", 64).build())
+    assert not reads_layer_weights(EvictConfig("snapkv", 64).build())
+    assert reads_layer_weights(_with_needs(monkeypatch, layer_weights=True).build())
 
 
 def test_version_pin_fails_closed(monkeypatch):
@@ -157,7 +197,7 @@ def test_request_overrides():
     assert (other.policy, other.budget, other.params) == ("snapkv", 32, {"window": 16})
     other = request_config(engine, SimpleNamespace(extra_args={"evictkit": {"policy": "tova"}}))
     assert (other.policy, other.params) == ("tova", {})
-    with pytest.raises(Unsupported, match="per-layer"):
+    with pytest.raises(Unsupported, match="its own budget"):
         request_config(engine, SimpleNamespace(extra_args={"evictkit": {"policy": "pyramidkv"}}))
 
 
