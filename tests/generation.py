@@ -25,6 +25,7 @@ TINY_POLICIES = [
     ("lagkv", {"lag": 4}),
     ("expected_attention", {}),
     ("criticalkv", {"scorer_options": {"window": 8}}),
+    ("rkv", {"window": 4}),
     ("triattention", {}),
 ]
 
