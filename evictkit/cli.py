@@ -55,7 +55,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [evictkit.describe(cls) for cls in evictkit.policies().values()]
     failures = [str(f) for f in evictkit.plugin_failures()]
     if args.json:
-        print(json.dumps({"policies": rows, "failures": failures}, indent=2))
+        print(json.dumps({"policies": rows, "prefill_attentions": _prefill_rows(), "failures": failures}, indent=2))
         return 0
     table = [("name", "package", "phases", "tags", "needs", "parameters")]
     defaults = attrs.asdict(evictkit.Needs())  # a need is shown where it differs from its default
@@ -71,9 +71,35 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5])
         if r is not None and args.chunks:
             print(f"{'':{widths[0]}}  per prefill chunk: {r['chunked']}")
+    _print_prefill_attentions()
     for f in failures:
         print(f"FAILED  {f}", file=sys.stderr)
     return 0
+
+
+def _prefill_rows() -> list[dict]:
+    """The registered prefill attentions (`compress(..., prefill_attention=name)`) for `evictkit list`."""
+    import evictkit
+    from evictkit.prefill_contract import prefill_params
+    from evictkit.registry import get_registry
+
+    entries = get_registry().prefill_entries
+    return [{"name": name, "package": entries[name].package, "summary": cls.summary,
+             "params": {f: repr(a.default) for f, a in prefill_params(cls).items()}}
+            for name, cls in evictkit.prefill_attentions().items()]
+
+
+def _print_prefill_attentions() -> None:
+    """`evictkit list`'s second section: the prefill attentions. Every policy's scores are exact under
+    any of them (evictkit recomputes the attention a policy reads densely from the hidden states)."""
+    rows = _prefill_rows()
+    table = [("prefill attention", "package", "parameters", "summary")]
+    table += [(r["name"], r["package"], ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-", r["summary"])
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    print()
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
 
 
 def _chat_ids(tok, text: str):

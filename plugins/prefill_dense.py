@@ -27,10 +27,15 @@ class Dense(PrefillAttention):
                scale: float) -> PrefillOutput:
         B, Hq, q, _ = query.shape
         S = key.shape[2]
-        causal = torch.arange(S, device=query.device)[None, :] <= torch.arange(S - q, S, device=query.device)[:, None]
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scale,
-                                                               enable_gqa=Hq != key.shape[1])
-        pairs = B * Hq * int(causal.sum())
+        gqa = Hq != key.shape[1]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if q == S:  # the fused causal kernel, as the model's own sdpa runs a one-shot prefill
+            out = sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            slots = torch.arange(S, device=query.device)
+            causal = slots[None, :] <= slots[S - q:, None]
+            out = sdpa(query, key, value, attn_mask=causal, scale=scale, enable_gqa=gqa)
+        pairs = B * Hq * (q * (S - q) + q * (q + 1) // 2)
         return PrefillOutput(out, pairs, pairs)
 
 

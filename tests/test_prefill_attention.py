@@ -251,7 +251,7 @@ def test_the_attention_is_restored_after_an_exception(model):
 # --- errors and the registry ----------------------------------------------------------------------------------
 def test_bad_names_and_parameters_are_clear_value_errors(model):
     with pytest.raises(ValueError, match="unknown prefill attention 'vertical_slsh'.*did you mean 'vertical_slash'"):
-        evictkit.compress(model, "snapkv", budget=8, prefill_attention="vertical_slsh")
+        evictkit.compress(model, "snapkv", budget=64, prefill_attention="vertical_slsh")
     with pytest.raises(ValueError, match=r"n_local=0: must be an int >= 1 \(default 3968\)"):
         evictkit.use_prefill_attention(model, "a_shape", n_local=0)
     with pytest.raises(ValueError, match="threshold=1.5: must be a number in"):
@@ -259,9 +259,9 @@ def test_bad_names_and_parameters_are_clear_value_errors(model):
     with pytest.raises(ValueError, match="has no parameter window"):
         evictkit.use_prefill_attention(model, "a_shape", window=3)
     with pytest.raises(ValueError, match="prefill_params .* without a prefill_attention"):
-        evictkit.compress(model, "snapkv", budget=8, prefill_params={"n_local": 3})
+        evictkit.compress(model, "snapkv", budget=64, prefill_params={"n_local": 3})
     with pytest.raises(ValueError, match="prefill_attention must be"):
-        evictkit.compress(model, "snapkv", budget=8, prefill_attention=3)
+        evictkit.compress(model, "snapkv", budget=64, prefill_attention=3)
 
 
 def test_an_unsupported_attention_implementation_is_refused():
@@ -302,3 +302,17 @@ def test_a_third_party_prefill_attention_registers_through_the_hook():
         reg.pm.unregister(name="test:sinks")
         reg.prefill_entries.pop("sinks_only", None)
         reg.failures[:] = [f for f in reg.failures if f.plugin != "sinks"]
+
+
+def test_evictkit_list_shows_the_prefill_attentions(capsys):
+    import json
+
+    from evictkit.cli import main
+
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    section = text.split("prefill attention  ", 1)[1]
+    assert "vertical_slash" in section and "slash_size=6096" in section and "xattention" in section
+    assert main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["prefill_attentions"]}
+    assert rows["a_shape"]["params"]["n_local"] == "3968" and rows["dense"]["package"] == "evictkit"
