@@ -62,8 +62,10 @@ from evictkit.plugins._triattention_stats import (
     query_sums,
 )
 
-#: scratch keys: the prompt's end (true position + 1), the prompt's query sums, the checked stats
-PROMPT, CALIB, CHECKED = "triattention_prompt", "triattention_calib", "triattention_rope"
+#: scratch keys: the prompt's end (true position + 1), the prompt's query sums ([B, H_q, F] tensors,
+#: one per key, so that a batch split into rows slices them) and count, the checked RoPE
+PROMPT, CHECKED = "triattention_prompt", "triattention_rope"
+CALIB_Z, CALIB_A, CALIB_N = "triattention_calib_z", "triattention_calib_abs", "triattention_calib_n"
 
 
 def _stats_path(_inst: object, attr: attrs.Attribute, value: object) -> None:
@@ -178,9 +180,10 @@ class TriAttention(ScorePolicy):
                     raise ValueError("policy 'triattention' with stats=None calibrates on the prompt's pre-RoPE "
                                      "queries and needs the attention module's q_proj; pass stats=PATH instead")
                 z, a = query_sums(prerope_queries(obs.module, obs.hidden_states))
-                old = obs.scratch.get(CALIB)
-                n = obs.hidden_states.shape[1]
-                obs.scratch[CALIB] = (z, a, n) if old is None else (old[0] + z, old[1] + a, old[2] + n)
+                if CALIB_N in obs.scratch:
+                    z, a = obs.scratch[CALIB_Z] + z, obs.scratch[CALIB_A] + a
+                obs.scratch[CALIB_Z], obs.scratch[CALIB_A] = z, a
+                obs.scratch[CALIB_N] = obs.scratch.get(CALIB_N, 0) + obs.hidden_states.shape[1]
         return {}
 
     def _layer_stats(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -197,15 +200,14 @@ class TriAttention(ScorePolicy):
             dev = obs.keys.device
             q = st.q_mean[obs.layer_idx].to(dev).expand(B, -1, -1)
             return q, st.q_abs_mean[obs.layer_idx].to(dev).expand(B, -1, -1), inv_freq, scaling
-        calib = obs.scratch.get(CALIB)
-        if calib is None:
+        if CALIB_N not in obs.scratch:
             raise ValueError("policy 'triattention' with stats=None has seen no prompt to calibrate on; "
                              "pass stats=PATH (made by `evictkit triattention-stats`)")
         if CHECKED not in obs.scratch:
             obs.scratch[CHECKED] = layer_rope(obs.module)
         inv_freq, scaling = obs.scratch[CHECKED]
-        z, a, n = calib
-        return (z / n).to(torch.complex64), (a / n).float(), inv_freq, scaling
+        n = obs.scratch[CALIB_N]
+        return (obs.scratch[CALIB_Z] / n).to(torch.complex64), (obs.scratch[CALIB_A] / n).float(), inv_freq, scaling
 
     def score(self, obs: Observation) -> torch.Tensor:
         """Steps 1-5 over every entry, the prompt's included: [B, H_kv, T] fp32."""

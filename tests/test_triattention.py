@@ -135,7 +135,8 @@ def test_selection_pins_the_prompt_normalises_and_takes_the_group_max(tmp_path):
 
 def test_a_prompt_that_fills_the_budget_keeps_its_first_entries():
     obs, _ = _decode_obs(20, 12)
-    obs.scratch["triattention_calib"] = (torch.ones(1, 4, 4, dtype=torch.complex128), torch.ones(1, 4, 4) * 2, 1)
+    obs.scratch.update(triattention_calib_z=torch.ones(1, 4, 4, dtype=torch.complex128),
+                       triattention_calib_abs=torch.ones(1, 4, 4) * 2, triattention_calib_n=1)
     assert TriAttention().select(obs, 8)[0].tolist() == [list(range(8))] * 2
     assert TriAttention(window=1).select(obs, 8)[0].tolist() == [[*range(7), 19]] * 2
     # unpinned, every entry competes
