@@ -41,6 +41,10 @@ tasks: ruler:niah_single_1..3, ruler:niah_multikey_1..3, ruler:niah_multivalue,
   longbench:DATASET_e (LongBench-E; 'longbench_e' = all 13). LongBench reads DATASET.jsonl from
   --data DIR (unzip https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip there);
   its prompts are middle-truncated to --length tokens, scored with LongBench's metrics (0-100).
+  gen:NAME: long generation over --data DIR/NAME.jsonl (fields question and answer, or
+  --gen-fields Q,A; GSM8K's "#### 42" or a \\boxed{} answer), decode-time eviction (phase both,
+  --slack N), exact match of the final answer; reports output length and cache size over the
+  generation (default --max-new-tokens 512).
 examples:
   evictkit eval --model smollm2 --tasks ruler:niah_single_1,ruler:vt,niah \\
       --policies full,streaming_llm,snapkv,restkv --budgets 64,128,256,512 --length 4096 \\
@@ -48,6 +52,8 @@ examples:
   evictkit eval --tasks ruler:qa_1 --policies full,restkv:alpha=0.3,beta=2000 --budgets 0.1,0.25,0.5 --out runs/qa
   evictkit eval --tasks longbench:hotpotqa,longbench:narrativeqa --data ~/LongBench/data --length 7500 \
       --policies full,snapkv --budgets 256,1024 --samples 20 --out runs/longbench
+  evictkit eval --tasks gen:gsm8k --data ~/gsm8k --policies full,streaming_llm,rkv \\
+      --budgets 128,256 --samples 20 --max-new-tokens 1024 --out runs/gsm8k
   torchrun --standalone --nproc_per_node=2 -m evictkit eval --tasks ruler:vt --policies full,snapkv \
       --budgets 256 --samples 8 --out runs/two-processes
 """
@@ -90,6 +96,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="NIAH needle depths in %%, comma-separated (default: 0,25,50,75,100)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="folder of LongBench's per-task JSONL files (the unzipped data.zip), for longbench:* tasks")
+    p.add_argument("--gen-fields", default="", metavar="QUESTION,ANSWER",
+                   help="the JSONL fields gen:NAME tasks read (default: question,answer)")
+    p.add_argument("--slack", type=int, default=0, metavar="N",
+                   help="gen:NAME tasks: evict at decode when a layer exceeds budget + N (default 0: every step)")
     p.add_argument("--continuation", type=int, default=256, help="teacher-forced tokens of ppl/recon (default: 256)")
     p.add_argument("--no-chat", action="store_true", help="use the raw prompt, not the tokenizer's chat template")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -116,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
             niah_depths=args.niah_depths, model=args.model, length=args.length, samples=args.samples, seed=args.seed,
             query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, continuation=args.continuation,
             chat=False if args.no_chat else None, dtype=args.dtype, data=args.data,
+            gen_fields=args.gen_fields, slack=args.slack,
         )
         result = run_eval(config, args.out, force=args.force, command=sys.argv,
                           progress=not args.no_progress, shared_prefill=not args.no_shared_prefill,

@@ -12,8 +12,8 @@ from typing import Any
 import attrs
 
 from evictkit.budget import check_budget
-from evictkit.eval import longbench
-from evictkit.eval.tasks import TASKS, parse_tasks, task_list
+from evictkit.eval import longbench, longgen
+from evictkit.eval.tasks import TASKS, parse_tasks, register_gen, task_list
 from evictkit.registry import build_policy
 
 DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -126,12 +126,18 @@ class EvalConfig:
     chat: bool | None = None
     dtype: str = "float32"
     data: str | None = attrs.field(default=None, converter=attrs.converters.optional(str))  # LongBench's JSONL folder
+    # long generation (gen:NAME tasks): the JSONL fields of the question and the answer, and the
+    # decode-time slack (a layer is cut back to its budget when it exceeds budget + slack)
+    gen_fields: tuple[str, str] = attrs.field(default=longgen.DEFAULT_FIELDS, converter=tuple)
+    slack: int = 0
 
     @classmethod
     def from_strings(cls, *, tasks: str, policies: str, budgets: str, niah_lengths: str = "", niah_depths: str = "",
-                     **kw: Any) -> EvalConfig:
+                     gen_fields: str = "", **kw: Any) -> EvalConfig:
         pol = tuple((n, tuple(sorted(p.items()))) for n, p in parse_policies(policies))
         extra: dict[str, Any] = {}
+        if gen_fields:
+            extra["gen_fields"] = longgen.parse_fields(gen_fields)
         if niah_lengths:
             extra["niah_lengths"] = _ints(niah_lengths, "--niah-lengths")
         if niah_depths:
@@ -145,14 +151,21 @@ class EvalConfig:
                 raise ValueError(f"{name}={v!r}: must be an int >= 1")
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
+        if isinstance(self.slack, bool) or not isinstance(self.slack, int) or self.slack < 0:
+            raise ValueError(f"slack={self.slack!r}: must be an int >= 0 (extra entries before a decode-time eviction)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: must be float32, bfloat16 or float16")
+        for t in self.tasks:
+            if longgen.is_task(t):
+                register_gen(t)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; tasks: {task_list()}")
         for t in self.tasks:
             if TASKS[t].family == "longbench":
                 longbench.data_file(self.data, t)  # a missing file is an error now, not after the model loads
+            if TASKS[t].family == longgen.FAMILY:
+                longgen.load(self.data, t, self.gen_fields)  # a missing file or field too
 
     def fingerprint(self) -> dict:
         d = attrs.asdict(self, recurse=False)
@@ -161,10 +174,12 @@ class EvalConfig:
         d["budgets"] = list(self.budgets)
         d["niah_lengths"] = list(self.niah_lengths or (self.length,))
         d["niah_depths"] = list(self.niah_depths)
-        if self.data is None or not any(TASKS[t].family == "longbench" for t in self.tasks):
-            del d["data"]  # only LongBench reads it; runs from before --data keep their fingerprint
+        if self.data is None or not any(TASKS[t].family in ("longbench", longgen.FAMILY) for t in self.tasks):
+            del d["data"]  # only LongBench and gen:NAME read it; runs from before --data keep their fingerprint
         else:
             d["data"] = str(Path(self.data).expanduser().resolve())
+        if not any(TASKS[t].family == longgen.FAMILY for t in self.tasks):
+            del d["gen_fields"], d["slack"]  # read by gen:NAME only: runs without it keep their fingerprint
         return json.loads(json.dumps(d))
 
 

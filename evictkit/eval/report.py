@@ -15,7 +15,7 @@ from evictkit.eval.longbench import METRICS as LONGBENCH_METRICS
 from evictkit.eval.store import PLOTS, RESULTS, SUMMARY_CSV, SUMMARY_MD, load_results, read_config
 from evictkit.extras import hint, missing
 
-ACCURACY = ("all", "part", *LONGBENCH_METRICS)
+ACCURACY = ("all", "part", "exact", *LONGBENCH_METRICS)
 _COLS = ("n", "score", "partial", "evidence_all_kept", "evidence_token_frac", "cache_after_prefill", "kv_bytes",
          "prefill_s", "evict_s", "decode_s")
 
@@ -126,6 +126,9 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
     if rec_tasks:
         lines += ["## Attention-output reconstruction error (mean over layers, relative; lower is better)", "",
                   *_table(rows, agg, policies, budgets, rec_tasks, "score", digits=4, average=False), ""]
+    gen = [r for r in rows if r.get("metric") == "exact"]
+    if gen:
+        lines += _longgen_section(gen, policies, budgets)
     lines += ["## Cache kept after the prompt", "",
               "Entries per KV head (mean over layers and samples; min..max over layers), and K/V memory.", "",
               "| policy | budget | entries | per layer | K/V MiB | evidence tokens kept (%) |",
@@ -163,6 +166,26 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
         if made:
             lines += ["## Plots", "", *[f"![{p.stem}]({PLOTS}/{p.name})" for p in made], ""]
     (out / SUMMARY_MD).write_text("\n".join(lines))
+
+
+def _longgen_section(rows: Sequence[dict], policies: Sequence[str], budgets: Sequence) -> list[str]:
+    """Long generation (gen:NAME): accuracy, output length and cache size over the generation."""
+    lines = ["## Long generation (gen:NAME: exact match after a reasoning-style output, decode-time eviction)", "",
+             "Cache: entries per KV head (mean over layers) after each decode step: mean and max over the "
+             "generation, and at its end; `full` would hold prompt + output.", "",
+             "| task | policy | budget | n | accuracy (%) | output tokens | cache mean | cache max | cache final | "
+             "full cache at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in dict.fromkeys(r["task"] for r in rows):
+        for p in policies:
+            for b in ([None] if p == "full" else budgets):
+                rs = [r for r in rows if r["task"] == t and r["policy"] == p and r["budget"] == b]
+                if not rs:
+                    continue
+                cells = [_fmt(_mean(r.get(c) for r in rs), d) for c, d in
+                         (("score", 1), ("output_tokens", 1), ("cache_gen_mean", 1), ("cache_gen_max", 1),
+                          ("cache_gen_final", 1), ("full_cache_final", 1))]
+                lines.append(f"| {t} | {p} | {_budget_label(b)} | {len(rs)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _write_csv(path: Path, agg: dict) -> None:
@@ -264,10 +287,50 @@ def write_plots(folder: Path, rows: Sequence[dict]) -> list[Path]:
     if rec:
         made.append(_line_plot(folder / "recon_vs_budget.png", rec, _task_mean, "relative error",
                                "Reconstruction error vs budget"))
+    gen = [r for r in rows if r["metric"] == "exact"]
+    if gen:
+        made.append(_line_plot(folder / "output_length_vs_budget.png", gen,
+                               lambda rs: _mean(r.get("output_tokens") for r in rs), "generated tokens (mean)",
+                               "Long generation: output length vs budget"))
+        made.append(_cache_over_generation(folder / "cache_over_generation.png", gen))
     niah = [r for r in rows if r["task"] == "niah"]
     if niah:
         made.append(_niah_heatmaps(folder / "niah_heatmap.png", niah))
     return [p for p in made if p is not None]
+
+
+def _cache_over_generation(path: Path, rows: Sequence[dict]) -> Path | None:
+    """Cache entries per KV head against tokens generated, one line per (policy, budget): the mean
+    `cache_trace` over samples, at the fractions of the mean output length it was taken at."""
+    from matplotlib.figure import Figure
+
+    from evictkit.eval.longgen import TRACE_POINTS
+
+    policies, budgets, _ = _order(rows)
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.add_subplot(111)
+    drawn = False
+    variants = [(q, b) for q in policies for b in ([None] if q == "full" else budgets)]
+    for i, (p, b) in enumerate(variants):
+        rs = [r for r in rows if r["policy"] == p and r["budget"] == b and len(r.get("cache_trace") or []) ==
+              len(TRACE_POINTS)]
+        if not rs:
+            continue
+        out = _mean(r.get("output_tokens") for r in rs) or 0.0
+        ys = [_mean(r["cache_trace"][k] for r in rs) for k in range(len(TRACE_POINTS))]
+        ax.plot([f * out for f in TRACE_POINTS], ys, marker=_MARKERS[i % len(_MARKERS)],
+                linestyle=_STYLES[i % len(_STYLES)], label=f"{p} @ {_budget_label(b)}")
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("tokens generated (mean output length x fraction)")
+    ax.set_ylabel("cache entries per KV head (mean over layers)")
+    ax.set_title("Long generation: cache size over the generation")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 def _niah_heatmaps(path: Path, rows: Sequence[dict]) -> Path | None:

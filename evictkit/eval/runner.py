@@ -25,7 +25,7 @@ import torch
 
 from evictkit.budget import resolve_budget
 from evictkit.compress import Compression
-from evictkit.eval import distributed, engine, longbench, scoring, store
+from evictkit.eval import distributed, engine, longbench, longgen, scoring, store
 from evictkit.eval.config import EvalConfig, Variant, build_variants
 from evictkit.eval.report import write_report
 from evictkit.eval.store import CONFIG, RESULTS, load_results  # also still importable from here
@@ -116,6 +116,9 @@ def _sample_plan(config: EvalConfig) -> list[tuple[str, int, int, float | None]]
         elif TASKS[task].family == "longbench":  # the first --samples lines of its file, or all of them
             n = min(config.samples, longbench.count_samples(config.data, task))
             per_task.append([(task, i, config.length, None) for i in range(n)])
+        elif TASKS[task].family == longgen.FAMILY:  # the first --samples lines of its file, or all of them
+            n = min(config.samples, longgen.count_samples(config.data, task, config.gen_fields))
+            per_task.append([(task, i, config.length, None) for i in range(n)])
         else:
             per_task.append([(task, i, config.length, None) for i in range(config.samples)])
     longest = max(len(p) for p in per_task)
@@ -128,6 +131,8 @@ def _max_tokens(config: EvalConfig) -> int:
     for task in config.tasks:
         spec = TASKS[task]
         L = longest if spec.family == "needle" else config.length
+        if spec.family == longgen.FAMILY:
+            L = 0  # its prompt is the question, whatever --length; the generation is the long part
         extra = (config.continuation if spec.family in ("ppl", "recon")
                  else (config.max_new_tokens or spec.max_new_tokens))
         need = max(need, L + extra)
@@ -211,7 +216,7 @@ def run_eval(config: EvalConfig, out: str | os.PathLike, *, model=None, tokenize
     for task, index, length, depth in {(t, L): (t, i, L, d) for t, i, L, d in plan}.values():
         # one sample per task and length: a task that cannot be sized fails before any work
         make_sample(task, index, length, codec, seed=config.seed, depth=depth, continuation=config.continuation,
-                    max_new_tokens=config.max_new_tokens, data_dir=config.data)
+                    max_new_tokens=config.max_new_tokens, data_dir=config.data, gen_fields=config.gen_fields)
 
     if plots and missing("plots") and dist.main:
         # said before the run, not as a traceback after it: results and summary are written all the
@@ -250,7 +255,7 @@ def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], code
     def make(task: str, index: int, length: int, depth: float | None) -> Sample:
         return make_sample(task, index, length, codec, seed=config.seed, depth=depth,
                            continuation=config.continuation, max_new_tokens=config.max_new_tokens,
-                           data_dir=config.data)
+                           data_dir=config.data, gen_fields=config.gen_fields)
 
     # a static split of what is left (so a resumed run is balanced too): every rank reads the same
     # results.jsonl, so they agree on it without talking. With batches the unit is a batch, formed
@@ -301,7 +306,7 @@ def _run_all(config: EvalConfig, out: Path, model, variants: list[Variant], code
                     bar.set_postfix_str(f"{task} #{index}")
                 sample = make_sample(task, index, length, codec, seed=config.seed, depth=depth,
                                      continuation=config.continuation, max_new_tokens=config.max_new_tokens,
-                                     data_dir=config.data)
+                                     data_dir=config.data, gen_fields=config.gen_fields)
                 # seeded per sample, so a sample's rows do not depend on which rank ran what before it
                 torch.manual_seed(config.seed)
                 rows = _run_sample(model, sample, todo, config, codec, device, shared_prefill)
@@ -360,9 +365,13 @@ def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: Eval
     for v in variants:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        res = engine.run_variant(model, v.policy, 1.0 if v.budget is None else v.budget, sample,
-                                 pre if engine.can_share(v.policy) else None, device=device, eos=codec.eos_ids,
-                                 query_aware=config.query_aware, recon_ref=ref)
+        budget = 1.0 if v.budget is None else v.budget
+        if sample.metric == longgen.METRIC:  # long generation: eviction at prefill and decode, sizes traced
+            res = longgen.run_variant(model, v.policy, budget, sample, pre if engine.can_share(v.policy) else None,
+                                      device=device, eos=codec.eos_ids, slack=config.slack)
+        else:
+            res = engine.run_variant(model, v.policy, budget, sample, pre if engine.can_share(v.policy) else None,
+                                     device=device, eos=codec.eos_ids, query_aware=config.query_aware, recon_ref=ref)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         yield v, _row(sample, v, res, pre, config, codec, peak)
 
@@ -376,14 +385,15 @@ def batches(samples: Sequence[Sample], size: int, query_aware: bool) -> list[lis
     """Samples of similar length in batches of up to `size`, deterministically: per task, and per
     length of what follows the prompt (the question when query-agnostic, the continuation), which
     every row of a batch runs in the same forwards; within that, by prompt length (ties: run
-    order). recon samples run one at a time (their reference is per sample)."""
+    order). recon samples run one at a time (their reference is per sample), and so do long
+    generations (gen:NAME: each traces its own cache size over the generation)."""
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
         tail = 0 if query_aware else len(s.question_ids)
         groups.setdefault((s.task, s.metric, tail, len(s.continuation_ids), s.max_new_tokens), []).append(s)
     out: list[list[Sample]] = []
     for key, group in groups.items():
-        n = 1 if key[1] == "recon" else size
+        n = 1 if key[1] in ("recon", longgen.METRIC) else size  # long generations trace their own cache
         group = sorted(group, key=lambda s: len(engine.sample_prompt(s, query_aware)))  # stable
         out += [group[i:i + n] for i in range(0, len(group), n)]
     return out
@@ -459,6 +469,8 @@ def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfi
         row["recon_layers"] = [round(e, 6) for e in cast("list[float]", res.recon)]  # set for "recon" samples
         row["score"] = sum(res.recon) / len(res.recon) if res.recon else None
         row["partial"] = None
+    elif sample.metric == longgen.METRIC:
+        row.update(longgen.row_fields(sample, cast(longgen.GenOutcome, res), codec))
     elif sample.task in longbench.TASKS:
         text = codec.decode(res.tokens)
         row["prediction"] = text

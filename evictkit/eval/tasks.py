@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from evictkit.eval import data, longbench
+from evictkit.eval import data, longbench, longgen
 from evictkit.eval.ruler import (
     CONFIGS,
     METRICS,
@@ -65,11 +65,17 @@ ALIASES = {
 }
 
 
+def register_gen(name: str) -> None:
+    """Make `gen:NAME` (a long-generation task over --data DIR/NAME.jsonl) a known task."""
+    TASKS.setdefault(name, TaskSpec(name, longgen.FAMILY, {}, longgen.METRIC, longgen.DEFAULT_MAX_NEW))
+
+
 def task_list() -> str:
     """The task names for messages, LongBench's folded into one pattern."""
-    own = [n for n in TASKS if TASKS[n].family != "longbench"]
+    own = [n for n in TASKS if TASKS[n].family not in ("longbench", longgen.FAMILY)]
     return (", ".join(own) + ", longbench:DATASET (" + ", ".join(longbench.DATASETS) + "; DATASET_e for "
-            "LongBench-E's " + ", ".join(longbench.E_DATASETS) + "); 'ruler', 'longbench' or 'longbench_e' for all")
+            "LongBench-E's " + ", ".join(longbench.E_DATASETS) + "); 'ruler', 'longbench' or 'longbench_e' for all; "
+            "gen:NAME (long generation over --data DIR/NAME.jsonl)")
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -85,6 +91,8 @@ def parse_tasks(text: str) -> list[str]:
             continue
         if name not in TASKS and f"ruler:{name}" in TASKS:
             name = f"ruler:{name}"
+        if longgen.is_task(name):
+            register_gen(name)
         if name not in TASKS:
             raise ValueError(f"unknown task {raw.strip()!r}; tasks: {task_list()}")
         if name not in names:
@@ -139,13 +147,18 @@ NIAH_REFERENCES = ("sandwich", "Dolores Park")
 
 
 def make_sample(task: str, index: int, length: int, codec: Codec, *, seed: int = 42, depth: float | None = None,
-                continuation: int = 256, max_new_tokens: int | None = None, data_dir: str | None = None) -> Sample:
+                continuation: int = 256, max_new_tokens: int | None = None, data_dir: str | None = None,
+                gen_fields: tuple[str, str] = longgen.DEFAULT_FIELDS) -> Sample:
     """Build sample `index` of `task` with a prompt of `length` tokens (within 2%, never over;
     LongBench prompts are at most `length`, middle-truncated).
 
     `depth` (percent) is used by `niah` only; `continuation` is the teacher-forced length of
-    ppl/recon; `data_dir` is the folder of LongBench's JSONL files (longbench tasks only).
+    ppl/recon; `data_dir` is the folder of LongBench's JSONL files (longbench tasks only), and of
+    gen:NAME's NAME.jsonl, whose question and answer fields `gen_fields` names (its prompt is the
+    question, whatever `length`).
     """
+    if longgen.is_task(task):
+        register_gen(task)
     spec = TASKS[task]
     key = f"{seed}:{task}:{index}"
     mnt = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -153,6 +166,8 @@ def make_sample(task: str, index: int, length: int, codec: Codec, *, seed: int =
         return _text_sample(spec, key, index, length, codec, continuation)
     if spec.family == "longbench":
         return longbench.make_sample(task, index, length, codec, data=data_dir, max_new_tokens=max_new_tokens)
+    if spec.family == longgen.FAMILY:
+        return longgen.make_sample(task, index, codec, data=data_dir, fields=gen_fields, max_new_tokens=max_new_tokens)
     if spec.family == "needle":
         return _needle_sample(spec, index, length, codec, 50.0 if depth is None else depth, mnt)
 
