@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from evictkit.hf import dense_layer
 from evictkit.ragged_cache import RaggedLayer, newest_keys
 
 
@@ -72,6 +73,10 @@ class LayerView:
         """Real entries summed over the KV heads, for the fullest row."""
         raise NotImplementedError
 
+    def padded_layer(self) -> Any:
+        """The same entries as a transformers layer in the padded storage (the layer itself if it is one)."""
+        raise NotImplementedError
+
 
 class PaddedView(LayerView):
     """A transformers layer's `[B, H_kv, T, D]` tensors; `pad` [B, H_kv] leading padding slots
@@ -96,6 +101,9 @@ class PaddedView(LayerView):
 
     def real_entries(self) -> int:
         return real_entries(self.pad, self.n_kv_heads, self.slots)
+
+    def padded_layer(self) -> Any:
+        return self.layer
 
 
 class VarlenView(LayerView):
@@ -124,6 +132,9 @@ class VarlenView(LayerView):
 
     def real_entries(self) -> int:
         return int(self.layer.counts.sum(-1).max())
+
+    def padded_layer(self) -> Any:
+        return dense_layer(*self.kv())
 
 
 def view_of(layer: Any, pad: torch.Tensor | None = None) -> LayerView:

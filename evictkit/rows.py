@@ -1,7 +1,8 @@
 """Left-padded batches: every row is its own sequence, stepped alone on a view of the shared cache.
 
 `model.generate` on a left-padded batch caches every row in one `[B, H_kv, T, D]` tensor, the
-shorter rows' padding first. evictkit keeps one `LayerState` per row (`LayerState.rows`) and runs
+shorter rows' padding first; a later forward may pad a row's new tokens on the left too (rows
+whose questions differ in length). evictkit keeps one `LayerState` per row (`LayerState.rows`) and runs
 the ordinary per-layer step (evictkit.step) on each row's view of the layer: batch 1, from the
 row's first real entry on. So a row's positions, side tensors, scratch, window and budget are its
 own, padding is never scored or kept, and a row of a batch gets exactly what it gets alone (the
@@ -27,6 +28,23 @@ def start_rows(batch: int) -> tuple[list[LayerState | None], list[int]]:
     return [None] * batch, [0] * batch
 
 
+def split_rows(st: LayerState) -> None:
+    """Turn the state of a batch stepped as one into per-row states, in place: a batch whose rows
+    were all real so far, which now gets padding among its new tokens (questions of different
+    lengths after a shared-length context). Each row's view starts at slot 0 of the layer; its
+    scratch is the batch's, with tensors whose first dimension is the batch sliced to the row."""
+    if st.positions is None:
+        raise RuntimeError("split_rows needs a layer state that has seen a forward")
+    B = st.positions.shape[0]
+    st.rows = [LayerState(
+        budget=st.budget, positions=st.positions[b:b + 1], state={n: t[b:b + 1] for n, t in st.state.items()},
+        scratch={k: _row_of(v, b, B) for k, v in st.scratch.items()},
+        window=None if st.window is None else (st.window[0][b:b + 1], st.window[1][b:b + 1]),
+        seen=st.seen, pad=None if st.pad is None else st.pad[b:b + 1],
+    ) for b in range(B)]
+    st.offsets = [0] * B
+
+
 def rows_step(
     cfg: StepConfig,
     st: LayerState,
@@ -47,7 +65,10 @@ def rows_step(
     """One forward's step on a padded layer: every row stepped alone. Returns (keys, values,
     whether any row evicted) and updates `st` (its rows, offsets, joint positions and pad).
 
-    new_pad: padding tokens among this forward's q new tokens, per row (they come first).
+    new_pad: padding tokens among this forward's q new tokens, per row (they come first). A row
+        that has started may get padding too (its new tokens are fewer than the longest row's):
+        those slots leave its view, and a row with no real new token is not stepped, as alone it
+        would run no forward.
     row_budget(b, length): the budget of row b for a prompt of `length` real tokens.
     """
     if st.rows is None or st.offsets is None:
@@ -66,16 +87,21 @@ def rows_step(
             st.offsets[b] = old + p
         elif row is None:  # still padding only
             st.offsets[b] = T
-        elif p:
-            raise ValueError(f"batch row {b}: padding after the row's first real token; only left padding is supported")
         off = st.offsets[b]
         if row is None:
             views.append((keys[b:b + 1, :, T:], values[b:b + 1, :, T:]))
             continue
+        row_k, row_v = keys[b:b + 1, :, off:], values[b:b + 1, :, off:]
+        if off < old + p:  # padding among a started row's new tokens: it leaves the row's view
+            row_k = torch.cat([keys[b:b + 1, :, off:old], keys[b:b + 1, :, old + p:]], dim=2)
+            row_v = torch.cat([values[b:b + 1, :, off:old], values[b:b + 1, :, old + p:]], dim=2)
+        if p == q:  # no real new token: alone, the row ran no forward
+            views.append((row_k, row_v))
+            continue
         row_cos, row_sin = _row(cos, b), _row(sin, b)
         obs = observe(
-            cfg, row, module=module, layer_idx=layer_idx, n_layers=n_layers, keys=keys[b:b + 1, :, off:],
-            values=values[b:b + 1, :, off:], hidden_states=hidden_states[b:b + 1, p:],
+            cfg, row, module=module, layer_idx=layer_idx, n_layers=n_layers, keys=row_k,
+            values=row_v, hidden_states=hidden_states[b:b + 1, p:],
             position_embeddings=(row_cos[:, p:], row_sin[:, p:]),
             position_ids=None if position_ids is None else _row(position_ids, b)[:, p:], guard=guard,
             as_decode=as_decode,
@@ -92,6 +118,16 @@ def rows_step(
     st.offsets = [K - k.shape[2] for k, _ in views]
     st.positions, st.pad = _joint_view(st.rows, st.offsets, H, K, keys.device)
     return keys, values, evicted
+
+
+def _row_of(value: Any, b: int, batch: int) -> Any:
+    """Row b of a scratch value: a tensor whose first dimension is the batch is sliced (a policy's
+    per-row statistics), tuples and lists item by item; anything else (scalars) is shared."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+        return value[b:b + 1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_row_of(v, b, batch) for v in value)
+    return value
 
 
 def _row(t: torch.Tensor, b: int) -> torch.Tensor:

@@ -50,16 +50,25 @@ def schedule_for(model: nn.Module, policy: Policy, budget: int | float, prompt_l
 
 def left_padding(mask: object, q: int) -> torch.Tensor | None:
     """Padding tokens among a forward's q new tokens, per row [B] (None: no padding), from a
-    2-D attention mask; refuses anything but left padding."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+    2-D attention mask whose last q columns are the new tokens. Within them a row must be padded
+    on the left (earlier columns may hold the padding of earlier forwards); anything else is refused."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
-    m = mask.long()
-    if bool((m.cummax(dim=1).values != m).any()):
+    new = mask[:, -q:].long()
+    if bool(new.all()):
+        return None
+    if bool((new.cummax(dim=1).values != new).any()):
         raise ValueError(
-            "evictkit.compress supports left-padded batches only (the attention_mask has a 0 after a 1): "
-            "set tokenizer.padding_side = 'left' before tokenizing the batch"
+            "evictkit.compress supports left-padded batches only (the attention_mask of a forward's new tokens "
+            "has a 0 after a 1): set tokenizer.padding_side = 'left' before tokenizing the batch"
         )
-    return (m[:, -q:] == 0).sum(dim=1) if m.shape[1] >= q else (m == 0).sum(dim=1)
+    return (new == 0).sum(dim=1)
+
+
+def _row_positions(seen: torch.Tensor, new_real: torch.Tensor) -> torch.Tensor:
+    """[B, q] true positions of a padded forward's new tokens: each row counts on from its own
+    `seen` [B] over its real tokens (`new_real` [B, q], 1 = real); padding gets a neighbour's."""
+    return (seen.to(new_real.device)[:, None] + new_real.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @attrs.define
@@ -99,6 +108,13 @@ class Sequence:
         """Tokens of the sequence so far (the next token's true position); None before any."""
         return next((s.seen for s in self.layers.values() if s.positions is not None), None)
 
+    def rows_seen(self, empty: bool, batch: int) -> torch.Tensor:
+        """[B] real tokens each row has seen so far (the next one's true position)."""
+        rows_ = None if empty else self.rows()
+        if rows_ is not None:
+            return torch.tensor([0 if r is None else r.seen for r in rows_])
+        return torch.full((batch,), 0 if empty else (self.seen() or 0), dtype=torch.long)
+
     def rows(self) -> list[LayerState | None] | None:
         """A left-padded batch's per-row states (None: not a padded batch)."""
         return next((s.rows for s in self.layers.values() if s.rows is not None), None)
@@ -115,11 +131,12 @@ class Sequence:
                 raise ValueError(f"policy {self.run.name!r} with positions='shift' does not support padded batches")
             if bound.get("position_ids") is not None or not forward.takes("position_ids"):
                 return None
-            if rows_ is None:  # each row's first real token is position 0, as generate() numbers it
-                start = -(bound["attention_mask"].long() == 0).sum(-1)
-            else:  # each row continues from its own true length
-                start = torch.tensor([0 if r is None else r.seen for r in rows_])
-            return (start.to(device)[:, None] + torch.arange(q, device=device)).clamp(min=0)
+            mask = bound.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                new_real = mask[:, -q:]
+            else:
+                new_real = torch.arange(q, device=device) >= cast(torch.Tensor, self.new_pad).to(device)[:, None]
+            return _row_positions(self.rows_seen(empty, new_real.shape[0]), new_real)
         seen = None if empty else self.seen()
         if seen is None:
             return None
@@ -153,8 +170,8 @@ class Sequence:
         padded = mask is not None and not bool(mask.all())
         if given is not None:
             positions = given
-        elif mask is not None and padded and empty:  # a new left-padded batch: rows count from their first token
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
+        elif mask is not None and padded:  # each row counts on from its own length over its real tokens
+            positions = _row_positions(self.rows_seen(empty, mask.shape[0]), mask[:, -n:])
         else:
             positions = torch.arange(seen, seen + n, device=tokens.device).unsqueeze(0)
         extra = {"logits_to_keep": 1} if forward.takes("logits_to_keep") else {}
@@ -166,7 +183,7 @@ class Sequence:
         try:
             for start, end in zip(bounds[:-2], bounds[1:-1]):
                 if mask is not None and padded:  # each chunk needs the padding in its mask; all ones needs none
-                    extra["attention_mask"] = mask[:, : seen + end]
+                    extra["attention_mask"] = mask[:, : mask.shape[1] - n + end]
                 model(**{key: tokens[:, start:end], forward.cache_kwarg: cache, "use_cache": True,
                          "position_ids": positions[..., start:end]}, **extra)
         finally:
@@ -175,7 +192,7 @@ class Sequence:
         last = bounds[-2]
         changes: dict[str, Any] = {key: tokens[:, last:], "cache": cache, "position_ids": positions[..., last:]}
         if isinstance(mask, torch.Tensor):
-            changes["attention_mask"] = mask[:, : seen + n]
+            changes["attention_mask"] = mask
         self.new_pad = left_padding(changes.get("attention_mask", bound.get("attention_mask")), n - last)
         return forward.call(args, kwargs, **changes)
 
@@ -192,6 +209,11 @@ class Sequence:
         if cache is None or hidden is None or module.layer_idx >= len(cache.layers):
             return None
         view = view_of(cache.layers[module.layer_idx], st.pad)
+        if not view.masked and self.new_pad is not None:
+            # padding among the new tokens must be masked, and the varlen attention takes no mask:
+            # the layer goes back to the padded storage (a padded batch's rows keep it)
+            cache.layers[module.layer_idx] = view.padded_layer()
+            view = view_of(cache.layers[module.layer_idx], st.pad)
         if not view.masked:
             return None  # evictkit's varlen attention reads each head's own entries: no mask
         past = view.slots
@@ -199,13 +221,13 @@ class Sequence:
             return None
         mask, q = kwargs.get("attention_mask"), hidden.shape[1]
         # a padded batch's own mask hides the slots where its padding was, wherever entries are now
-        if st.pad is None and st.rows is None and not (
+        if st.pad is None and st.rows is None and self.new_pad is None and not (
                 isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
             return None
         return {**kwargs, "attention_mask": ragged.attention_mask(
             st.pad, past, q, batch=hidden.shape[0], n_heads=module.o_proj.weight.shape[1] // module.head_dim,
             like=mask, attn_impl=attn_implementation(module), dtype=hidden.dtype, device=hidden.device,
-            new_pad=self.new_pad if st.rows is not None else None,
+            new_pad=self.new_pad,
         )}
 
     def restarts(self, module: Any, args: tuple, kwargs: dict) -> bool:
@@ -236,6 +258,8 @@ class Sequence:
         T, q = view.slots, hidden.shape[1]
         if st is not None and T > q:  # beam search may have reordered the rows since the last step
             follow_rows(st, view.newest_keys(q))
+        if st is not None and T != q and st.rows is None and self.new_pad is not None:
+            rows.split_rows(st)  # a batch stepped as one gets padding among its new tokens
         if (T == q and self.new_pad is not None) or (st is not None and st.rows is not None and T != q):
             self._rows_step(module, layer, st, hidden, kwargs)
             return

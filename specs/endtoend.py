@@ -7,6 +7,7 @@ checked against the budgets. The generation and reset laws compare token ids wit
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from evictkit.budget import resolve_budget
 from evictkit.contract import Policy, declared
-from evictkit.hf import cache_arg, cache_of
+from evictkit.hf import cache_arg, cache_of, new_cache
 from evictkit.specs.cases import ModelCase
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
 from evictkit.specs.subject import LawContext, LawViolation, describe, min_valid_budget
@@ -260,7 +261,8 @@ def sequences(make: Callable[[], Policy], case: ModelCase, *, label: str | None 
 def batched(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:
     """The batch law: a left-padded batch of two prompts of different lengths gives each row what
     its prompt gives alone (kept positions, greedy tokens, logits within 1e-4 in fp32), in one
-    forward and in prefill chunks."""
+    forward and in prefill chunks; and so do questions of different lengths after them, padded
+    among a forward's new tokens (as a prefill chunk and under `as_decode()`)."""
     import evictkit
 
     ctx = LawContext("batch (through evictkit.compress)", label or describe(make()), case)
@@ -269,10 +271,7 @@ def batched(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
     model = case.model()
     prompts = [case.ids(case.prompt, seed_offset=0)[0], case.ids(case.prompt_b, seed_offset=1)[0]]
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    ids, mask = _left_padded(prompts)
 
     def run(x: torch.Tensor, m: torch.Tensor, chunk: int | None):
         with evictkit.compress(model, make(), budget=case.budget, slack=case.slack, prefill_chunk=chunk) as c:
@@ -300,6 +299,59 @@ def batched(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
                 err = float((b[i] - a[0]).abs().max())
                 if err > 1e-4:
                     raise ctx.fail(f"{how}: the logits of generated token {step} differ by {err:.2e} (> 1e-4)")
+    _questions(make, case, ctx, prompts)
+
+
+def _questions(make: Callable[[], Policy], case: ModelCase, ctx: LawContext, contexts: list[torch.Tensor]) -> None:
+    """Interior padding: after the contexts, questions of different lengths arrive in one forward,
+    each row's left-padded among the new tokens, then greedy steps; each row matches itself alone."""
+    import evictkit
+
+    model = case.model()
+    g = torch.Generator().manual_seed(case.seed + 7)
+    questions = [torch.randint(3, 128, (n,), generator=g) for n in (3, 1)]
+
+    def run(ctxs: list[torch.Tensor], qs: list[torch.Tensor], as_decode: bool):
+        ids, mask = _left_padded(ctxs)
+        q_ids, q_mask = _left_padded(qs)
+        with torch.no_grad(), evictkit.compress(model, make(), budget=case.budget, slack=case.slack) as c:
+            cache = new_cache(model)
+            model(ids, attention_mask=mask, **cache_arg(model, cache))
+            mask = torch.cat([mask, q_mask], dim=1)
+            with c.as_decode() if as_decode else contextlib.nullcontext():
+                logits = model(q_ids, attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+            seen = [logits]
+            for _ in range(max(1, case.new - 1)):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = model(logits.argmax(-1)[:, None], attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+                seen.append(logits)
+            return torch.stack(seen, 1), c.kept_positions()
+
+    for as_decode in (False, True):
+        try:
+            logits, kept = run(contexts, questions, as_decode)
+        except Exception as exc:
+            raise ctx.fail(f"questions of different lengths in one forward raised {type(exc).__name__}: {exc}") from exc
+        for i, (c, q) in enumerate(zip(contexts, questions)):
+            alone, kept_alone = run([c], [q], as_decode)
+            how = f"row {i} ({len(c)}-token context, {len(q)}-token question{', as_decode' if as_decode else ''})"
+            for li, pos in kept.items():
+                got = [h[h >= 0].tolist() for h in pos[i]]
+                want = [h[h >= 0].tolist() for h in kept_alone[li][0]]
+                if got != want:
+                    raise ctx.fail(f"{how}, layer {li}: keeps {got} in the batch, {want} alone")
+            err = float((logits[i] - alone[0]).abs().max())
+            if err > 1e-4:
+                raise ctx.fail(f"{how}: the logits differ by {err:.2e} (> 1e-4) from the row alone")
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
 
 
 def chunked(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:

@@ -1,5 +1,7 @@
 """Left-padded batches: a row of a batch gets exactly what its prompt gets alone (the batch law)."""
 
+import contextlib
+
 import pytest
 import torch
 from generation import TINY_POLICIES, left_padded
@@ -103,3 +105,64 @@ def test_right_padding_is_refused_with_the_fix(model):
 def test_the_batch_law_over_random_lengths(lengths, seed):
     model = tiny_model(layers=2)
     _assert_batch_law(model, _prompts(lengths, seed), "snapkv", {"window": 4}, budget=16, prefill_chunk=8)
+
+
+def _context_then_question(model, contexts, questions, name, params, *, as_decode, chunk=None, steps=4):
+    """Each row's context, then its question (a left-padded batch of both when several rows), then
+    `steps` greedy tokens: per row, the greedy tokens, the logits and the kept positions."""
+    from evictkit.hf import cache_arg, new_cache
+
+    ids, mask = left_padded(contexts)
+    q_ids, q_mask = left_padded(questions)
+    with torch.no_grad(), evictkit.compress(model, name, budget=BUDGET, prefill_chunk=chunk, **params) as run:
+        cache = new_cache(model)
+        model(ids, attention_mask=mask, **cache_arg(model, cache))
+        mask = torch.cat([mask, q_mask], dim=1)
+        scope = run.as_decode() if as_decode else contextlib.nullcontext()
+        with scope:
+            logits = model(q_ids, attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+        tokens, all_logits = [], [logits]
+        for _ in range(steps):
+            nxt = logits.argmax(-1)
+            tokens.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(nxt[:, None], attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+            all_logits.append(logits)
+        kept = run.kept_positions()
+    return torch.stack(tokens, 1), torch.stack(all_logits, 1), kept
+
+
+@pytest.mark.parametrize("lengths", [(50, 50, 37), (44, 44, 44)], ids=["padded-contexts", "equal-contexts"])
+@pytest.mark.parametrize("as_decode", [False, True], ids=["question-as-chunk", "question-as-decode"])
+@pytest.mark.parametrize("name,params", POLICIES, ids=IDS)
+def test_questions_of_different_lengths_share_forwards(model, name, params, as_decode, lengths):
+    """Interior padding: rows whose questions differ in length run them in one forward, left-padded
+    among the new tokens, after a padded batch or one whose rows were all real so far (stepped as
+    one until then); each row still gets what it gets alone."""
+    contexts, questions = _prompts(list(lengths)), _prompts([9, 3, 6], seed=2)
+    tokens, logits, kept = _context_then_question(model, contexts, questions, name, params, as_decode=as_decode)
+    for i, (c, q) in enumerate(zip(contexts, questions)):
+        t1, l1, k1 = _context_then_question(model, [c], [q], name, params, as_decode=as_decode)
+        assert torch.equal(tokens[i], t1[0]), (name, i)
+        assert _kept_rows(kept, i) == _kept_rows(k1, 0), (name, i)
+        torch.testing.assert_close(logits[i], l1[0], atol=1e-4, rtol=0, msg=f"{name} row {i}")
+
+
+def test_interior_padding_in_chunks_and_right_padding_of_new_tokens(model):
+    """A padded question arrives in evictkit's own chunks too; right padding among new tokens is refused."""
+    contexts, questions = _prompts([40, 40]), _prompts([20, 7], seed=3)
+    tokens, logits, kept = _context_then_question(model, contexts, questions, "snapkv", {"window": 4}, as_decode=False,
+                                                  chunk=8)
+    for i, (c, q) in enumerate(zip(contexts, questions)):
+        t1, l1, k1 = _context_then_question(model, [c], [q], "snapkv", {"window": 4}, as_decode=False, chunk=8)
+        assert torch.equal(tokens[i], t1[0]) and _kept_rows(kept, i) == _kept_rows(k1, 0), i
+    from evictkit.hf import cache_arg, new_cache
+
+    ids = torch.randint(3, 128, (2, 10))
+    with evictkit.compress(model, "snapkv", budget=4, window=2):
+        cache = new_cache(model)
+        model(ids, **cache_arg(model, cache))
+        mask = torch.ones(2, 14, dtype=torch.long)
+        mask[1, -1] = 0  # the new tokens of row 1 padded on the right
+        with pytest.raises(ValueError, match="left-padded batches only.*padding_side = 'left'"):
+            model(torch.randint(3, 128, (2, 4)), attention_mask=mask, **cache_arg(model, cache))

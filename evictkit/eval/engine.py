@@ -31,6 +31,7 @@ from evictkit.attention import attention_weights, project_queries
 from evictkit.compress import Compression
 from evictkit.contract import Policy, declared
 from evictkit.hf import attention_modules, cache_kwarg, is_sliding, new_cache
+from evictkit.layout import real_counts
 from evictkit.ragged_cache import dense_kv
 from evictkit.stats import CompressionStats, LayerStats
 
@@ -314,9 +315,10 @@ def perplexity(nll: float) -> float:
 # A batch of samples runs as one left-padded batch: the core steps every row alone on its view of
 # the shared cache (evictkit.rows), so each row gets what its sample gets alone. The harness adds
 # per-row positions and masks for the forwards after the prompt, per-row stopping, and per-row
-# views of what a row alone reports (kept positions, sizes, bytes). Every row of a batch must run
-# the same forwards after the prompt: the runner batches only samples whose question and
-# continuation have the same length (the core refuses padding after a row's first token).
+# views of what a row alone reports (kept positions, sizes, bytes). The harness runs every row of
+# a batch through the same forwards after the prompt, unpadded: the runner batches only samples
+# whose question and continuation have the same length. (The core accepts padding among a started
+# row's new tokens, evictkit.rows; grouping across question lengths is left to the harness.)
 
 
 def batchable(policy: Policy) -> bool:
@@ -383,7 +385,7 @@ def shared_prefill_batch(model: nn.Module, prompts: Sequence[Sequence[int]], dev
 def _row_sizes(kept: dict[int, torch.Tensor]) -> list[list[int]]:
     """Per row, per managed layer: the entries per KV head the row holds (its view's length, the
     most real entries of any of its heads), which is the layer's length when the row runs alone."""
-    per_layer = [(pos >= 0).sum(-1).amax(-1).tolist() for pos in kept.values()]
+    per_layer = [real_counts(pos).amax(-1).tolist() for pos in kept.values()]
     return [list(col) for col in zip(*per_layer)]
 
 
@@ -436,7 +438,7 @@ def _row_bytes(cache, kept: dict[int, torch.Tensor], b: int, sizes: dict[int, in
             if t.dim() == 4:
                 total += sizes.get(li, min(t.shape[2], length)) * t.shape[1] * t.shape[3] * t.element_size()
             elif li in kept:
-                total += int((kept[li][b] >= 0).sum()) * t.shape[-1] * t.element_size()
+                total += int(real_counts(kept[li][b:b + 1]).sum()) * t.shape[-1] * t.element_size()
     return total
 
 
