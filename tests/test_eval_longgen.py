@@ -80,7 +80,7 @@ def test_a_long_generation_run_reports_length_cache_and_accuracy(tmp_path):
         assert r["metric"] == "exact" and r["output_tokens"] == 60  # no EOS on a random model
         assert r["score"] == (100.0 if lg.exact_match(lg.extract_answer(r["prediction"]), r["reference"][0]) else 0.0)
         assert len(r["cache_trace"]) == len(lg.TRACE_POINTS)
-        assert r["full_cache_final"] == r["n_tokens"] + 59
+        assert r["full_cache_final"] == r["n_tokens"] + 59  # the 60th token is never fed back
         if r["budget"] is None:  # full: the cache grows with the generation
             assert r["cache_gen_final"] == r["full_cache_final"] and r["cache_gen_max"] == r["cache_gen_final"]
         else:  # decode-time eviction holds the cache under budget + slack throughout
@@ -88,6 +88,9 @@ def test_a_long_generation_run_reports_length_cache_and_accuracy(tmp_path):
             assert r["cache_gen_final"] >= r["budget"] and r["cache_gen_mean"] <= r["budget"] + 2
     summary = (out / "summary.md").read_text()
     assert "## Long generation" in summary and "| gen:tiny_math | streaming_llm | 24 | 3 |" in summary
+    full_line = next(line for line in summary.splitlines() if line.startswith("| gen:tiny_math | full |"))
+    n = sum(r["n_tokens"] for r in rows if r["budget"] is None) / 3
+    assert full_line.endswith(f"| {n + 60:.1f} |")  # prompt + output
     if not missing("plots"):
         assert (out / "plots" / "cache_over_generation.png").exists()
         assert (out / "plots" / "output_length_vs_budget.png").exists()

@@ -212,6 +212,7 @@ class GenOutcome(engine.Outcome):
 
     sizes: list[float] = attrs.field(factory=list)
     prompt_length: int = 0
+    forwards: int = 0  # generated tokens fed back (the last one, or EOS, never is)
 
 
 def _mean_size(comp: Compression) -> float:
@@ -252,6 +253,7 @@ def run_variant(model, policy, budget: int | float, sample: Sample, pre: engine.
                 break
             out = engine._forward(model, torch.tensor([[nxt]], device=device), cache, seen)
             logits, seen = out.logits[:, -1], seen + 1
+            res.forwards += 1
             res.sizes.append(_mean_size(comp))
         res.decode_s = time.perf_counter() - t0
     res.stats = comp.stats
@@ -282,5 +284,5 @@ def row_fields(sample: Sample, res: GenOutcome, codec: Codec) -> dict[str, Any]:
         "cache_gen_max": round(max(sizes), 2),
         "cache_gen_final": round(sizes[-1], 2),
         "cache_trace": trace(sizes),
-        "full_cache_final": res.prompt_length + max(0, len(res.tokens) - 1),
+        "full_cache_final": res.prompt_length + res.forwards,  # what `full` holds at the end
     }
