@@ -1,6 +1,7 @@
 """Concurrency and throughput at a fixed KV memory, with and without evictkit (docs/vllm.md, "Throughput").
 
     .venv-vllm/bin/python integrations/evictkit-vllm/bench_throughput.py [--requests 8] [--prompt 512] ...
+    .venv-vllm/bin/python integrations/evictkit-vllm/bench_throughput.py --new 256 --phase both --slack 32
 
 Each configuration runs in a process of its own (an in-process vLLM engine that shuts down tears
 down the parallel state of the process). The KV cache is fixed at `--blocks` blocks of
@@ -41,7 +42,7 @@ def run_one(args: argparse.Namespace, policy: str | None) -> dict:
               max_num_batched_tokens=max(2048, args.prompt + args.new), max_num_seqs=args.requests, seed=0,
               block_size=args.block_size, num_gpu_blocks_override=args.blocks + 1)  # + vLLM's null block
     if policy:
-        kw.update(evictkit_vllm.engine_kwargs(policy, budget=args.budget))
+        kw.update(evictkit_vllm.engine_kwargs(policy, budget=args.budget, phase=args.phase, slack=args.slack))
     llm = LLM(**kw)
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
@@ -83,6 +84,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--policy", default="snapkv")
+    ap.add_argument("--phase", choices=["prefill", "decode", "both"], help="as in evictkit.compress (default: the "
+                    "policy's own phases)")
+    ap.add_argument("--slack", type=int, default=0, help="decode-time eviction every slack + 1 steps")
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--one", choices=["none", "policy"], help=argparse.SUPPRESS)
@@ -106,6 +110,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = "none" if r["policy"] == "none" else f"{r['policy']} budget {r['budget']}"
+        if r["policy"] != "none" and (args.phase or args.slack):
+            name += f" phase {args.phase or 'own'} slack {args.slack}"
         print(f"| {name} | {r['peak_running']} | {r['mean_running']} | {r['steps']} | {r['preempted_requests']} | "
               f"{r['wall_s']} | {r['output_tok_per_s']} | {r['prefill_s']} | {r['decode_ms_per_seq_step']} |")
 
