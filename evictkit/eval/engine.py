@@ -45,7 +45,8 @@ def copy_cache(cache):
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by the K and V tensors of every layer of a transformers Cache."""
+    """Bytes of the K and V entries every layer of a transformers Cache holds (a fixed-capacity
+    layer's free slots, at most max(chunk, slack + 1) per layer and head, are not counted)."""
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -315,10 +316,11 @@ def perplexity(nll: float) -> float:
 # A batch of samples runs as one left-padded batch: the core steps every row alone on its view of
 # the shared cache (evictkit.rows), so each row gets what its sample gets alone. The harness adds
 # per-row positions and masks for the forwards after the prompt, per-row stopping, and per-row
-# views of what a row alone reports (kept positions, sizes, bytes). The harness runs every row of
-# a batch through the same forwards after the prompt, unpadded: the runner batches only samples
-# whose question and continuation have the same length. (The core accepts padding among a started
-# row's new tokens, evictkit.rows; grouping across question lengths is left to the harness.)
+# views of what a row alone reports (kept positions, sizes, bytes). Rows need not run the same
+# forwards after the prompt: questions and continuations of different lengths are left-padded
+# among a forward's new tokens (the core's interior padding), and a row that has finished
+# generating is fed as padding (mask 0), so the core no longer scores or evicts it; a row with
+# no real token in a forward is not stepped, as alone it would run no forward.
 
 
 def batchable(policy: Policy) -> bool:
@@ -351,17 +353,22 @@ def _prefill_rows(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache
 
 
 def _forward_rows(model: nn.Module, ids: torch.Tensor, cache, mask: torch.Tensor, seen: torch.Tensor,
-                  keep_logits: int = 1):
-    """[B, q] new tokens, row b continuing at its own true position seen[b]; returns (output, grown mask).
-    The mask grows as generate() grows it, so the core sees the batch's padding as it does there."""
-    q = ids.shape[1]
-    mask = torch.cat([mask, mask.new_ones(mask.shape[0], q)], dim=1)
-    positions = seen.to(ids.device)[:, None] + torch.arange(q, device=ids.device)
+                  real: torch.Tensor | None = None, keep_logits: int = 1):
+    """[B, q] new tokens, left-padded per row by `real` [B, q] (1 = a real token; None: all real),
+    row b numbered on from its own true length seen[b] [B]. Returns (output, grown mask, grown seen).
+    The mask grows by the new tokens' columns as generate() grows it, padding as 0, so the core
+    sees the batch's padding as it does there; padding takes its neighbour's position (masked)."""
+    if real is None:
+        real = torch.ones_like(ids)
+    real = real.to(device=ids.device, dtype=mask.dtype)
+    mask = torch.cat([mask, real], dim=1)
+    seen = seen.to(ids.device)
+    positions = (seen[:, None] + real.cumsum(-1) - 1).clamp(min=0)
     kwargs: dict[str, Any] = {cache_kwarg(model): cache, "use_cache": True, "position_ids": positions,
                               "attention_mask": mask}
     if keep_logits:
         kwargs["logits_to_keep"] = keep_logits
-    return model(input_ids=ids, **kwargs), mask
+    return model(input_ids=ids, **kwargs), mask, seen + real.sum(-1)
 
 
 @torch.no_grad()
@@ -444,10 +451,10 @@ def _row_bytes(cache, kept: dict[int, torch.Tensor], b: int, sizes: dict[int, in
 
 def run_variant_batch(model: nn.Module, policy: Policy, budget: int | float, samples: Sequence, pre: Prefill | None,
                       *, device, eos: frozenset[int], query_aware: bool) -> list[Outcome] | None:
-    """`run_variant` on a left-padded batch of samples whose questions (and continuations) have one
-    length; `pre` is their `shared_prefill_batch` (None: a prefill of its own). One Outcome per sample,
-    what `run_variant` gives it alone. None when the rows would feed their question differently alone
-    (some rows' layers hold equal lengths, others' not; see `greedy`): run those samples alone."""
+    """`run_variant` on a left-padded batch of samples (questions, continuations and max_new_tokens
+    may differ); `pre` is their `shared_prefill_batch` (None: a prefill of its own). One Outcome per
+    sample, what `run_variant` gives it alone. None when the rows would feed their question differently
+    alone (some rows' layers hold equal lengths, others' not; see `greedy`): run those samples alone."""
     prompts = [sample_prompt(s, query_aware) for s in samples]
     B = len(samples)
     outs = [Outcome() for _ in samples]
@@ -484,39 +491,30 @@ def _finish_batch(model: nn.Module, samples: Sequence, prompts: list[list[int]],
     """`_finish` for every row of a batch; False when the rows cannot share the question's forwards."""
     B = len(samples)
     seen = torch.tensor([len(p) for p in prompts], device=device)
-    everyone = [True] * B
     metric = samples[0].metric
     if metric == "recon":
         raise ValueError("recon samples run one at a time (their reference is per sample)")
     if metric == "ppl":
-        for b, res in enumerate(outs):
-            res.kept = track.row_kept(b)
-        targets = torch.tensor([list(s.continuation_ids) for s in samples], device=device)
-        all_logits = logits[:, None, :].float()
-        if targets.shape[1] > 1:
-            out, mask = _forward_rows(model, targets[:, :-1], cache, mask, seen, keep_logits=0)
-            all_logits = torch.cat([all_logits, out.logits.float()], dim=1)
-            track.update(everyone)
-        for b, res in enumerate(outs):
-            res.nll = float(torch.nn.functional.cross_entropy(all_logits[b], targets[b], reduction="mean"))
+        _teacher_forced_batch(model, samples, cache, mask, seen, logits, outs, track, device)
         return True
     questions = [[] if query_aware else list(s.question_ids) for s in samples]
-    q = len(questions[0])
-    if q:
+    if any(questions):
         uniform = [len(set(sizes)) <= 1 for sizes in track.now]  # what `greedy` checks, per row
         if not all(uniform) and any(uniform):
             return False
-        step = q if all(uniform) else 1
-        for i in range(0, q, step):
-            chunk = torch.tensor([qs[i:i + step] for qs in questions], device=device)
-            out, mask = _forward_rows(model, chunk, cache, mask, seen)
-            logits, seen = out.logits[:, -1], seen + chunk.shape[1]
-            track.update(everyone)
+        ids, real = left_pad(questions, device)
+        step = ids.shape[1] if all(uniform) else 1
+        for i in range(0, ids.shape[1], step):
+            chunk = real[:, i:i + step]
+            out, mask, seen = _forward_rows(model, ids[:, i:i + step], cache, mask, seen, chunk)
+            fed = chunk[:, -1].bool()  # left padding: a row with a real token has one last
+            logits = torch.where(fed[:, None], out.logits[:, -1], logits)
+            track.update(fed.tolist())
     for b, res in enumerate(outs):
         res.kept = track.row_kept(b)
-    max_new = samples[0].max_new_tokens
-    active = [True] * B
-    for step in range(max_new):
+    limits = [s.max_new_tokens for s in samples]
+    active = [n > 0 for n in limits]
+    for _ in range(max(limits, default=0)):
         nxt = logits.argmax(-1)
         for b in range(B):
             if not active[b]:
@@ -526,13 +524,37 @@ def _finish_batch(model: nn.Module, samples: Sequence, prompts: list[list[int]],
                 active[b] = False
                 continue
             outs[b].tokens.append(token)
-            if step == max_new - 1:
-                active[b] = False
+            active[b] = len(outs[b].tokens) < limits[b]  # alone, the last token is not fed back
         if not any(active):
             break
-        # rows that stopped keep decoding (their own argmax) until the last one stops; nothing of
-        # theirs is recorded, and no row attends to another's entries
-        out, mask = _forward_rows(model, nxt[:, None], cache, mask, seen)
-        logits, seen = out.logits[:, -1], seen + 1
+        # a row that has stopped is fed as padding: alone it runs no more forwards, so the core
+        # neither steps (scores, evicts) it nor lets the others attend to the slot
+        fed = torch.tensor(active, device=device)
+        ids = torch.where(fed, nxt, torch.zeros_like(nxt))[:, None]
+        out, mask, seen = _forward_rows(model, ids, cache, mask, seen, fed[:, None])
+        logits = torch.where(fed[:, None], out.logits[:, -1], logits)
         track.update(active)
     return True
+
+
+def _teacher_forced_batch(model: nn.Module, samples: Sequence, cache, mask: torch.Tensor, seen: torch.Tensor,
+                          logits: torch.Tensor, outs: list[Outcome], track: _RowSizes, device) -> None:
+    """`teacher_forced_nll` for every row: the continuations but their last token, left-padded, in
+    one forward; row b's logits are its prompt's last and its own real positions."""
+    for b, res in enumerate(outs):
+        res.kept = track.row_kept(b)
+    targets = [list(s.continuation_ids) for s in samples]
+    fed = [t[:-1] for t in targets]
+    width = max(len(t) for t in fed)
+    out_logits = None
+    if width:
+        ids, real = left_pad(fed, device)
+        out, mask, seen = _forward_rows(model, ids, cache, mask, seen, real, keep_logits=0)
+        out_logits = out.logits.float()
+        track.update(real.any(-1).tolist())
+    for b, res in enumerate(outs):
+        row = logits[b:b + 1].float()
+        if out_logits is not None and fed[b]:
+            row = torch.cat([row, out_logits[b, width - len(fed[b]):]], dim=0)
+        tgt = torch.tensor(targets[b], device=row.device)
+        res.nll = float(torch.nn.functional.cross_entropy(row, tgt, reduction="mean"))

@@ -382,15 +382,14 @@ def _ident(p: Any) -> tuple[str, int]:
 
 
 def batches(samples: Sequence[Sample], size: int, query_aware: bool) -> list[list[Sample]]:
-    """Samples of similar length in batches of up to `size`, deterministically: per task, and per
-    length of what follows the prompt (the question when query-agnostic, the continuation), which
-    every row of a batch runs in the same forwards; within that, by prompt length (ties: run
-    order). recon samples run one at a time (their reference is per sample), and so do long
-    generations (gen:NAME: each traces its own cache size over the generation)."""
+    """Samples of similar length in batches of up to `size`, deterministically: per task and metric,
+    by prompt length (ties: run order). What follows the prompt (question, continuation, number of
+    new tokens) may differ between rows: the engine left-pads it among the shared forwards. recon
+    samples run one at a time (their reference is per sample), and so do long generations
+    (gen:NAME: each traces its own cache size over the generation)."""
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
-        tail = 0 if query_aware else len(s.question_ids)
-        groups.setdefault((s.task, s.metric, tail, len(s.continuation_ids), s.max_new_tokens), []).append(s)
+        groups.setdefault((s.task, s.metric), []).append(s)
     out: list[list[Sample]] = []
     for key, group in groups.items():
         n = 1 if key[1] in ("recon", longgen.METRIC) else size  # long generations trace their own cache
