@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from evictkit.fixed_cache import store_fixed
 from evictkit.hf import (
     DynamicLayer,
     attention_function,
@@ -231,10 +232,10 @@ class RaggedStore:
         self._caches: list[weakref.ref] = []
 
     def store(self, cache: Any, li: int, module: Any, pad: torch.Tensor | None, keys: torch.Tensor,
-              values: torch.Tensor) -> None:
+              values: torch.Tensor, headroom: int = 0) -> None:
         """Ragged (flattened, one length per head) when the layer's heads differ and the varlen
-        path serves this model, else in the padded layout."""
-        layer = cache.layers[li]
+        path serves this model, else in the padded layout, in a fixed-capacity layer with room for
+        `headroom` more entries (evictkit.fixed_cache)."""
         if pad is not None and self.layout == "varlen" and serves(module.config):
             if not self._on:  # the first ragged layer of this block
                 self._attention.enter_context(use_varlen_attention(module.config))
@@ -242,10 +243,8 @@ class RaggedStore:
             if not any(ref() is cache for ref in self._caches):
                 self._caches.append(weakref.ref(cache))
             cache.layers[li] = RaggedLayer.from_padded(keys, values, pad)
-        elif isinstance(layer, RaggedLayer):
-            cache.layers[li] = dense_layer(keys, values)
         else:
-            layer.keys, layer.values = keys, values
+            store_fixed(cache, li, keys, values, headroom)
 
     def close(self) -> None:
         """Give every cache made ragged its padded layout back (outside the block the model's own

@@ -25,6 +25,7 @@ from torch import nn
 from evictkit import ragged, rows
 from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import Policy
+from evictkit.fixed_cache import store_fixed
 from evictkit.hf import Forward, attention_modules, attn_implementation, cache_in, is_sliding, new_cache
 from evictkit.layout import view_of
 from evictkit.ragged_cache import RaggedStore
@@ -261,7 +262,7 @@ class Sequence:
         if st is not None and T != q and st.rows is None and self.new_pad is not None:
             rows.split_rows(st)  # a batch stepped as one gets padding among its new tokens
         if (T == q and self.new_pad is not None) or (st is not None and st.rows is not None and T != q):
-            self._rows_step(module, layer, st, hidden, kwargs)
+            self._rows_step(module, cache, st, hidden, kwargs)
             return
         if T == q or st is None:  # the layer's first forward of this sequence
             if T != q:
@@ -298,16 +299,17 @@ class Sequence:
                 as_decode=self.as_decode, guard=run.guard,
             )
             phase, evicted = result.phase, result.selection is not None
-            if evicted or not view.costly_to_read:
-                run.store.store(cache, li, module, st.pad, result.keys, result.values)
+            if evicted:
+                run.store.store(cache, li, module, st.pad, result.keys, result.values, self._headroom(q, T == q))
         after = view_of(cache.layers[li], st.pad)
         st.last_keys = after.newest_keys().clone()
         self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots, entries=after.real_entries(),
                      seen=st.seen)
 
-    def _rows_step(self, module: Any, layer: Any, st: LayerState | None, hidden: torch.Tensor, kwargs: dict) -> None:
+    def _rows_step(self, module: Any, cache: Any, st: LayerState | None, hidden: torch.Tensor, kwargs: dict) -> None:
         """A left-padded batch: each row stepped alone on its view of the layer (evictkit.rows)."""
         run, li = self.run, module.layer_idx
+        layer = cache.layers[li]
         T, q = layer.keys.shape[2], hidden.shape[1]
         new_pad = self.new_pad.tolist() if self.new_pad is not None else [0] * layer.keys.shape[0]
         index = run.layers.index(li)
@@ -330,13 +332,21 @@ class Sequence:
             position_ids=kwargs.get("position_ids"), new_pad=new_pad, row_budget=row_budget,
             as_decode=self.as_decode, guard=run.guard,
         )
-        layer.keys, layer.values = keys, values
-        after = view_of(layer, st.pad)
+        if keys is not layer.keys:
+            store_fixed(cache, li, keys, values, self._headroom(q, T == q))
+        after = view_of(cache.layers[li], st.pad)
         st.last_keys = after.newest_keys().clone()
         started = [r for r in st.rows or () if r is not None]
         st.budget = max((r.budget for r in started), default=0)
         self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots,
                      entries=after.real_entries(), seen=max((r.seen for r in started), default=0))
+
+    def _headroom(self, q: int, first: bool) -> int:
+        """Room a compacted layer keeps for the next forward: what decoding adds before the next
+        eviction (slack + 1), or, after a continuation of q tokens (a prefill chunk, which the next
+        one likely matches), q. A sequence's first forward may be its whole prompt: it asks for no
+        more than decoding (a second chunk then grows the buffer once)."""
+        return max(self.run.step.slack + 1, 1 if first else q)
 
     # --- the books -----------------------------------------------------------------------------
     def _start_layer(self, li: int, budget: int) -> LayerState:

@@ -149,3 +149,13 @@ class ModelCase:
         """Token ids [batch, length], avoiding the pad token (a zero would read as padding)."""
         g = torch.Generator().manual_seed(self.seed + seed_offset)
         return torch.randint(3, 128, (self.batch, length or self.prompt), generator=g)
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch of 1-D token rows: ids [B, W] (padding 0) and attention mask [B, W]."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask

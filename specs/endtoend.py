@@ -16,7 +16,7 @@ import torch
 from evictkit.budget import resolve_budget
 from evictkit.contract import Policy, declared
 from evictkit.hf import cache_arg, cache_of, new_cache
-from evictkit.specs.cases import ModelCase
+from evictkit.specs.cases import ModelCase, left_padded
 from evictkit.specs.checks import _first_bad_row, _gather, _row, budget_problem, order_problem, protection_problem
 from evictkit.specs.subject import LawContext, LawViolation, describe, min_valid_budget
 
@@ -271,7 +271,7 @@ def batched(make: Callable[[], Policy], case: ModelCase, *, label: str | None = 
     model = case.model()
     prompts = [case.ids(case.prompt, seed_offset=0)[0], case.ids(case.prompt_b, seed_offset=1)[0]]
     width = max(len(p) for p in prompts)
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
 
     def run(x: torch.Tensor, m: torch.Tensor, chunk: int | None):
         with evictkit.compress(model, make(), budget=case.budget, slack=case.slack, prefill_chunk=chunk) as c:
@@ -312,8 +312,8 @@ def _questions(make: Callable[[], Policy], case: ModelCase, ctx: LawContext, con
     questions = [torch.randint(3, 128, (n,), generator=g) for n in (3, 1)]
 
     def run(ctxs: list[torch.Tensor], qs: list[torch.Tensor], as_decode: bool):
-        ids, mask = _left_padded(ctxs)
-        q_ids, q_mask = _left_padded(qs)
+        ids, mask = left_padded(ctxs)
+        q_ids, q_mask = left_padded(qs)
         with torch.no_grad(), evictkit.compress(model, make(), budget=case.budget, slack=case.slack) as c:
             cache = new_cache(model)
             model(ids, attention_mask=mask, **cache_arg(model, cache))
@@ -344,14 +344,6 @@ def _questions(make: Callable[[], Policy], case: ModelCase, ctx: LawContext, con
             if err > 1e-4:
                 raise ctx.fail(f"{how}: the logits differ by {err:.2e} (> 1e-4) from the row alone")
 
-
-def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask
 
 
 def chunked(make: Callable[[], Policy], case: ModelCase, *, label: str | None = None) -> None:

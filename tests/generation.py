@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import evictkit
+from evictkit.specs.cases import left_padded  # noqa: F401  (re-exported for the tests)
 
 #: every built-in policy with parameters small enough for a 2-layer tiny model (window 8: the
 #: default 32 exceeds the budgets these tests use; LaCache's ladder span must fit 2 layers)
@@ -30,14 +31,6 @@ TINY_POLICIES = [
 ]
 
 
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A left-padded batch of 1-D prompts: ids [B, W] (padding 0) and attention mask [B, W]."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    return ids, mask
 
 
 def prompt_ids(n: int, seed: int = 0) -> torch.Tensor:

@@ -56,6 +56,8 @@ def test_policy_evicts_on_the_device(name, device):
     assert torch.isfinite(logits).all()
     if name == "full":
         return  # hooks on, nothing evicted: no kept set to check
+    if "prefill" not in evictkit.policies()[name].phases:
+        pytest.skip(f"{name} evicts while decoding only; the prompt here is kept whole")
     assert sorted(kept) == list(range(LAYERS)), "every layer evicts at this budget"
     for li, pos in kept.items():
         assert pos.shape[:2] == (1, 2) and budgets[li] < PROMPT  # per-layer budgets (PyramidKV: a pyramid)
