@@ -32,9 +32,15 @@ How eviction meets each request type (every request is a fresh sequence: one
   the prefill and the rest are fed `chunk` at a time as decode steps (decode-phase policies evict
   as the text goes on); with `chunk=0` a window is one forward and eviction cannot change its score.
 
-Batches: the backend runs one request at a time (`batch_size=1`; anything else is refused), so
-its requests are never padded (evictkit.compress itself runs left-padded batches; this backend
-does not feed it any yet).
+Batches (`batch_size=N`, an int; `auto` is refused): every row of a batch gets what its request
+gets alone (evictkit's batch law), so scores equal batch 1's up to the rounding of padded batched
+matmuls. lm-eval pads its loglikelihood inputs on the right; the backend feeds them to the model
+left-padded instead: every row's context in one left-padded prefill, then each row's scored
+tokens (or its next `chunk` of them) as one left-padded decode forward, a row with nothing left
+fed as padding (not stepped). A row whose whole input fits its budget is prefilled whole, as its
+single forward runs alone. generate_until hands lm-eval's left-padded batch and its mask to
+`generate()`, which evictkit.compress runs row by row. `last_stats` and `cache_summary()` count
+one call per batch (the core's layers, whose length is the longest row's).
 """
 
 from __future__ import annotations
@@ -101,6 +107,16 @@ def _check_settings(policy: Policy, budget: object, phase: object, slack: object
     return budget
 
 
+def _check_batch_size(batch_size: object) -> int:
+    """lm-eval passes the batch size as an int or a string; "auto" probes memory with batches this
+    backend would not run as they come, so it is refused."""
+    text = str(batch_size)
+    if isinstance(batch_size, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch_size={batch_size!r}: give an int >= 1 (rows per left-padded batch); "
+                         "'auto' is not supported by the evictkit backend")
+    return int(text)
+
+
 @register_model("evictkit")
 class EvictkitLM(HFLM):
     """lm-eval's HF backend with `evictkit.compress(model, policy, budget, ...)` around every
@@ -122,18 +138,14 @@ class EvictkitLM(HFLM):
         self._policy, kwargs = split_model_args(policy, kwargs)
         self._budget = _check_settings(self._policy, budget, phase, slack, chunk)
         self._phase, self._slack, self._chunk = phase, slack, chunk
-        if str(batch_size) != "1":
-            raise ValueError(
-                f"batch_size={batch_size!r}: the evictkit backend runs one request at a time (its requests are "
-                "not yet batched as left-padded rows); use --batch_size 1"
-            )
+        self._batch = _check_batch_size(batch_size)
         self._builtin = pretrained if isinstance(pretrained, str) and pretrained in MODELS else None
         if self._builtin:
             pretrained, kwargs = self._load_builtin(self._builtin, kwargs)
         self._scored: dict[tuple[int, ...], int] = {}
         self.last_stats: CompressionStats | None = None
         self._tally = {"calls": 0, "calls_with_eviction": 0, "max_prompt": 0, "max_after_prefill": 0, "max_peak": 0}
-        super().__init__(pretrained=pretrained, batch_size=1, **kwargs)
+        super().__init__(pretrained=pretrained, batch_size=self._batch, **kwargs)
         if self.backend != "causal":
             raise ValueError(f"the evictkit backend needs a decoder-only (causal) model, got backend={self.backend!r}")
         attention_modules(self.model)  # a model evictkit cannot hook fails here, not at the first request
@@ -158,7 +170,7 @@ class EvictkitLM(HFLM):
             "phase": self._phase or "+".join(self._policy.phases) or "none",
             "slack": self._slack,
             "chunk": self._chunk,
-            "batch_size": 1,
+            "batch_size": self._batch,
             "cache": self.cache_summary(),
         }
 
@@ -212,19 +224,28 @@ class EvictkitLM(HFLM):
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         if inps.shape[0] != 1:
-            raise ValueError(f"the evictkit backend scores one request at a time, got a batch of {inps.shape[0]}")
+            return self._batch_call(inps)
         total = inps.shape[1]
         scored = min(self._scored.get(tuple(inps[0].tolist()), 0), total)
-        step = self._chunk or scored or total
-        first = total - scored or min(step, total)  # the prefill: the context, or a first chunk
+        first, step = self._plan(total, scored)
         with self._compression() as run:
-            if first >= total or min(schedule_for(self.model, self._policy, self._budget, first)) >= total:
+            if first >= total:
                 # nothing to split, or nothing can be evicted: the very forward lm-eval's hf backend runs
                 logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             else:
                 logits = self._split_forward(run, inps, first, step)
         self._record(run.stats)
         return logits
+
+    def _plan(self, total: int, scored: int) -> tuple[int, int]:
+        """(prefill length, scored tokens per later forward) of one input of `total` tokens whose
+        last `scored` are scored; prefill == total: one forward (nothing to split, or nothing can
+        be evicted, as every layer's budget holds the whole input)."""
+        step = self._chunk or scored or total
+        first = total - scored or min(step, total)  # the prefill: the context, or a first chunk
+        if first >= total or min(schedule_for(self.model, self._policy, self._budget, first)) >= total:
+            return total, step
+        return first, step
 
     def _split_forward(self, run: evictkit.Compression, inps: torch.Tensor, first: int, step: int) -> torch.Tensor:
         """Prefill inps[:, :first], then feed the rest `step` tokens at a time over the cache as
@@ -240,10 +261,63 @@ class EvictkitLM(HFLM):
                     parts.append(self.model(inps[:, start : start + step], **kwargs).logits)
         return torch.cat(parts, dim=1)
 
+    def _row_length(self, row: torch.Tensor) -> int:
+        """Real tokens of a row of lm-eval's right-padded (zeros) batch: the longest prefix that is
+        an input of this call's requests, with nothing but padding after it."""
+        tokens = row.tolist()
+        for n in range(len(tokens), 0, -1):
+            if tuple(tokens[:n]) in self._scored:
+                return n
+            if tokens[n - 1] != 0:
+                break
+        raise ValueError("the evictkit backend found a batched input that is none of this call's requests")
+
+    def _batch_call(self, inps: torch.Tensor) -> torch.Tensor:
+        """`_model_call` on lm-eval's right-padded batch, run as a left-padded one: every row's
+        prefill in one forward, then its scored tokens (`step` at a time) in shared forwards, each
+        row's part left-padded; logits [B, T, V] back in lm-eval's right-padded layout."""
+        B, T = inps.shape
+        rows = []  # (real tokens, prefill length, step) per row
+        for b in range(B):
+            n = self._row_length(inps[b])
+            first, step = self._plan(n, min(self._scored[tuple(inps[b, :n].tolist())], n))
+            rows.append((n, first, step))
+        device = inps.device
+
+        def padded(parts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max(len(p) for p in parts)
+            ids = torch.zeros(B, width, dtype=torch.long, device=device)
+            real = torch.zeros(B, width, dtype=torch.long, device=device)
+            for b, p in enumerate(parts):
+                if p:
+                    ids[b, width - len(p):] = torch.tensor(p, device=device)
+                    real[b, width - len(p):] = 1
+            return ids, real
+
+        tokens = [inps[b, :n].tolist() for b, (n, _, _) in enumerate(rows)]
+        chunks = [[t[s:s + step] for s in range(first, n, step)] for t, (n, first, step) in zip(tokens, rows)]
+        logits: torch.Tensor | None = None
+        kwargs = {**cache_arg(self.model, new_cache(self.model)), "use_cache": True}
+        with self._compression() as run, torch.no_grad(), self._autocast():
+            ids, mask = padded([t[:first] for t, (_, first, _) in zip(tokens, rows)])
+            out = self.model(ids, attention_mask=mask, **kwargs).logits
+            logits = out.new_zeros(B, T, out.shape[-1])
+            for b, (_, first, _) in enumerate(rows):
+                logits[b, :first] = out[b, out.shape[1] - first:]
+            filled = [first for _, first, _ in rows]
+            with run.as_decode():
+                for k in range(max(len(c) for c in chunks)):
+                    ids, real = padded([c[k] if k < len(c) else [] for c in chunks])
+                    mask = torch.cat([mask, real], dim=1)
+                    out = self.model(ids, attention_mask=mask, **kwargs).logits
+                    for b, c in enumerate(chunks):
+                        if k < len(c):
+                            logits[b, filled[b]:filled[b] + len(c[k])] = out[b, out.shape[1] - len(c[k]):]
+                            filled[b] += len(c[k])
+        self._record(run.stats)
+        return logits
+
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
-        if context.shape[0] != 1:
-            raise ValueError("the evictkit backend generates for one request at a time, "
-                             f"got a batch of {context.shape[0]}")
         with self._compression() as run:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self._record(run.stats)

@@ -62,25 +62,34 @@ def setup(tmp_path_factory):
     data.write_text("\n".join(json.dumps(d) for d in _docs()))
     tasks = root / "tasks"
     tasks.mkdir()
-    (tasks / "ek_boolq.yaml").write_text(_yaml("ek_boolq", data, (
+    # the same tasks over passages of different lengths (1 to 3 fillers), for the batches
+    mixed = root / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps({**d, "passage": d["passage"] + " " + FILLER * (i % 3)})
+                               for i, d in enumerate(_docs())))
+    for suffix, source in (("", data), ("_mixed", mixed)):
+        _write_tasks(tasks, suffix, source)
+    # only our tasks: indexing lm-eval's thousands of built-in task files takes half a minute
+    return model_dir, tasks, TaskManager(include_path=str(tasks), include_defaults=False)
+
+
+def _write_tasks(tasks: Path, suffix: str, data: Path) -> None:
+    (tasks / f"ek_boolq{suffix}.yaml").write_text(_yaml(f"ek_boolq{suffix}", data, (
         "output_type: multiple_choice\n"
         'doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\n'
         'doc_to_choice: ["no", "yes"]\n'
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")))
-    (tasks / "ek_gen.yaml").write_text(_yaml("ek_gen", data, (
+    (tasks / f"ek_gen{suffix}.yaml").write_text(_yaml(f"ek_gen{suffix}", data, (
         "output_type: generate_until\n"
         'doc_to_text: "{{passage}}\\nQ: {{question}}\\nA:"\n'
         "doc_to_target: answer\n"
         "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 8\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")))
-    (tasks / "ek_ppl.yaml").write_text(_yaml("ek_ppl", data, (
+    (tasks / f"ek_ppl{suffix}.yaml").write_text(_yaml(f"ek_ppl{suffix}", data, (
         "output_type: loglikelihood_rolling\n"
         'doc_to_text: ""\n'
         'doc_to_target: "{{passage}}"\n'
         "metric_list:\n  - metric: word_perplexity\n")))
-    # only our tasks: indexing lm-eval's thousands of built-in task files takes half a minute
-    return model_dir, tasks, TaskManager(include_path=str(tasks), include_defaults=False)
 
 
 def evaluate(setup, model, model_args=None, tasks=TASKS):
@@ -214,7 +223,7 @@ def test_rolling_loglikelihood_evicts_only_when_fed_in_chunks(setup, hf_results)
     ("policy=snapkv,budget=64,phase=sometimes", "phase='sometimes'"),
     ("policy=snapkv,budget=64,slack=-1", "slack=-1"),
     ("policy=snapkv,budget=64,chunk=x", "chunk='x'"),
-    ("policy=snapkv,budget=64,batch_size=4", "batch_size=4"),
+    ("policy=snapkv,budget=64,batch_size=auto", "batch_size='auto': give an int >= 1"),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(setup, monkeypatch, args, message):
     model_dir, _, _ = setup
@@ -229,9 +238,51 @@ def test_bad_arguments_are_refused_before_the_model_loads(setup, monkeypatch, ar
 
 def test_batch_size_auto_is_refused_through_simple_evaluate(setup):
     model_dir, _, manager = setup
-    with pytest.raises(ValueError, match="batch_size='auto'.*one request at a time"):
+    with pytest.raises(ValueError, match="batch_size='auto'.*not supported"):
         lm_eval.simple_evaluate(model="evictkit", model_args=f"pretrained={model_dir},policy=streaming_llm,budget=16",
                                 tasks=["ek_boolq"], task_manager=manager, batch_size="auto", device="cpu")
+
+
+@pytest.mark.parametrize("policy, options", [
+    ("snapkv", {"window": 8}),  # evicts the context; the scored tokens in one forward
+    ("streaming_llm", {"chunk": 8}),  # evicts while the scored tokens go in 8 at a time (rolling too)
+    ("full", {"chunk": 5}),  # nothing evicted, the scored tokens over the cache 5 at a time
+])
+def test_batch_4_gives_the_scores_of_batch_1(setup, policy, options):
+    """Left-padded batches of requests whose contexts and continuations differ in length: every
+    log-likelihood, greedy flag and generated text is batch 1's (log-likelihoods up to the rounding
+    of padded batched matmuls)."""
+    model_dir, _, _ = setup
+    tasks = ["ek_boolq_mixed", "ek_gen_mixed", "ek_ppl_mixed"]
+
+    def run(batch_size):
+        lm = EvictkitLM(pretrained=str(model_dir), policy=policy, budget=16, device="cpu", batch_size=batch_size,
+                        **options)
+        shapes = []
+
+        def spy(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            shapes.append((kwargs["input_ids"].shape[0] if "input_ids" in kwargs else args[0].shape[0],
+                           mask is not None and not bool(mask.all())))
+
+        handle = lm.model.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            return evaluate(setup, lm, tasks=tasks), lm, shapes
+        finally:
+            handle.remove()
+
+    one, _, shapes1 = run(1)
+    four, lm4, shapes4 = run(4)
+    assert {b for b, _ in shapes1} == {1} and max(b for b, _ in shapes4) == 4
+    assert any(padded for b, padded in shapes4 if b > 1)  # rows of different lengths shared forwards
+    assert lm4.evictkit_config()["batch_size"] == 4
+    for task in ("ek_boolq_mixed", "ek_ppl_mixed"):
+        assert loglikelihoods(four, task) == pytest.approx(loglikelihoods(one, task), rel=1e-5, abs=1e-5), task
+    flags = [[r[0][1] for r in doc] for doc in responses(one, "ek_boolq_mixed")]
+    assert [[r[0][1] for r in doc] for doc in responses(four, "ek_boolq_mixed")] == flags
+    assert responses(four, "ek_gen_mixed") == responses(one, "ek_gen_mixed")
+    if policy != "full":  # the scores do see eviction, in batches too
+        assert lm4.cache_summary()["calls_with_eviction"] > 0
 
 
 def test_cli_help_is_lm_evals(capsys):
