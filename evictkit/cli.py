@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from evictkit.jsonl import records
+
 DEMO_FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
@@ -193,13 +195,7 @@ def _calibration_prompts(path: str, field: str) -> list[str]:
     if not path.endswith(".jsonl"):
         return [text] if text.strip() else []
     prompts = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--prompts {path!r}, line {n}: not JSON ({exc.msg})") from None
+    for n, rec in records(text.splitlines(), f"--prompts {path!r}"):
         value = rec.get(field) if isinstance(rec, dict) else rec
         if not isinstance(value, str):
             raise ValueError(f"--prompts {path!r}, line {n}: needs a string or an object with a string {field!r} "

@@ -291,17 +291,7 @@ def build_policy(name: str, **params: Any) -> Any:
     table = get_registry().policies()
     if not isinstance(name, str) or name not in table:
         raise ValueError(unknown_policy_message(name, list(table)))
-    cls = table[name]
-    fields = params_of(cls)
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        valid = ", ".join(f"{f}={a.default!r}" for f, a in fields.items()) or "(none)"
-        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:
-        # attrs' validators raise tuples (message, Attribute, type, value): say it in words
-        raise ValueError(f"policy {name!r}: {param_error_message(fields, params, exc)}") from exc
+    return _build("policy", name, table[name], params_of(table[name]), params)
 
 
 def build_prefill_attention(name: str, **params: Any) -> PrefillAttention:
@@ -312,13 +302,18 @@ def build_prefill_attention(name: str, **params: Any) -> PrefillAttention:
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"unknown prefill attention {name!r}{hint}; registered: {', '.join(table) or '(none)'} "
                          "(`evictkit list` shows their parameters)")
-    cls = table[name]
-    fields = prefill_params(cls)
+    return _build("prefill attention", name, table[name], prefill_params(table[name]), params)
+
+
+def _build(kind: str, name: str, cls: type, fields: Mapping[str, attrs.Attribute], params: Mapping[str, Any]) -> Any:
+    """`cls(**params)` with unknown parameters and invalid values refused in words, naming the
+    parameter and what is valid."""
     unknown = sorted(set(params) - set(fields))
     if unknown:
         valid = ", ".join(f"{f}={a.default!r}" for f, a in fields.items()) or "(none)"
-        raise ValueError(f"prefill attention {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
+        raise ValueError(f"{kind} {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"prefill attention {name!r}: {param_error_message(fields, params, exc)}") from exc
+        # attrs' validators raise tuples (message, Attribute, type, value): say it in words
+        raise ValueError(f"{kind} {name!r}: {param_error_message(fields, params, exc)}") from exc

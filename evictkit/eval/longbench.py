@@ -22,7 +22,6 @@ Deviations:
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from evictkit.eval import longbench_metrics as lm
 from evictkit.eval.sample import Sample
 from evictkit.eval.tokenizer import Codec
+from evictkit.jsonl import records
 
 DATA_URL = "https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip"
 
@@ -112,21 +112,15 @@ def data_file(data: str | os.PathLike | None, task: str) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _read(path: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
-    records = []
+    out = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {n}: not JSON ({exc.msg}); is this LongBench's JSONL file?") from None
+        for n, rec in records(f, path, "; is this LongBench's JSONL file?"):
             missing = [k for k in REQUIRED if k not in rec]
             if missing or not isinstance(rec.get("answers"), list):
                 raise ValueError(f"{path}, line {n}: a LongBench record needs {', '.join(REQUIRED)} "
                                  f"(answers a list); missing or wrong: {', '.join(missing) or 'answers'}")
-            records.append(rec)
-    return tuple(records)
+            out.append(rec)
+    return tuple(out)
 
 
 def load(data: str | os.PathLike | None, task: str) -> tuple[dict, ...]:

@@ -26,7 +26,6 @@ is", else the last number. Both are normalised (spaces, `$`, `\\left`/`\\right`,
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -42,6 +41,7 @@ from evictkit.compress import Compression
 from evictkit.eval import engine
 from evictkit.eval.sample import Sample
 from evictkit.eval.tokenizer import Codec
+from evictkit.jsonl import records
 
 PREFIX = "gen:"
 FAMILY = "longgen"
@@ -79,13 +79,7 @@ def data_file(data: str | os.PathLike | None, task: str) -> Path:
 def _read(path: str, mtime_ns: int, size: int, fields: tuple[str, str]) -> tuple[tuple[str, str], ...]:
     out = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {n}: not JSON ({exc.msg})") from None
+        for n, rec in records(f, path):
             if not isinstance(rec, dict) or any(not isinstance(rec.get(k), (str, int, float)) for k in fields):
                 raise ValueError(f"{path}, line {n}: needs the fields {fields[0]!r} and {fields[1]!r} (text); "
                                  "--gen-fields QUESTION,ANSWER names others")
@@ -116,11 +110,11 @@ def parse_fields(text: str) -> tuple[str, str]:
 def make_sample(task: str, index: int, codec: Codec, *, data: str | os.PathLike | None,
                 fields: tuple[str, str] = DEFAULT_FIELDS, max_new_tokens: int | None = None) -> Sample:
     """Sample `index` (file order) of task gen:NAME: the whole prompt in context_ids, no question_ids."""
-    records = load(data, task, fields)
-    if not 0 <= index < len(records):
-        raise ValueError(f"{task}: sample {index} asked for, but {data_file(data, task)} holds {len(records)}; "
-                         f"ask for --samples <= {len(records)}")
-    question, answer = records[index]
+    rows = load(data, task, fields)
+    if not 0 <= index < len(rows):
+        raise ValueError(f"{task}: sample {index} asked for, but {data_file(data, task)} holds {len(rows)}; "
+                         f"ask for --samples <= {len(rows)}")
+    question, answer = rows[index]
     ids = codec.start() + codec.encode(question + PROMPT_SUFFIX) + (codec.encode(codec.suffix) if codec.chat else [])
     return Sample(task=task, index=index, length=len(ids), context_ids=tuple(ids), question_ids=(),
                   references=(reference_answer(answer),), metric=METRIC,
