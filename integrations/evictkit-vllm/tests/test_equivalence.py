@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from engines import (
     BUDGET,
     LOGPROB_TOL,
@@ -25,6 +26,7 @@ from engines import (
     evict_llm,
     generate,
     greedy_agrees,
+    kept_agreement,
     plain_llm,
     prompts,
     reference,
@@ -73,10 +75,9 @@ def test_same_kept_positions_and_tokens_as_transformers(policy, capsys):
             continue
         kept = engine_kept(rid)
         assert sorted(kept) == sorted(ref_kept)
-        same = sum(int((kept[layer] == ref_kept[layer]).sum()) for layer in kept)
-        total = sum(t.numel() for t in kept.values())
+        same, total = kept_agreement(kept, ref_kept)
         if policy in POSITIONAL:
-            assert same == total
+            assert all(torch.equal(kept[layer], ref_kept[layer]) for layer in kept)
         else:
             assert same / total >= MIN_KEPT_AGREEMENT, f"{policy} P={P}: {same}/{total} kept entries agree"
         tol = LOGPROB_TOL if same == total else LOGPROB_TOL_OTHER_KEPT
