@@ -6,7 +6,8 @@ the sparse methods through evictkit's torch executor. Inputs: one real layer's k
 real text (benchutil.layer_inputs), queries re-projected from the same hidden states. Each record
 holds the method's density (extra_info), so time and computed fraction sit side by side. The end-to-end TTFT
 at 8k/16k is benchmarks/sparse_prefill.py's (minutes per cell on 2 cores), reported in
-docs/benchmarks.md. Nothing here asserts a timing.
+docs/benchmarks.md. Runs with --bench-threads torch threads (default 1: on the shared 2-core machine
+a second thread stalls the executor's many small parallel regions). Nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.mark.benchmark(group="sparse prefill", max_time=1.0, min_rounds=1)
-def test_prefill_attention(benchmark, model_and_tokenizer, sparse_case):
+def test_prefill_attention(benchmark, model_and_tokenizer, sparse_case, bench_threads):
     n, name, params = sparse_case
     model, tok = model_and_tokenizer
     inputs = layer_inputs(model, prompt_ids(tok, n).to(model.device), layer_idx=model.config.num_hidden_layers // 2)
