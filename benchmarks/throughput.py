@@ -230,7 +230,7 @@ def tables(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(
-            f"| {r['prompt']} | {r['name']} | {r['batch']} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+            f"| {r['prompt']} | {r['name']} | {r['batch']} | {r['prefill_tps']:.0f} | {r['decode_tps']:.2f} | "
             f"{fmt(r['vs_batch1'])} ({fmt(r['vs_batch1_limit'])}) | {fmt(r['vs_full'])} ({fmt(r['vs_full_limit'])}) | "
             f"{r['kv_row'] / MiB:.1f} | {r['entries_end']} | {fmt(r['max_batch_at_cap'], 'd')} |")
     lines += ["", "| prompt | config | B | peak above model MiB | VmHWM MiB | peak vs full | whole process MiB |",
@@ -276,6 +276,62 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+# --- decode steps alone, interleaved -------------------------------------------------------------
+
+
+def interleaved(args: argparse.Namespace) -> int:
+    """The decode step alone at each (batch, kept length), all in one process, one step of every
+    setting per round, so a shared machine's load drift falls on all settings alike. The caches
+    hold random K/V (a step's cost does not depend on the values) and are cropped back after every
+    step, so the length stays fixed; no evictkit hooks run (this is the step of the kept cache,
+    without decode-time eviction's scoring). Prints one table of median tokens/s and ratios."""
+    import statistics
+
+    from memprobe import kv_bytes_per_token, load, weight_bytes
+    from transformers import DynamicCache
+
+    from evictkit.hf import cache_kwarg
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, _, _ = load(args.model, device, "auto")
+    c, kw = model.config, cache_kwarg(model)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w, kvt = weight_bytes(model), kv_bytes_per_token(model)
+    lengths = sorted({n + args.steps for n in args.prompts} | set(args.kept))
+    settings = [(b, t) for b in args.batches for t in lengths]
+    caches, times = {}, {st: [] for st in settings}
+    with torch.inference_mode():
+        for b, t in settings:
+            cache = DynamicCache()
+            for li in range(c.num_hidden_layers):
+                k = torch.randn(b, c.num_key_value_heads, t, hd, device=device, dtype=model.dtype)
+                cache.update(k, torch.randn_like(k), li)
+            caches[b, t] = cache
+        for rnd in range(args.steps + 1):  # round 0 warms every setting up and is not counted
+            for b, t in settings[rnd % len(settings):] + settings[:rnd % len(settings)]:
+                ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+                t0 = time.perf_counter()
+                model(ids, **{kw: caches[b, t]}, attention_mask=torch.ones(b, t + 1, dtype=torch.long),
+                      position_ids=torch.full((b, 1), t, device=device), use_cache=True, logits_to_keep=1)
+                if rnd:
+                    times[b, t].append(time.perf_counter() - t0)
+                caches[b, t].crop(-1)  # drop the step's entry: the length stays t
+    print(f"decode step alone, interleaved ({args.model}, {args.steps} rounds, load "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {torch.get_num_threads()} threads)\n")
+    print("| batch | kept entries/layer | ms/step (median) | tokens/s | vs batch 1 (limit) | vs longest (limit) |")
+    print("|---|---|---|---|---|---|")
+    tps = {st: st[0] / statistics.median(v) for st, v in times.items()}
+    lim = {(b, t): b / (w + b * t * kvt) for b, t in settings}
+    for b, t in settings:
+        one, longest = (args.batches[0], t), (b, lengths[-1])
+        print(f"| {b} | {t} | {1e3 * statistics.median(times[b, t]):.0f} | {tps[b, t]:.2f} | "
+              f"{tps[b, t] / tps[one]:.2f} ({lim[b, t] / lim[one]:.2f}) | "
+              f"{tps[b, t] / tps[longest]:.2f} ({lim[b, t] / lim[longest]:.2f}) |")
+    return 0
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -314,6 +370,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/bench/throughput")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="no run: join these runs' records (ratios across runs are then across runs) into --out")
+    ap.add_argument("--interleave", action="store_true",
+                    help="decode steps alone on random caches of --prompts + steps and --kept entries, interleaved")
+    ap.add_argument("--kept", type=ints, default=[256 + 16, 1024 + 16], help="--interleave: kept lengths")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -330,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.merge:
         return merge(args)
+    if args.interleave:
+        return interleaved(args)
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     unknown = [c for c in args.configs if c not in configs]
     if unknown:
