@@ -224,7 +224,9 @@ def tables(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown report: one table for speed, one for memory."""
     cap = meta["cap_mib"]
     lines = [f"#### Throughput ({meta['model']}, {meta['started']} - {meta['finished']}, load average "
-             f"{meta['load_before']} before / {meta['load_after']} after, {meta['cpus']} CPUs)", "",
+             f"{meta['load_before']} before / {meta['load_after']} after, {meta['cpus']} CPUs)"
+             + (f", merged from {len(meta['merged'])} runs: ratios between them are across runs" if meta.get("merged")
+                else ""), "",
              "| prompt | config | B | prefill tok/s | decode tok/s | vs B=1 (limit) | vs full (limit) "
              "| kept K/V per row MiB | entries/layer | max B at " + f"{cap:g} MiB K/V |",
              "|---|---|---|---|---|---|---|---|---|---|"]
