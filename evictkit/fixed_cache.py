@@ -3,15 +3,18 @@
 transformers' `DynamicLayer` concatenates every forward's new K/V onto a new tensor, and each
 eviction gathers the kept entries into another: a long chunked prefill or a decode loop allocates
 a fresh cache-sized tensor per layer per forward. Under a budget the layer never holds more than
-budget + the largest forward's new tokens (budget + chunk, or budget + slack + 1), so after its
-first eviction evictkit moves it into a `FixedLayer`: one `[B, H_kv, capacity, D]` buffer per K
-and V, `keys`/`values` being views of its first `n` slots. A forward writes its new tokens into
-the next free slots (`update`), and a compaction writes the kept entries back to the front
-(`FixedLayer.store`), so the memory a layer holds stops following the prompt.
+budget + slack + 1 entries while decoding, so once a layer decodes evictkit holds it in a
+`FixedLayer`: one `[B, H_kv, capacity, D]` buffer per K and V, `keys`/`values` being views of its
+first `n` slots. A decode step writes its token into the next free slot (`update`), and a
+decode-time compaction writes the kept entries back to the front (`FixedLayer.store`), so a step
+moves one token's bytes instead of the whole cache's. Prefill forwards keep transformers' plain
+layer (`store_padded` says why: a buffer with a chunk's room in every layer holds more memory).
 
 It is a `DynamicLayer` of transformers' Cache API, so everything that reads a cache reads it
-unchanged. Its capacity grows (one reallocation) if a later forward brings more tokens than the
-room left, e.g. a long question after the context. Operations it inherits that replace
+unchanged. Its capacity grows if a later forward brings more tokens than the room left (by half
+at least, so a layer that decodes without evicting reallocates rarely), and a compaction that
+leaves more than twice the room the next forward needs shrinks it (the chunks' room is given back
+when decoding starts). Operations it inherits that replace
 `keys`/`values` with new tensors (beam search's `reorder_cache`, `batch_repeat_interleave`,
 `crop`, `offload`) keep working: the next `update` adopts the new tensors into a buffer.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from evictkit.hf import DynamicLayer
+from evictkit.hf import DynamicLayer, dense_layer
 
 
 class FixedLayer(DynamicLayer):
@@ -63,8 +66,8 @@ class FixedLayer(DynamicLayer):
         """Write [B, H_kv, q, D] new entries into the next free slots; returns the views of all n + q."""
         self._own()
         n, q = self._n, key_states.shape[2]
-        if n + q > self.capacity:
-            self._adopt(self.keys, self.values, n + q)
+        if n + q > self.capacity:  # by a quarter at least: a layer that grows without evicting reallocates rarely
+            self._adopt(self.keys, self.values, max(n + q, self.capacity + max(64, self.capacity // 4)))
         self._k[:, :, n:n + q] = key_states
         self._v[:, :, n:n + q] = value_states
         self._set(n + q)
@@ -77,12 +80,15 @@ class FixedLayer(DynamicLayer):
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, headroom: int = 0) -> None:
         """Hold exactly `keys`/`values` [B, H_kv, K, D] (a compaction's result) in the buffer's front,
-        keeping room for `headroom` more; in place unless the shape or the room asks for a new buffer."""
+        keeping room for `headroom` more; in place unless the shape asks for a new buffer, or the room
+        does: too little, or more than twice the headroom left over (a prefill's room for chunks is
+        given back when decoding starts)."""
         self._own()
         if keys is self.keys and values is self.values:
             return  # the layer's own entries: nothing moved
         B, H, K, D = keys.shape
-        if (B, H, D) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]) or K + headroom > self.capacity:
+        room = self.capacity - K
+        if (B, H, D) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]) or not headroom <= room <= 2 * headroom:
             self._adopt(keys, values, K + headroom)
             return
         # the kept entries are a gather's fresh tensors, never views of the buffer: copying is safe
@@ -91,14 +97,31 @@ class FixedLayer(DynamicLayer):
         self._set(K)
 
 
-def store_fixed(cache: Any, li: int, keys: torch.Tensor, values: torch.Tensor, headroom: int) -> None:
-    """Write a compacted layer of the padded storage back into `cache.layers[li]`, as a `FixedLayer`
-    with room for `headroom` more entries (made from the layer the first time)."""
+def store_padded(cache: Any, li: int, keys: torch.Tensor, values: torch.Tensor, headroom: int | None) -> None:
+    """Write a compacted layer of the padded storage back into `cache.layers[li]`: with `headroom`
+    (decoding) as a `FixedLayer` with room for that many more entries, made from the layer the
+    first time; with None (a prefill forward) as a plain layer holding exactly the entries. A
+    prefill chunk needs budget + chunk slots in one layer at a time; a buffer with that room in
+    every layer would hold budget + chunk in all of them for the whole prefill (three times the
+    budget at chunks of 2048 and budget 1024)."""
     layer = cache.layers[li]
-    if isinstance(layer, FixedLayer):
+    if headroom is None:
+        if type(layer) is DynamicLayer:
+            layer.keys, layer.values = keys, values
+        else:
+            cache.layers[li] = dense_layer(keys, values)
+    elif isinstance(layer, FixedLayer):
         layer.store(keys, values, headroom)
     else:
         cache.layers[li] = FixedLayer(keys, values, keys.shape[2] + headroom)
 
 
-__all__ = ["FixedLayer", "store_fixed"]
+def hold_for_decoding(cache: Any, li: int, headroom: int) -> None:
+    """A plain padded layer that decodes becomes a `FixedLayer` (one copy), so the next decode steps
+    write into its free slots instead of concatenating a new cache-sized tensor each."""
+    layer = cache.layers[li]
+    if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+        cache.layers[li] = FixedLayer(layer.keys, layer.values, layer.keys.shape[2] + headroom)
+
+
+__all__ = ["FixedLayer", "hold_for_decoding", "store_padded"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from evictkit.fixed_cache import store_fixed
+from evictkit.fixed_cache import store_padded
 from evictkit.hf import (
     DynamicLayer,
     attention_function,
@@ -232,10 +232,10 @@ class RaggedStore:
         self._caches: list[weakref.ref] = []
 
     def store(self, cache: Any, li: int, module: Any, pad: torch.Tensor | None, keys: torch.Tensor,
-              values: torch.Tensor, headroom: int = 0) -> None:
+              values: torch.Tensor, headroom: int | None = None) -> None:
         """Ragged (flattened, one length per head) when the layer's heads differ and the varlen
-        path serves this model, else in the padded layout, in a fixed-capacity layer with room for
-        `headroom` more entries (evictkit.fixed_cache)."""
+        path serves this model, else in the padded layout (`store_padded`: while decoding, a
+        fixed-capacity layer with room for `headroom` more entries)."""
         if pad is not None and self.layout == "varlen" and serves(module.config):
             if not self._on:  # the first ragged layer of this block
                 self._attention.enter_context(use_varlen_attention(module.config))
@@ -244,7 +244,7 @@ class RaggedStore:
                 self._caches.append(weakref.ref(cache))
             cache.layers[li] = RaggedLayer.from_padded(keys, values, pad)
         else:
-            store_fixed(cache, li, keys, values, headroom)
+            store_padded(cache, li, keys, values, headroom)
 
     def close(self) -> None:
         """Give every cache made ragged its padded layout back (outside the block the model's own

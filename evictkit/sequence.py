@@ -25,7 +25,7 @@ from torch import nn
 from evictkit import ragged, rows
 from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import Policy
-from evictkit.fixed_cache import store_fixed
+from evictkit.fixed_cache import hold_for_decoding, store_padded
 from evictkit.hf import Forward, attention_modules, attn_implementation, cache_in, is_sliding, new_cache
 from evictkit.layout import view_of
 from evictkit.ragged_cache import RaggedStore
@@ -300,7 +300,9 @@ class Sequence:
             )
             phase, evicted = result.phase, result.selection is not None
             if evicted:
-                run.store.store(cache, li, module, st.pad, result.keys, result.values, self._headroom(q, T == q))
+                run.store.store(cache, li, module, st.pad, result.keys, result.values, self._headroom(q))
+        if q == 1 and not evicted:
+            hold_for_decoding(cache, li, run.step.slack + 1)
         after = view_of(cache.layers[li], st.pad)
         st.last_keys = after.newest_keys().clone()
         self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots, entries=after.real_entries(),
@@ -333,7 +335,9 @@ class Sequence:
             as_decode=self.as_decode, guard=run.guard,
         )
         if keys is not layer.keys:
-            store_fixed(cache, li, keys, values, self._headroom(q, T == q))
+            store_padded(cache, li, keys, values, self._headroom(q))
+        elif q == 1:
+            hold_for_decoding(cache, li, run.step.slack + 1)
         after = view_of(cache.layers[li], st.pad)
         st.last_keys = after.newest_keys().clone()
         started = [r for r in st.rows or () if r is not None]
@@ -341,12 +345,10 @@ class Sequence:
         self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots,
                      entries=after.real_entries(), seen=max((r.seen for r in started), default=0))
 
-    def _headroom(self, q: int, first: bool) -> int:
-        """Room a compacted layer keeps for the next forward: what decoding adds before the next
-        eviction (slack + 1), or, after a continuation of q tokens (a prefill chunk, which the next
-        one likely matches), q. A sequence's first forward may be its whole prompt: it asks for no
-        more than decoding (a second chunk then grows the buffer once)."""
-        return max(self.run.step.slack + 1, 1 if first else q)
+    def _headroom(self, q: int) -> int | None:
+        """Room a layer compacted by a forward of q tokens keeps: None after a prefill forward (a
+        plain layer: evictkit.fixed_cache.store_padded says why), slack + 1 after a decode step."""
+        return None if q > 1 else self.run.step.slack + 1
 
     # --- the books -----------------------------------------------------------------------------
     def _start_layer(self, li: int, budget: int) -> LayerState:

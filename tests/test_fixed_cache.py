@@ -1,4 +1,4 @@
-"""Fixed-capacity cache layers (evictkit.fixed_cache): one buffer per layer and sequence, written in place."""
+"""Fixed-capacity cache layers (evictkit.fixed_cache): while decoding, one buffer per layer, written in place."""
 
 import pytest
 import torch
@@ -40,8 +40,20 @@ def test_capacity_grows_when_a_forward_brings_more_than_the_room_left():
     keys, values = _kv()
     fixed = FixedLayer(keys, values, capacity=6)
     k, v = _kv(n=4, seed=3)
-    fixed.update(k, v)
-    assert fixed.capacity == 9 and torch.equal(fixed.keys[:, :, 5:], k) and torch.equal(fixed.keys[:, :, :5], keys)
+    fixed.update(k, v)  # 9 > 6: grown by 64 slots at least (a quarter for large layers), not one at a time
+    assert fixed.capacity == 6 + 64 and torch.equal(fixed.keys[:, :, 5:], k) and torch.equal(fixed.keys[:, :, :5], keys)
+    buffer = fixed.keys.data_ptr()
+    fixed.update(*_kv(n=1, seed=5))
+    assert fixed.keys.data_ptr() == buffer and fixed.get_seq_length() == 10
+
+
+def test_a_compaction_gives_back_room_it_no_longer_needs():
+    keys, values = _kv(n=9)
+    fixed = FixedLayer(keys, values, capacity=9)
+    fixed.store(keys[:, :, :4].clone(), values[:, :, :4].clone(), headroom=1)  # 5 spare slots > 2 x 1
+    assert fixed.capacity == 5 and torch.equal(fixed.keys, keys[:, :, :4])
+    fixed.store(keys[:, :, 1:4].clone(), values[:, :, 1:4].clone(), headroom=1)  # 2 spare slots: kept
+    assert fixed.capacity == 5 and fixed.get_seq_length() == 3
 
 
 @pytest.mark.parametrize("op,arg", [("reorder_cache", torch.tensor([1, 1])), ("batch_repeat_interleave", 2),
@@ -71,19 +83,20 @@ def model():
 
 
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_a_compressed_sequence_keeps_one_buffer_per_layer(model, chunk):
-    """After the first eviction every managed layer is a FixedLayer holding at most budget + the
-    largest forward; decode steps (phase='both', slack 3) write into it without a new buffer."""
+def test_a_decoding_sequence_keeps_one_buffer_per_layer(model, chunk):
+    """A prefill leaves transformers' plain layers (each compacted to its budget); the first decode
+    step holds each in a FixedLayer, and later decode steps (phase='both', slack 3: evictions
+    every few steps) write into it without a new buffer."""
     ids, budget, slack = prompt_ids(70), 24, 3
     with torch.no_grad(), evictkit.compress(model, "snapkv", budget=budget, window=4, phase="both", slack=slack,
                                             prefill_chunk=chunk):
         cache = new_cache(model)
         logits = model(ids, **cache_arg(model, cache)).logits[:, -1]
-        layers = list(cache.layers)
-        assert all(isinstance(layer, FixedLayer) for layer in layers)
-        # one-shot: room for decoding only; chunked: for one more chunk (the next forward's size)
-        assert all(layer.capacity == budget + (chunk or slack + 1) for layer in layers)
-        buffers = [layer._k.data_ptr() for layer in layers]
+        assert all(type(layer) is DynamicLayer and layer.get_seq_length() == budget for layer in cache.layers)
+        logits = model(logits.argmax(-1)[:, None], **cache_arg(model, cache)).logits[:, -1]
+        assert all(isinstance(layer, FixedLayer) and layer.capacity == budget + 1 + slack + 1
+                   for layer in cache.layers)
+        buffers = [layer._k.data_ptr() for layer in cache.layers]
         for _ in range(12):
             logits = model(logits.argmax(-1)[:, None], **cache_arg(model, cache)).logits[:, -1]
         assert [layer._k.data_ptr() for layer in cache.layers] == buffers
