@@ -31,6 +31,9 @@ from evictkit.hf import DynamicLayer, dense_layer
 class FixedLayer(DynamicLayer):
     """A padded-storage cache layer in a preallocated buffer; `keys`/`values` [B, H_kv, n, D] are views."""
 
+    keys: torch.Tensor  # never None: made from entries, emptied by `reset` in place
+    values: torch.Tensor
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         super().__init__()
         self.device = keys.device
@@ -120,8 +123,9 @@ def hold_for_decoding(cache: Any, li: int, headroom: int) -> None:
     """A plain padded layer that decodes becomes a `FixedLayer` (one copy), so the next decode steps
     write into its free slots instead of concatenating a new cache-sized tensor each."""
     layer = cache.layers[li]
-    if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-        cache.layers[li] = FixedLayer(layer.keys, layer.values, layer.keys.shape[2] + headroom)
+    keys, values = layer.keys, layer.values
+    if type(layer) is DynamicLayer and keys is not None and values is not None and keys.numel():
+        cache.layers[li] = FixedLayer(keys, values, keys.shape[2] + headroom)
 
 
 __all__ = ["FixedLayer", "hold_for_decoding", "store_padded"]

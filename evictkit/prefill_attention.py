@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -128,7 +128,7 @@ class PrefillScope:
                 _SCOPES[m] = self
         try:
             for config in configs.values():
-                impl = attn_implementation(config)
+                impl = cast(str, attn_implementation(config))  # one of SUPPORTED_IMPLS, checked above
                 self._stack.enter_context(attention_function(config, f"evictkit_prefill_{impl}", _function(impl),
                                                              masks_like=impl))
         except BaseException:

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -166,8 +166,8 @@ def compute_stats(model: nn.Module, prompts: Sequence[Sequence[int]], *, generat
     for p in prompts:
         ids = torch.tensor([list(p)], device=device)
         if generate:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=generate, do_sample=False,
-                                 eos_token_id=list(eos) or None, pad_token_id=0)
+            out = cast(Any, model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=generate,
+                                            do_sample=False, eos_token_id=list(eos) or None, pad_token_id=0)
             ids = out[:, : ids.shape[1] + generate]
         if ids.shape[1] <= skip_first:
             continue

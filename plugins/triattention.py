@@ -116,7 +116,8 @@ def trig_scores(keys: torch.Tensor, positions: torch.Tensor, t: torch.Tensor, q_
             trig = s if trig is None else torch.maximum(trig, s)
     qa = q_abs.float()[:, :, None, :]
     extra = (qa - q_mean.abs().float()[:, :, None, :]) if mlr else qa
-    return trig + s2 * (extra * k.abs()).sum(-1)
+    magnitude = s2 * (extra * k.abs()).sum(-1)
+    return magnitude if trig is None else trig + magnitude
 
 
 def normalise(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

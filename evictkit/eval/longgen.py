@@ -104,7 +104,7 @@ def parse_fields(text: str) -> tuple[str, str]:
     parts = tuple(p.strip() for p in text.split(","))
     if len(parts) != 2 or not all(parts):
         raise ValueError(f"--gen-fields {text!r}: give two field names, QUESTION,ANSWER (e.g. problem,answer)")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def make_sample(task: str, index: int, codec: Codec, *, data: str | os.PathLike | None,

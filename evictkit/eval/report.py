@@ -319,7 +319,8 @@ def _cache_over_generation(path: Path, rows: Sequence[dict]) -> Path | None:
         if not rs:
             continue
         out = _mean(r.get("output_tokens") for r in rs) or 0.0
-        ys = [_mean(r["cache_trace"][k] for r in rs) for k in range(len(TRACE_POINTS))]
+        means = (_mean(r["cache_trace"][k] for r in rs) for k in range(len(TRACE_POINTS)))
+        ys = [float("nan") if m is None else m for m in means]  # nan: a gap in the line
         ax.plot([f * out for f in TRACE_POINTS], ys, marker=_MARKERS[i % len(_MARKERS)],
                 linestyle=_STYLES[i % len(_STYLES)], label=f"{p} @ {_budget_label(b)}")
         drawn = True

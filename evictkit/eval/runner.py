@@ -366,6 +366,7 @@ def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: Eval
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         budget = 1.0 if v.budget is None else v.budget
+        res: engine.Outcome
         if sample.metric == longgen.METRIC:  # long generation: eviction at prefill and decode, sizes traced
             res = longgen.run_variant(model, v.policy, budget, sample, pre if engine.can_share(v.policy) else None,
                                       device=device, eos=codec.eos_ids, slack=config.slack)
