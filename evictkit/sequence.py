@@ -299,7 +299,9 @@ class Sequence:
                 as_decode=self.as_decode, guard=run.guard,
             )
             phase, evicted = result.phase, result.selection is not None
-            if evicted:
+            # a head-padded layer is stored again even when nothing was evicted: the varlen layout
+            # takes it back after a block's exit gave it the padded one (RaggedStore.close)
+            if evicted or (st.pad is not None and not view.costly_to_read):
                 run.store.store(cache, li, module, st.pad, result.keys, result.values, self._headroom(q))
         if q == 1 and not evicted:
             hold_for_decoding(cache, li, run.step.slack + 1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import evictkit
-from evictkit.hf import cache_of
+from evictkit.hf import cache_arg, cache_of
 from evictkit.ragged_cache import RaggedLayer
 from evictkit.specs.tiny import tiny_model
 
@@ -98,3 +98,17 @@ def test_smollm2_generates_the_same_tokens_in_both_layouts(budget):
                 outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                            do_sample=False))
         assert torch.equal(outs[0], outs[1]), budget
+
+
+def test_the_varlen_layout_comes_back_when_a_block_is_entered_again(ids):
+    """A block's exit gives the cache its padded layout; decoding in the block again (no eviction)
+    stores each head-padded layer ragged again, one length per head."""
+    model = tiny_model(layers=2)
+    comp = evictkit.compress(model, "adakv", budget=12, window=4)
+    with comp, torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache = cache_of(out)
+    assert not any(isinstance(layer, RaggedLayer) for layer in cache.layers)  # padded outside the block
+    with comp, torch.no_grad():
+        model(out.logits[:, -1:].argmax(-1), use_cache=True, **cache_arg(model, cache))
+        assert all(isinstance(layer, RaggedLayer) for layer in cache.layers)
