@@ -15,6 +15,7 @@ its own package; none imports the core's other modules (tests/test_contract.py c
 
 from evictkit.attention import attention_column_sums, attention_weights, project_queries
 from evictkit.contract import RaggedSelection
+from evictkit.hf import rotary_class
 from evictkit.positions import POSITION_MODES
 from evictkit.selection import GQA_REDUCTIONS, POOLS, pool1d, reduce_gqa, select_topk
 from evictkit.validators import a_bool, int_at_least, odd_kernel, one_of
@@ -33,5 +34,6 @@ __all__ = [
     "pool1d",
     "project_queries",
     "reduce_gqa",
+    "rotary_class",
     "select_topk",
 ]

@@ -230,3 +230,17 @@ class Forward:
 __all__ = ["CACHE_KWARGS", "DynamicCache", "DynamicLayer", "Forward", "attention_function", "attention_modules",
            "attn_implementation", "cache_arg", "cache_in", "cache_kwarg", "cache_of", "check_model", "dense_layer",
            "is_sliding", "mask_query_length", "new_cache", "own_attention", "sliding_layers"]
+
+
+def rotary_class(module: nn.Module, who: str) -> type:
+    """The rotary embedding class an attention module's modeling file defines (`LlamaAttention` ->
+    `LlamaRotaryEmbedding`, or the file's only one); ValueError naming `who` when there is none."""
+    space = sys.modules[type(module).__module__]
+    cls = getattr(space, type(module).__name__.replace("Attention", "RotaryEmbedding"), None)
+    if cls is None:
+        found = [v for k, v in vars(space).items() if k.endswith("RotaryEmbedding") and isinstance(v, type)]
+        cls = found[0] if len(found) == 1 else None
+    if cls is None:
+        raise ValueError(f"{who}: no rotary embedding class beside {type(module).__name__} in {space.__name__}; "
+                         "it needs RoPE attention in the transformers style")
+    return cls

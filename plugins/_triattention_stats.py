@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import attrs
 import torch
 from torch import nn
+
+from evictkit.helpers import rotary_class
 
 FORMAT = "evictkit.triattention-stats"
 VERSION = 1
@@ -83,16 +84,7 @@ def layer_rope(module: nn.Module) -> tuple[torch.Tensor, float]:
     rotary embedding class its modeling file defines (per layer type where the model has several,
     as Gemma 3). ValueError for a RoPE TriAttention cannot invert: length-dependent frequencies
     (dynamic, longrope) or partial rotary dimensions."""
-    space = sys.modules[type(module).__module__]
-    name = type(module).__name__.replace("Attention", "RotaryEmbedding")
-    cls = getattr(space, name, None)
-    if cls is None:
-        found = [v for k, v in vars(space).items() if k.endswith("RotaryEmbedding") and isinstance(v, type)]
-        cls = found[0] if len(found) == 1 else None
-    if cls is None:
-        raise ValueError(f"triattention: no rotary embedding class beside {type(module).__name__} in "
-                         f"{space.__name__}; it needs RoPE attention in the transformers style")
-    rope = cls(config=module.config)
+    rope = rotary_class(module, "triattention")(config=module.config)
     types = getattr(module.config, "layer_types", None)
     kind = types[module.layer_idx] if types else None
     inv_freq = getattr(rope, f"{kind}_inv_freq", None) if kind else None

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from typing import Any, ClassVar
 
 import attrs
@@ -55,7 +54,7 @@ import torch
 from torch import nn
 
 from evictkit import Needs, Observation, ScorePolicy, hookimpl
-from evictkit.helpers import a_bool, int_at_least
+from evictkit.helpers import a_bool, int_at_least, rotary_class
 
 
 def _nonnegative(_inst: object, attr: attrs.Attribute, value: object) -> None:
@@ -74,18 +73,7 @@ def prerope_queries(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 def rotary_for(module: nn.Module) -> nn.Module:
     """The model's rotary embedding, rebuilt from the attention module's config with the class that
     its modeling file defines (`LlamaAttention` -> `LlamaRotaryEmbedding`, or the file's only one)."""
-    space = sys.modules[type(module).__module__]
-    name = type(module).__name__.replace("Attention", "RotaryEmbedding")
-    cls = getattr(space, name, None)
-    if cls is None:
-        found = [v for k, v in vars(space).items() if k.endswith("RotaryEmbedding") and isinstance(v, type)]
-        cls = found[0] if len(found) == 1 else None
-    if cls is None:
-        raise ValueError(
-            f"expected_attention: no rotary embedding class beside {type(module).__name__} in {space.__name__}; "
-            "it needs RoPE attention in the transformers style"
-        )
-    return cls(config=module.config)
+    return rotary_class(module, "expected_attention")(config=module.config)
 
 
 def future_cos_sin(module: nn.Module, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
