@@ -52,7 +52,9 @@ def attention_weights(
 
     queries: [B, H_q, w, D]; keys: [B, H_kv, T, D]; query_positions: [B, w];
     key_positions: [B, H_kv, T]. A key is visible when its position <= the query's.
-    key_mask: optional [B, H_kv, T] bool, False hides a key (padding slots of ragged layers).
+    key_mask: optional [B, H_kv, T] bool, False hides a key (padding slots of ragged layers and
+    padded batches). With a mask, a query at position -1 (a padded batch's padding query) gets a
+    row of zeros: it attends to nothing.
     returns [B, H_q, w, T] (float32).
     """
     B, Hq, w, D = queries.shape
@@ -68,7 +70,10 @@ def attention_weights(
     if key_mask is not None:
         hidden = hidden | ~key_mask[:, :, None, None, :]
     logits.masked_fill_(hidden, float("-inf"))
-    return torch.softmax(logits, dim=-1).view(B, Hq, w, T)
+    probs = torch.softmax(logits, dim=-1)
+    if key_mask is not None:  # a padding query sees no key: its softmax is 0/0, made 0
+        probs.masked_fill_((query_positions < 0)[:, None, None, :, None], 0.0)
+    return probs.view(B, Hq, w, T)
 
 
 # fp32 elements of one chunk of attention rows [B, H_q, chunk, T]: 64 MiB

@@ -98,6 +98,13 @@ class Needs:
     extra_passes: needs forward passes of its own beyond the model's (KVzip; no built-in today).
     ragged_heads: its per-head kept counts can differ within a layer (AdaKV's RaggedSelection);
         an engine with one block table per layer refuses it.
+
+    padding: the policy honours padding (evictkit.padded): its scores of real entries do not
+        depend on the padding slots (`obs.valid` False, true position -1) or padding queries
+        (query and window positions -1), it never keeps a padding slot, and the slots it
+        protects as sinks are each head's first real ones (`select_topk(..., valid=obs.valid)`
+        does all of this for a score). A left-padded batch is then stepped as one; otherwise
+        row by row, which the kit's batch law checks the same way.
     """
 
     window: int = attrs.field(default=0, validator=_validate_window)
@@ -109,6 +116,7 @@ class Needs:
     attention_weights: bool = attrs.field(default=False, validator=_validate_flag)
     extra_passes: bool = attrs.field(default=False, validator=_validate_flag)
     ragged_heads: bool = attrs.field(default=False, validator=_validate_flag)
+    padding: bool = attrs.field(default=False, validator=_validate_flag)
 
     def __attrs_post_init__(self) -> None:
         if self.attention_weights and not self.queries:
@@ -133,7 +141,7 @@ TAGS = ("kv_only", "window_queries", "queries", "layer_weights", "attention_weig
 #: the tags that say what a policy reads (all of TAGS but "ragged_heads")
 READ_TAGS = TAGS[:-1]
 #: the Needs fields that are capability flags only (shown as tags, not as needs, by `evictkit list`)
-FLAG_FIELDS = ("queries", "layer_weights", "attention_weights", "extra_passes", "ragged_heads")
+FLAG_FIELDS = ("queries", "layer_weights", "attention_weights", "extra_passes", "ragged_heads", "padding")
 
 
 def capabilities(policy: Policy) -> dict[str, Any]:
@@ -340,7 +348,7 @@ class ScorePolicy(Policy):
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor | RaggedSelection:
         sinks, window = self.protected()
-        return select_topk(self.score(obs), budget, sinks=sinks, window=window, policy=self.name)
+        return select_topk(self.score(obs), budget, sinks=sinks, window=window, policy=self.name, valid=obs.valid)
 
 
 def params_of(cls: type) -> dict[str, attrs.Attribute]:

@@ -47,9 +47,13 @@ def pool1d(scores: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
 
 
 def select_topk(
-    scores: torch.Tensor, k: int, *, sinks: int = 0, window: int = 0, policy: str = "policy"
+    scores: torch.Tensor, k: int, *, sinks: int = 0, window: int = 0, policy: str = "policy",
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Keep the top-`k` of `scores` [B, H, T] plus the protected slots; returns sorted [B, H, min(k, T)].
+
+    valid: [B, H, T] bool, False on leading padding slots (`Observation.valid`): they are never
+    kept while a real entry is left out, and the `sinks` are the first real slots of each head.
 
     Ties are broken toward the more recent slot. NaN scores raise ValueError. Scores are compared
     in fp32 (`scores.float()`; an fp64 score is rounded to fp32), so the result does not depend on
@@ -63,6 +67,14 @@ def select_topk(
     s = scores.float()
     if torch.isnan(s).any():
         raise ValueError(f"policy {policy!r} returned NaN scores; eviction needs a total order")
+    if valid is not None:
+        # padding below every real score; sinks counted from each head's first real slot
+        s = s.masked_fill(~valid, float("-inf"))
+        if sinks:
+            first = (~valid).sum(-1, keepdim=True)  # padding is a leading prefix
+            slots = torch.arange(T, device=s.device)
+            s = s.masked_fill((slots >= first) & (slots < first + sinks), float("inf"))
+            sinks = 0
     if sinks or window:
         s = s.clone()
         if sinks:

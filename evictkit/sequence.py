@@ -22,7 +22,7 @@ import attrs
 import torch
 from torch import nn
 
-from evictkit import ragged, rows
+from evictkit import padded, ragged, rows
 from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import Policy
 from evictkit.fixed_cache import hold_for_decoding, store_padded
@@ -111,14 +111,22 @@ class Sequence:
 
     def rows_seen(self, empty: bool, batch: int) -> torch.Tensor:
         """[B] real tokens each row has seen so far (the next one's true position)."""
-        rows_ = None if empty else self.rows()
-        if rows_ is not None:
-            return torch.tensor([0 if r is None else r.seen for r in rows_])
+        if not empty:
+            st = next((s for s in self.layers.values() if s.row_seen is not None), None)
+            if st is not None:
+                return cast(torch.Tensor, st.row_seen).cpu()
+            rows_ = self.rows()
+            if rows_ is not None:
+                return torch.tensor([0 if r is None else r.seen for r in rows_])
         return torch.full((batch,), 0 if empty else (self.seen() or 0), dtype=torch.long)
 
     def rows(self) -> list[LayerState | None] | None:
-        """A left-padded batch's per-row states (None: not a padded batch)."""
+        """A left-padded batch's per-row states, when it is stepped row by row (None: it is not)."""
         return next((s.rows for s in self.layers.values() if s.rows is not None), None)
+
+    def padded(self) -> bool:
+        """Whether this sequence is a left-padded batch (stepped as one or row by row)."""
+        return any(s.rows is not None or s.row_seen is not None for s in self.layers.values())
 
     def position_ids(self, bound: dict, tokens: torch.Tensor, empty: bool, forward: Forward) -> torch.Tensor | None:
         """True `position_ids` for a forward that would number its tokens wrongly (None: leave it):
@@ -126,8 +134,7 @@ class Sequence:
         (the model would count from the compacted cache), and in "shift" mode from the cache length."""
         q, device = tokens.shape[1], tokens.device
         shift = self.run.step.inv_freq is not None
-        rows_ = None if empty else self.rows()
-        if self.new_pad is not None or rows_ is not None:  # a left-padded batch (evictkit.rows)
+        if self.new_pad is not None or (not empty and self.padded()):  # a left-padded batch
             if shift:
                 raise ValueError(f"policy {self.run.name!r} with positions='shift' does not support padded batches")
             if bound.get("position_ids") is not None or not forward.takes("position_ids"):
@@ -222,7 +229,7 @@ class Sequence:
             return None
         mask, q = kwargs.get("attention_mask"), hidden.shape[1]
         # a padded batch's own mask hides the slots where its padding was, wherever entries are now
-        if st.pad is None and st.rows is None and self.new_pad is None and not (
+        if st.pad is None and st.rows is None and st.row_seen is None and self.new_pad is None and not (
                 isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
             return None
         return {**kwargs, "attention_mask": ragged.attention_mask(
@@ -259,9 +266,14 @@ class Sequence:
         T, q = view.slots, hidden.shape[1]
         if st is not None and T > q:  # beam search may have reordered the rows since the last step
             follow_rows(st, view.newest_keys(q))
+        is_padded = (T == q and self.new_pad is not None) or (
+            st is not None and T != q and (st.rows is not None or st.row_seen is not None or self.new_pad is not None))
+        if is_padded and run.step.needs.padding and (st is None or T == q or st.rows is None):
+            self._padded_step(module, cache, st, hidden, kwargs)
+            return
         if st is not None and T != q and st.rows is None and self.new_pad is not None:
             rows.split_rows(st)  # a batch stepped as one gets padding among its new tokens
-        if (T == q and self.new_pad is not None) or (st is not None and st.rows is not None and T != q):
+        if is_padded:
             self._rows_step(module, cache, st, hidden, kwargs)
             return
         if T == q or st is None:  # the layer's first forward of this sequence
@@ -310,24 +322,62 @@ class Sequence:
         self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots, entries=after.real_entries(),
                      seen=st.seen)
 
-    def _rows_step(self, module: Any, cache: Any, st: LayerState | None, hidden: torch.Tensor, kwargs: dict) -> None:
-        """A left-padded batch: each row stepped alone on its view of the layer (evictkit.rows)."""
+    def _padded_step(self, module: Any, cache: Any, st: LayerState | None, hidden: torch.Tensor,
+                     kwargs: dict) -> None:
+        """A left-padded batch of a policy that honours padding: stepped as one (evictkit.padded)."""
         run, li = self.run, module.layer_idx
-        layer = cache.layers[li]
-        T, q = layer.keys.shape[2], hidden.shape[1]
-        new_pad = self.new_pad.tolist() if self.new_pad is not None else [0] * layer.keys.shape[0]
-        index = run.layers.index(li)
         if run.step.inv_freq is not None:
             raise ValueError(f"policy {run.name!r} with positions='shift' does not support padded batches")
+        keys, values = view_of(cache.layers[li], None if st is None else st.pad).kv()
+        stored = keys
+        B, _, T, _ = keys.shape
+        q = hidden.shape[1]
         if st is None or T == q:  # the layer's first forward of this sequence
             st = self._start_layer(li, budget=0)
-            st.rows, st.offsets = rows.start_rows(layer.keys.shape[0])
-        known, pad_before = self.prompt, self.pad_before
+        if st.row_seen is None:  # a batch stepped as one so far, every row started
+            padded.start(st, B, st.seen, st.budget, keys.device)
+        new_pad = self.new_pad if self.new_pad is not None else torch.zeros(B, dtype=torch.long)
+        keys, values, phase, evicted = padded.padded_step(
+            run.step, st, module=module, layer_idx=li, n_layers=len(run.layers), keys=keys, values=values,
+            hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
+            position_ids=kwargs.get("position_ids"), new_pad=new_pad, row_budget=self._row_budget(li),
+            as_decode=self.as_decode, guard=run.guard,
+        )
+        if keys is not stored:
+            store_padded(cache, li, keys, values, self._headroom(q))
+        elif q == 1:
+            hold_for_decoding(cache, li, run.step.slack + 1)
+        after = view_of(cache.layers[li], st.pad)
+        st.last_keys = after.newest_keys().clone()
+        self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots,
+                     entries=after.real_entries(), seen=st.seen)
+
+    def _row_budget(self, li: int) -> Callable[[int, int], int]:
+        """row_budget(b, length): row b's budget in layer li for a prompt of `length` real tokens
+        (the whole prompt's, when evictkit's chunker knew it)."""
+        run, known, pad_before = self.run, self.prompt, self.pad_before
+        index = run.layers.index(li)
 
         def row_budget(b: int, length: int) -> int:
             if known is not None and pad_before is not None:  # the chunker saw the row's whole prompt
                 length = known - int(pad_before[b])
             return run.schedule(length)[index]
+
+        return row_budget
+
+    def _rows_step(self, module: Any, cache: Any, st: LayerState | None, hidden: torch.Tensor, kwargs: dict) -> None:
+        """A left-padded batch of a policy that has not declared `Needs.padding`: each row stepped
+        alone on its view of the layer (evictkit.rows)."""
+        run, li = self.run, module.layer_idx
+        layer = cache.layers[li]
+        T, q = layer.keys.shape[2], hidden.shape[1]
+        new_pad = self.new_pad.tolist() if self.new_pad is not None else [0] * layer.keys.shape[0]
+        if run.step.inv_freq is not None:
+            raise ValueError(f"policy {run.name!r} with positions='shift' does not support padded batches")
+        if st is None or T == q:  # the layer's first forward of this sequence
+            st = self._start_layer(li, budget=0)
+            st.rows, st.offsets = rows.start_rows(layer.keys.shape[0])
+        row_budget = self._row_budget(li)
 
         phase = phase_of(st, q, self.as_decode)
         keys, values, evicted = rows.rows_step(

@@ -50,6 +50,9 @@ class LayerState:
     # and where each row's view of the layer starts
     rows: list[LayerState | None] | None = None
     offsets: list[int] | None = None
+    # a left-padded batch stepped as one (evictkit.padded): real tokens seen and budget per row [B]
+    row_seen: torch.Tensor | None = None
+    row_budgets: torch.Tensor | None = None
     # [B, H_kv, D] the newest cached key of each row after the last step: a row that moved
     # between forwards (beam search's reorder_cache) is found by it (evictkit.step.follow_rows)
     last_keys: torch.Tensor | None = None
@@ -165,6 +168,9 @@ def reorder_rows(st: LayerState, perm: torch.Tensor) -> None:
         st.offsets = [st.offsets[i] for i in idx]
     if st.last_keys is not None:
         st.last_keys = st.last_keys[perm.to(st.last_keys.device)]
+    if st.row_seen is not None and st.row_budgets is not None:
+        on = perm.to(st.row_seen.device)
+        st.row_seen, st.row_budgets = st.row_seen[on], st.row_budgets[on]
 
 
 def _copy_row(row: LayerState | None) -> LayerState | None:

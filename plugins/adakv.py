@@ -193,7 +193,7 @@ class AdaKV(ScorePolicy):
         return cast(ScorePolicy, evictkit.policy(cast(str, self.scorer), window=self.window, **options))
 
     def needs(self) -> Needs:
-        return attrs.evolve(self._base.needs(), ragged_heads=True)
+        return attrs.evolve(self._base.needs(), ragged_heads=True, padding=False)  # padding: not yet
 
     def protected(self) -> tuple[int, int]:
         return self._base.protected()

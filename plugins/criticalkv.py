@@ -124,7 +124,8 @@ class CriticalKV(Policy):
         object.__setattr__(self, "_base", base)
 
     def needs(self) -> Needs:
-        return attrs.evolve(self._base.needs(), layer_weights=True)  # o_proj, besides the scorer's reads
+        # o_proj, besides the scorer's reads; its two-stage selection does not skip padding yet
+        return attrs.evolve(self._base.needs(), layer_weights=True, padding=False)
 
     def protected(self) -> tuple[int, int]:
         return self._base.protected()

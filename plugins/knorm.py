@@ -29,7 +29,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit import Observation, ScorePolicy, hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
 from evictkit.helpers import int_at_least
 
 
@@ -51,6 +51,9 @@ class KNorm(ScorePolicy):
 
     sinks: int = attrs.field(default=0, validator=int_at_least(0))
     window: int = attrs.field(default=0, validator=int_at_least(0))
+
+    def needs(self) -> Needs:
+        return Needs(padding=True)  # a key's score is its own; select_topk skips padding
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, self.window)

@@ -81,7 +81,7 @@ class SnapKV(ScorePolicy):
     gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))
 
     def needs(self) -> Needs:
-        return Needs(window=self.window)
+        return Needs(window=self.window, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)

@@ -65,7 +65,8 @@ def test_the_contract_is_nine_members():
     assert public - set(MOVED) - set(EVAL_ONLY) == CONTRACT
     # the capability flags are Needs fields too, not members (tests/test_capabilities.py)
     assert set(attrs.fields_dict(Needs)) == {"window", "queries", "positions", "may_evict_newest", "exact_budget",
-                                             "layer_weights", "attention_weights", "extra_passes", "ragged_heads"}
+                                             "layer_weights", "attention_weights", "extra_passes", "ragged_heads",
+                                             "padding"}
 
 
 #: the built-ins this contract was cut with (built-ins added since have their own tests)
