@@ -10,6 +10,9 @@ the reference's per-token mode (`eval_long_ppl.py`) does.
 
 Defaults: sinks=4 (the paper's), positions="absolute".
 
+Padded batches (evictkit.padded): the sinks count from each head's first real slot, so a row
+keeps what it keeps alone; positions="shift" refuses padded batches (the core does).
+
 positions:
 - "absolute" (default): keys stay at their true (post-RoPE) positions and new tokens get their
   true positions, as in KVCache-Factory and kvpress. Not the paper's setting.
@@ -50,19 +53,28 @@ class StreamingLLM(Policy):
     positions: str = attrs.field(default="absolute", validator=attrs.validators.in_(POSITION_MODES))
 
     def needs(self) -> Needs:
-        return Needs(positions=self.positions)
+        return Needs(positions=self.positions, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        """[B, H_kv, min(budget, T)]: each head's first `sinks` real slots and its newest ones."""
         B, H, T = obs.positions.shape
         device = obs.keys.device
         if budget >= T:
             return torch.arange(T, device=device).expand(B, H, T)
         recent = budget - self.sinks
-        idx = torch.cat([torch.arange(self.sinks, device=device), torch.arange(T - recent, T, device=device)])
-        return idx.expand(B, H, budget)
+        tail = torch.arange(T - recent, T, device=device)
+        if obs.valid is None:
+            idx = torch.cat([torch.arange(self.sinks, device=device), tail])
+            return idx.expand(B, H, budget)
+        # A head with more real entries than the budget (any that evicts) has its first real slot
+        # at most T - budget, so its sinks end before the recent window. The clamp only keeps
+        # the (unused) selection of a head with fewer real entries strictly increasing.
+        first = (~obs.valid).sum(-1).clamp(max=T - budget)  # [B, H]
+        sinks = first[..., None] + torch.arange(self.sinks, device=device)
+        return torch.cat([sinks, tail.expand(B, H, recent)], dim=-1)
 
 
 @hookimpl
