@@ -92,7 +92,15 @@ def padded_step(
     active = p < q  # rows with a real new token
     if st.row_seen is None or st.row_budgets is None:
         start(st, B, 0, 0, device)
-    phase = phase_of(st, q, as_decode)
+    # each row's phase, as alone (evictkit.step.phase_of): its first real tokens are a prefill,
+    # and so is a continuation of several real tokens unless as_decode
+    prefill = (cast(torch.Tensor, st.row_seen) == 0) | ((q - p > 1) & (not as_decode))
+    # the Observation's phase: "prefill" when any row's is (a one-token question beside longer
+    # ones); the core decides eviction, and the slack, per row
+    if bool(active.any()):
+        phase = "prefill" if bool((prefill & active).any()) else "decode"
+    else:
+        phase = phase_of(st, q, as_decode)
     _budgets(st, p, q, row_budget)
 
     keys, values, new_pos = _append(cfg, st, keys, values, position_ids, p, q, H)
@@ -113,10 +121,11 @@ def padded_step(
     _observe(cfg, st, obs, guard, active)
 
     budgets = cast(torch.Tensor, st.row_budgets)  # set by start()
-    limit = budgets + (cfg.slack if phase == "decode" else 0)
+    limit = budgets + torch.where(prefill, 0, cfg.slack)
     real = (cast(torch.Tensor, st.positions) >= 0).sum(-1)  # [B, H]
-    evicting = active & (real.sum(-1) > H * limit) & (budgets > 0)
-    if phase not in cfg.phases or not bool(evicting.any()):
+    in_phase = (prefill & ("prefill" in cfg.phases)) | (~prefill & ("decode" in cfg.phases))
+    evicting = active & (real.sum(-1) > H * limit) & (budgets > 0) & in_phase
+    if not bool(evicting.any()):
         return keys, values, phase, False
     kept = _kept(cfg, st, obs, guard, evicting)
     keys, values = _compact(st, keys, values, kept)
