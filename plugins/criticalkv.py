@@ -18,6 +18,8 @@ always kept; its `needs`, `protected`, `check_budget`, `layer_budget` and `obser
 policy's own, so `criticalkv` over `pyramidkv` keeps the pyramid's per-layer budgets. It reads
 the layer's `o_proj` weight besides what the scorer reads; the value projection is computed in
 fp32, one query head at a time ([B, T, hidden] each).
+Padded batches: padding as the scorer honours it (`padding` is the scorer's); both stages skip
+padding slots (`valid=obs.valid`) and the scorer's sinks count from each row's first real slot.
 
 Defaults (kvpress's): scorer="snapkv" (the paper's main pairing; kvpress's README wraps KnormPress),
 scorer_options=() (e.g. {"window": 64, "kernel": 5}), epsilon=1e-4, first_stage_ratio=0.5.
@@ -124,8 +126,8 @@ class CriticalKV(Policy):
         object.__setattr__(self, "_base", base)
 
     def needs(self) -> Needs:
-        # o_proj, besides the scorer's reads; its two-stage selection does not skip padding yet
-        return attrs.evolve(self._base.needs(), layer_weights=True, padding=False)
+        # o_proj, besides the scorer's reads; padding honoured as the scorer does (both stages skip it)
+        return attrs.evolve(self._base.needs(), layer_weights=True)
 
     def protected(self) -> tuple[int, int]:
         return self._base.protected()
@@ -143,16 +145,19 @@ class CriticalKV(Policy):
         scores = self._base.score(obs).float()
         B, H, T = scores.shape
         sinks, window = self.protected()
+        valid = obs.valid
         if budget >= T:
-            return select_topk(scores, budget, sinks=sinks, window=window, policy=self.name)
+            return select_topk(scores, budget, sinks=sinks, window=window, policy=self.name, valid=valid)
         first = int(budget * self.first_stage_ratio)
         if self.first_stage_ratio > 0:
             first = max(1, first)
         weighted = (scores + self.epsilon) * projected_value_norms(obs.values, obs.o_proj_weight)
+        if valid is not None:  # padding values are junk: their weighted scores must not be inf or NaN
+            weighted = weighted.masked_fill(~valid, 0.0)
         if first:
-            stage1 = select_topk(scores, first, sinks=sinks, window=window, policy=self.name)
+            stage1 = select_topk(scores, first, sinks=sinks, window=window, policy=self.name, valid=valid)
             weighted = weighted.scatter(-1, stage1, float("inf"))
-        return select_topk(weighted, budget, sinks=sinks, window=window, policy=self.name)
+        return select_topk(weighted, budget, sinks=sinks, window=window, policy=self.name, valid=valid)
 
 
 @hookimpl
