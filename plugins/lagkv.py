@@ -20,6 +20,8 @@ Score, per KV head, with S = `sinks` and L = `lag`, for a cache of T entries:
 - A cache shorter than S + 2L has no scored partition: the sinks score 1 and the other entries
   a ramp (i / (T - S), the older the lower), so the newest entries are kept (StreamingLLM-like).
 Keys and values only (post-RoPE, as cached); computed in fp32.
+Padded batches: sinks and partitions are counted from each head's first real slot, over its real
+entries only, so a row is partitioned (and keeps) as it is alone.
 
 Defaults (kvpress's): sinks=4, lag=128, cross_scoring=False. The authors' defaults are 16 sinks
 and lag 1024. Prefill only, as kvpress.
@@ -50,7 +52,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit import Observation, ScorePolicy, hookimpl
+from evictkit import Needs, Observation, ScorePolicy, hookimpl
 from evictkit.helpers import a_bool, int_at_least
 
 
@@ -72,23 +74,45 @@ def lag_relative_scores(x: torch.Tensor, lag: int) -> torch.Tensor:
     return spread.softmax(dim=-1)
 
 
-def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, sinks: int, lag: int, cross_scoring: bool) -> torch.Tensor:
-    """LagKV scores [B, H, T] (fp32) of a cache `keys`, `values` [B, H, T, D]."""
+def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, sinks: int, lag: int, cross_scoring: bool,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """LagKV scores [B, H, T] (fp32) of a cache `keys`, `values` [B, H, T, D].
+
+    valid: [B, H, T] bool, False on each head's leading padding (None: no padding). Sinks and
+    partitions are counted from each head's first real slot, over its real entries only, as the
+    row alone counts them; padding scores 0.
+    """
     B, H, T, D = keys.shape
+    first = None if valid is None else (~valid).sum(-1, keepdim=True)  # [B, H, 1]
+    if first is not None:  # left-align each head's real entries: entry r of a head at index r
+        src = (first + torch.arange(T, device=keys.device)).clamp(max=T - 1)
+        keys = keys.gather(2, src[..., None].expand(-1, -1, -1, D))
+        values = values.gather(2, src[..., None].expand(-1, -1, -1, D))
+    count = torch.full((B, H, 1), T, device=keys.device) if first is None else T - first  # real entries
+    r = torch.arange(T, device=keys.device)
     scores = torch.ones(B, H, T, dtype=torch.float32, device=keys.device)
-    if T < sinks + 2 * lag:
-        if T > sinks:
-            scores[..., sinks:] = torch.arange(T - sinks, device=keys.device, dtype=torch.float32) / (T - sinks)
+    # a head with too few entries for two partitions: a ramp after the sinks, the newest highest
+    short = count < sinks + 2 * lag
+    ramp = (r - sinks).float() / (count - sinks).clamp(min=1).float()
+    scores = torch.where(short & (r >= sinks), ramp, scores)
+    if T >= sinks + 2 * lag:  # some head has scored partitions: the same grid for all, cut at r = sinks
+        end = sinks + (T - sinks) // lag * lag
+        parts = (end - sinks) // lag
+        k = keys[:, :, sinks:end].float().reshape(B, H, parts, lag, D)
+        v = values[:, :, sinks:end].float().reshape(B, H, parts, lag, D)
+        s = (lag_relative_scores(k, lag) + lag_relative_scores(v, lag)) / 2
+        if not cross_scoring:
+            s = s.argsort(dim=-1).argsort(dim=-1).float() / lag
+        grid = torch.ones_like(scores)
+        grid[..., sinks : end - lag] = s.reshape(B, H, -1)
+        # a head's own last full partition and leftovers are its tail (score 1), past it the
+        # grid holds a shorter head's non-entries
+        tail = sinks + ((count - sinks) // lag - 1) * lag
+        scores = torch.where(~short & (r >= sinks) & (r < tail), grid, scores)
+    if first is None:
         return scores
-    end = sinks + (T - sinks) // lag * lag
-    parts = (end - sinks) // lag
-    k = keys[:, :, sinks:end].float().reshape(B, H, parts, lag, D)
-    v = values[:, :, sinks:end].float().reshape(B, H, parts, lag, D)
-    s = (lag_relative_scores(k, lag) + lag_relative_scores(v, lag)) / 2
-    if not cross_scoring:
-        s = s.argsort(dim=-1).argsort(dim=-1).float() / lag
-    scores[..., sinks : end - lag] = s.reshape(B, H, -1)
-    return scores
+    back = (r - first).clamp(min=0)  # slot t holds real entry t - first
+    return scores.gather(2, back).masked_fill(r < first, 0.0)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -113,8 +137,11 @@ class LagKV(ScorePolicy):
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)
 
+    def needs(self) -> Needs:
+        return Needs(padding=True)  # sinks and partitions from each head's first real slot
+
     def score(self, obs: Observation) -> torch.Tensor:
-        return lagkv_scores(obs.keys, obs.values, self.sinks, self.lag, self.cross_scoring)
+        return lagkv_scores(obs.keys, obs.values, self.sinks, self.lag, self.cross_scoring, obs.valid)
 
 
 @hookimpl
