@@ -40,6 +40,10 @@ ZeroDivisionError are ValueErrors here: span < L, overlap < span, R >= 1 and
 budget >= sinks + L + Bk + floor(R / 2) (room for one whole ladder block beside the L newest
 tokens once the capacity is the budget minus the compensation).
 
+Padded batches: stepped row by row (evictkit.rows), not as one (no `Needs.padding`): each row
+has its own ladder cursor, and rows of one budget keep different counts (whole blocks are freed),
+which one batched select() cannot return (it gives every row the same count).
+
 Two departures where the reference's lists break (both only in one-shot compactions of prompts
 many times the budget, never in its token-by-token ppl stream):
 - A start-over that asks for more coarse blocks than lie before the newest L tokens: the
@@ -220,7 +224,10 @@ class LaCache(Policy):
             raise ValueError(f"overlap={self.overlap} must be smaller than span={self.span}")
 
     def needs(self) -> Needs:
-        # the ladder frees whole blocks: an eviction may keep fewer than the budget, never more
+        # the ladder frees whole blocks: an eviction may keep fewer than the budget, never more.
+        # padding stays False: in a padded batch two rows of one budget keep different counts
+        # (4 layers, span 1, budget 24: 60 entries keep 24, 25 keep 22) and the core's select()
+        # contract is one [B, H_kv, K] for all rows; each row's cursor would also need its own state.
         return Needs(positions=self.positions, exact_budget=False)
 
     def protected(self) -> tuple[int, int]:
