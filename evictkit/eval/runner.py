@@ -24,7 +24,6 @@ from typing import Any, cast
 import torch
 
 from evictkit.budget import resolve_budget
-from evictkit.compress import Compression
 from evictkit.eval import distributed, engine, longbench, longgen, scoring, store
 from evictkit.eval.config import EvalConfig, Variant, build_variants
 from evictkit.eval.report import write_report
@@ -33,6 +32,7 @@ from evictkit.eval.tasks import TASKS, Sample, make_sample
 from evictkit.eval.tokenizer import Codec
 from evictkit.extras import hint, missing
 from evictkit.models import load_model
+from evictkit.sequence import schedule_for
 
 # --- the output folder ------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ def check_schedules(model, variants: Sequence[Variant], config: EvalConfig) -> N
     for v in variants:
         for L in lengths:
             try:
-                Compression(model, v.policy, 1.0 if v.budget is None else v.budget).schedule(L)
+                schedule_for(model, v.policy, 1.0 if v.budget is None else v.budget, L)
             except ValueError as exc:
                 raise ValueError(f"policy {v.label} with budget {v.budget} at {L} tokens: {exc}") from None
 
