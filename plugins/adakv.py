@@ -13,6 +13,9 @@ of `B = budget - window` evictable entries (sinks, if the scorer declares any, a
    the largest-remainder method so that the caps sum to exactly `H_kv * B` (ties to the lower head);
 3. head h keeps its own top `cap_h` keys plus the protected window.
 
+Padded batches: the top-k, the caps and each head's ranking count each row's real entries only
+(`obs.valid`), sinks from its first real slot (stepped row by row for now, see `needs`).
+
 The cache really shrinks: the layer is stored left-padded to its longest head and the padding is
 masked out of attention (evictkit.ragged), so the memory saved is that of the longest head. The
 layer total is exactly `H_kv * min(T, budget)` real entries.
@@ -193,7 +196,11 @@ class AdaKV(ScorePolicy):
         return cast(ScorePolicy, evictkit.policy(cast(str, self.scorer), window=self.window, **options))
 
     def needs(self) -> Needs:
-        return attrs.evolve(self._base.needs(), ragged_heads=True, padding=False)  # padding: not yet
+        # Padding is honoured (see the docstring), but stays off until the core checks a padded batch's
+        # ragged selection at the evicting rows' own width: evictkit.padded._selection_mask checks
+        # idx[rows] against K = idx.shape[-1] of the whole batch, so a bystander row keeping more in
+        # one head raises. Once fixed: padding=self._base.needs().padding.
+        return attrs.evolve(self._base.needs(), ragged_heads=True, padding=False)
 
     def protected(self) -> tuple[int, int]:
         return self._base.protected()
