@@ -243,7 +243,13 @@ def _selection_mask(cfg: StepConfig, st: LayerState, chosen: Any, rows: torch.Te
         idx, counts = chosen
         r = rows.nonzero().flatten()
         pad = None if st.pad is None else st.pad[r]
-        gather, _ = ragged.check_ragged(idx[r], counts[r], pad, len(r), H, T, want, name, attn_impl)
+        if isinstance(idx, torch.Tensor) and isinstance(counts, torch.Tensor) and idx.dim() == 3 and counts.dim() == 2:
+            # the evicting rows at their own width: a row that does not evict may keep more in a head
+            width = int(counts[r].max()) if len(r) else 0
+            ragged.check_ragged(idx[r][..., idx.shape[-1] - width:], counts[r], pad, len(r), H, T, want, name,
+                                attn_impl)
+        else:
+            ragged.check_ragged(idx, counts, pad, B, H, T, want, name, attn_impl)  # names the type mistake
         real = torch.arange(idx.shape[-1], device=idx.device) >= (idx.shape[-1] - counts.long())[..., None]
         idx = torch.where(real, idx.long(), T)  # padding columns scatter into a dropped extra slot
     else:

@@ -196,11 +196,8 @@ class AdaKV(ScorePolicy):
         return cast(ScorePolicy, evictkit.policy(cast(str, self.scorer), window=self.window, **options))
 
     def needs(self) -> Needs:
-        # Padding is honoured (see the docstring), but stays off until the core checks a padded batch's
-        # ragged selection at the evicting rows' own width: evictkit.padded._selection_mask checks
-        # idx[rows] against K = idx.shape[-1] of the whole batch, so a bystander row keeping more in
-        # one head raises. Once fixed: padding=self._base.needs().padding.
-        return attrs.evolve(self._base.needs(), ragged_heads=True, padding=False)
+        # padding is honoured (see the docstring) whenever the scorer's scores honour it
+        return attrs.evolve(self._base.needs(), ragged_heads=True)
 
     def protected(self) -> tuple[int, int]:
         return self._base.protected()
