@@ -134,9 +134,15 @@ def aws_kernel(
     return k, shift.long()
 
 
-def shifted_avg_pool(scores: torch.Tensor, kernel: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def shifted_avg_pool(
+    scores: torch.Tensor, kernel: torch.Tensor, shift: torch.Tensor, first: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-row replicate-padded average pool: out_i = mean(s[clamp(j)] for j in
     [i + shift - k//2, i + shift + k//2]). scores [..., n]; kernel, shift [...] ints -> [..., n].
+
+    first: optional [...] ints, each row's first real slot (a padded batch's leading padding
+    comes before it): the row is pooled as if it began there, replicating s[first] at its left
+    edge, so its real slots get what the row alone would get (the slots before are junk).
 
     Equals F.pad(s, (k//2 - shift, k//2 + shift), mode="replicate") then avg_pool1d(k, stride 1),
     the reference's per-head loop, for every row at once: the window sum is a difference of a
@@ -149,12 +155,19 @@ def shifted_avg_pool(scores: torch.Tensor, kernel: torch.Tensor, shift: torch.Te
     dev = x.device
     half = (kernel.reshape(-1, 1) // 2).to(dev)
     centre = torch.arange(n, device=dev).view(1, n) + shift.reshape(-1, 1).to(dev)
-    first, last = centre - half, centre + half  # [R, n] window bounds, inclusive
+    first_w, last = centre - half, centre + half  # [R, n] window bounds, inclusive
     run = F.pad(x.cumsum(-1), (1, 0))  # run[:, j] = sum of x[:, :j]
-    inner = run.gather(1, (last + 1).clamp(0, n)) - run.gather(1, first.clamp(0, n))
-    below = (last.clamp(max=-1) - first + 1).clamp_(min=0)  # window slots left of the row
-    above = (last - first.clamp(min=n) + 1).clamp_(min=0)  # and right of it
-    total = inner + below * x[:, :1] + above * x[:, -1:]
+    inner = run.gather(1, (last + 1).clamp(0, n)) - run.gather(1, first_w.clamp(0, n))
+    below = (last.clamp(max=-1) - first_w + 1).clamp_(min=0)  # window slots left of the row
+    above = (last - first_w.clamp(min=n) + 1).clamp_(min=0)  # and right of it
+    if first is None:
+        total = inner + below * x[:, :1] + above * x[:, -1:]
+    else:
+        lo = first.reshape(-1, 1).to(dev).clamp(0, n - 1)  # the row's own left edge
+        inner = (run.gather(1, torch.maximum((last + 1).clamp(max=n), lo))
+                 - run.gather(1, torch.maximum(first_w.clamp(max=n), lo)))
+        below = (torch.minimum(last, lo - 1) - first_w + 1).clamp_(min=0)
+        total = inner + below * x.gather(1, lo) + above * x[:, -1:]
     return (total / kernel.reshape(-1, 1).to(dev)).to(scores.dtype).view(*lead, n)
 
 
@@ -190,10 +203,15 @@ def aws_params(
 
 
 def smooth(
-    score: torch.Tensor, spatial: str, k_min: int, aws: tuple[torch.Tensor, torch.Tensor] | None = None
+    score: torch.Tensor, spatial: str, k_min: int, aws: tuple[torch.Tensor, torch.Tensor] | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spatial smoothing of [B, Hq, P] scores: none, fixed avg/max pool of k_min, or the
-    adaptive pool with `aws` = (kernel, shift) per head (None: k_min, no shift)."""
+    adaptive pool with `aws` = (kernel, shift) per head (None: k_min, no shift).
+
+    first: optional [B, Hq] first real slot of each head (padded batches). The adaptive pool
+    replicates from there; the zero-padded avg/max pools need nothing, since the scores of
+    padding slots are 0 and real scores are >= 0 (a zero counts as the pools' own padding)."""
     if spatial == "none" or score.shape[-1] == 0:
         return score
     if spatial in ("avg", "max"):
@@ -203,4 +221,4 @@ def smooth(
     if aws is None:
         zeros = torch.zeros(score.shape[:-1], dtype=torch.long, device=score.device)
         aws = (zeros + k_min, zeros)
-    return shifted_avg_pool(score, *aws)
+    return shifted_avg_pool(score, *aws, first=first)

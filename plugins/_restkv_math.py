@@ -68,8 +68,24 @@ def temporal_weights(w: int, mode: str, alpha: float, *, dtype=torch.float32, de
     return c.to(dtype=dtype, device=device)
 
 
+def row_temporal_weights(real: torch.Tensor, mode: str, alpha: float, *, dtype=torch.float32) -> torch.Tensor:
+    """Per-row weights [B, w] for a padded batch's window, real [B, w] bool (padding queries,
+    position -1, come first): row b weighs its n_b real queries as `temporal_weights(n_b)`
+    does a window of n_b alone, and its padding queries 0."""
+    B, w = real.shape
+    n = real.sum(-1)
+    out = torch.zeros(B, w, dtype=dtype, device=real.device)
+    for count in sorted(set(n.tolist()) - {0}):  # at most w distinct counts
+        out[n == count, w - count :] = temporal_weights(count, mode, alpha, dtype=dtype, device=real.device)
+    return out
+
+
 def aggregate(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[..., w, N] rows, [w] weights -> [..., N] weighted sum over the window axis."""
+    """[B, ..., w, N] rows, [w] weights (or [B, w], one set per batch row) -> [B, ..., N]
+    weighted sum over the window axis."""
+    if weights.dim() == 2:
+        shape = (weights.shape[0], *([1] * (rows.dim() - 3)), 1, weights.shape[1])
+        return torch.matmul(weights.to(rows.dtype).view(shape), rows).squeeze(-2)
     return torch.matmul(weights.to(rows.dtype).view(1, -1), rows).squeeze(-2)
 
 
@@ -174,7 +190,7 @@ def reconstruction_scores_per_query(
 ) -> torch.Tensor:
     """Per-query scores for metric_mode="before": [B, Hkv, g, w, T] attention, values
     [B, Hkv, T, d], gram [Hkv, g, d, d] -> [B, Hkv, g, w, P] with P = n_prefix, or, given
-    temporal `weights` [w], their aggregate [B, Hkv, g, P] (chunk by chunk, so the [.., w, P]
+    temporal `weights` [w] (or [B, w]), their aggregate [B, Hkv, g, P] (chunk by chunk, so the [.., w, P]
     scores never exist at once).
 
     o_t = A_t V over all T keys (window values included, as the reference does). The distance
@@ -250,6 +266,8 @@ def restkv_scores(
     spatial: str = "adaptive",
     eps: float = ODDS_EPS,
     aws_out: dict | None = None,
+    query_valid: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ReST-KV scores of the prefix keys, per query head, after spatial smoothing.
 
@@ -258,6 +276,10 @@ def restkv_scores(
     budget: entries kept per head, window included (AWS ranks the top budget - w keys);
     None = AWS without a drift estimate (t = 0). aws_out: if given, receives the adaptive
     pool's ("kernel", "shift"), [B, Hq] each.
+    Padded batches: query_valid [B, w] bool is False on padding queries (their attention rows
+    are 0), which the temporal aggregate skips, each row weighing its own real queries as it
+    would alone; first [B, Hq] is each head's first real slot, the adaptive pool's left edge.
+    Padding keys have attention 0, so they add nothing to o and score 0.
     returns [B, Hq, P], P = T - w; computed in attn's dtype.
     """
     B, Hq, w, T = attn.shape
@@ -265,7 +287,10 @@ def restkv_scores(
     g = Hq // Hkv
     P = T - w
     dt = attn.dtype
-    weights = temporal_weights(w, temporal, alpha, dtype=dt, device=attn.device)
+    if query_valid is not None and not bool(query_valid.all()):
+        weights = row_temporal_weights(query_valid, temporal, alpha, dtype=dt)
+    else:
+        weights = temporal_weights(w, temporal, alpha, dtype=dt, device=attn.device)
 
     if indicator == "reconstruction" and metric_mode == "before":
         score = reconstruction_scores_per_query(
@@ -281,4 +306,4 @@ def restkv_scores(
         aws = aws_params(attn, budget, beta, k_min)
         if aws_out is not None:
             aws_out.update(kernel=aws[0], shift=aws[1])
-    return smooth(score, spatial, k_min, aws)
+    return smooth(score, spatial, k_min, aws, first)

@@ -46,6 +46,9 @@ Deviations from the reference implementation:
   uses the base budget, which is the same unless a per-layer schedule is applied).
 - Kept entries stay in their original order; ties go to the more recent token (shared
   selection). Without a budget (`score(obs)` alone), AWS has no drift estimate and uses t = 0.
+- Padded batches (`Needs.padding`): the EMA skips padding queries (each row weighs its own real
+  window queries), padding keys get no attention, AWS pools from each row's first real slot,
+  and the per-row scratch (AWS kernel and shift, query count) follows each row's own evictions.
 - Decode (beyond the paper, which only evicts at the end of prefill; off by default): with
   `evictkit.compress(..., phase="both"|"decode")`, `decode="carried"` (default) keeps the
   temporal aggregate of every query seen so far as the per-token side tensor "restkv_a"
@@ -94,6 +97,7 @@ from evictkit.plugins._restkv_math import (
     aggregate_scores,
     head_grams,
     restkv_scores,
+    row_temporal_weights,
     smooth,
     temporal_weights,
     value_gram_norms,
@@ -118,6 +122,9 @@ STATE = "restkv_a"
 VALUE_NORMS = "restkv_vgv"
 #: scratch keys: AWS (kernel, shift) of the prefill eviction; number of queries in a running mean
 AWS = "restkv_aws"
+#: scratch key of a padded batch's prefill evictions: {budget: (kernel, shift, rows over it)},
+#: settled into AWS per row at the next forward (see RestKV._settle_aws)
+AWS_PENDING = "restkv_aws_pending"
 COUNT = "restkv_n"
 
 
@@ -154,7 +161,15 @@ class RestKV(ScorePolicy):
         # o_proj is read by the reconstruction indicator; the carried mode adds each decode forward's
         # queries' attention to its aggregate
         return Needs(window=self.window, queries=self.carries, attention_weights=self.carries,
-                     layer_weights=self.indicator == "reconstruction")
+                     layer_weights=self.indicator == "reconstruction", padding=True)
+
+    def _first_real(self, obs: Observation, width: int) -> torch.Tensor | None:
+        """[B, H_q] first real slot of each query head in a padded batch (None without padding),
+        at most width - 1: the scored prefix's left edge."""
+        if obs.valid is None:
+            return None
+        first = (~obs.valid).sum(-1).clamp(max=max(width - 1, 0))  # [B, H_kv]
+        return first.repeat_interleave(obs.n_heads // obs.n_kv_heads, dim=1)
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)
@@ -181,6 +196,7 @@ class RestKV(ScorePolicy):
         """The carried temporal aggregate as the side tensor [B, H_kv, T, g] (only when this
         compression evicts at decode and the mode carries), and for the reconstruction
         indicator each key's ||W_O^h v_j||^2 beside it (computed once per token)."""
+        self._settle_aws(obs)
         if not self.carries or "decode" not in obs.phases:
             return {}
         B, Hkv, T = obs.positions.shape
@@ -191,8 +207,13 @@ class RestKV(ScorePolicy):
             if obs.phase == "prefill":
                 attn = obs.window_attention  # [B, Hq, w, T]
                 w = attn.shape[2]
-                a = aggregate(attn, temporal_weights(w, self.temporal, float(self.alpha), device=attn.device))
-                obs.scratch[COUNT] = w
+                real = None if obs.valid is None else obs.window_positions >= 0  # [B, w]
+                if real is not None and not bool(real.all()):  # rows with fewer real window queries
+                    a = aggregate(attn, row_temporal_weights(real, self.temporal, float(self.alpha)))
+                    obs.scratch[COUNT] = real.sum(-1)  # [B]: each row's own count
+                else:
+                    a = aggregate(attn, temporal_weights(w, self.temporal, float(self.alpha), device=attn.device))
+                    obs.scratch[COUNT] = w
             else:
                 a = self._carried(obs)
                 rows = attention_weights(
@@ -200,18 +221,43 @@ class RestKV(ScorePolicy):
                     key_mask=obs.valid,
                 )  # [B, Hq, q, T], oldest query first
                 n = obs.scratch.get(COUNT, 0)
-                for t in range(rows.shape[2]):
-                    n += 1
-                    if self.temporal == "ema":
-                        a = (a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1
-                             else rows[:, :, t])
-                    elif self.temporal == "mean":
-                        a = a + (rows[:, :, t] - a) / n
-                    else:  # "none": the newest query only
-                        a = rows[:, :, t]
-                obs.scratch[COUNT] = n
+                if obs.valid is not None or isinstance(n, torch.Tensor):
+                    a = self._update_rows(a, rows, obs.query_positions >= 0, n, obs.scratch)
+                else:
+                    for t in range(rows.shape[2]):
+                        n += 1
+                        if self.temporal == "ema":
+                            a = (a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1
+                                 else rows[:, :, t])
+                        elif self.temporal == "mean":
+                            a = a + (rows[:, :, t] - a) / n
+                        else:  # "none": the newest query only
+                            a = rows[:, :, t]
+                    obs.scratch[COUNT] = n
         out[STATE] = a.view(B, Hkv, -1, T).transpose(2, 3)
         return out
+
+    def _update_rows(self, a: torch.Tensor, rows: torch.Tensor, real: torch.Tensor, n: int | torch.Tensor,
+                     scratch: dict) -> torch.Tensor:
+        """The decode recursion of `observe` per batch row: a [B, Hq, T], rows [B, Hq, q, T],
+        real [B, q] (False on padding queries, which leave a row's aggregate and count as they
+        were), n the queries aggregated so far (an int, or [B]). Stores the new counts."""
+        B = a.shape[0]
+        count = torch.as_tensor(n, device=a.device).expand(B).clone()
+        for t in range(rows.shape[2]):
+            r = real[:, t]
+            count += r.long()
+            c = count.view(B, 1, 1)
+            if self.temporal == "ema":
+                new = torch.where(c > 1, a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)),
+                                  rows[:, :, t])
+            elif self.temporal == "mean":
+                new = a + (rows[:, :, t] - a) / c.clamp(min=1)
+            else:
+                new = rows[:, :, t]
+            a = torch.where(r.view(B, 1, 1), new, a)
+        scratch[COUNT] = count
+        return a
 
     def _value_norms(self, obs: Observation) -> torch.Tensor:
         """[B, H_kv, T, g]: a new tensor, the stored norms followed by those of this forward's new
@@ -226,13 +272,22 @@ class RestKV(ScorePolicy):
             fresh = value_gram_norms(obs.values[:, :, T - new :].float(), gram).transpose(2, 3)  # [B, Hkv, new, g]
         if stored is None:
             return fresh
-        return torch.cat([stored[:, :, : T - new], fresh.to(stored.dtype)], dim=2)
+        out = torch.cat([stored[:, :, : T - new], fresh.to(stored.dtype)], dim=2)
+        if obs.valid is not None:
+            # a row's padding among the new tokens moved its older entries into the last q slots:
+            # those keep the norms stored when they arrived
+            old = torch.arange(T, device=out.device) < (T - (obs.query_positions >= 0).sum(-1, keepdim=True))
+            out = torch.where(old[:, None, :, None], stored, out)
+        return out
 
     @staticmethod
     def _carried(obs: Observation) -> torch.Tensor:
         """The carried aggregate as [B, H_q, T] (query heads in order)."""
         B, Hkv, T, g = obs.state[STATE].shape
-        return obs.state[STATE].transpose(2, 3).reshape(B, Hkv * g, T)
+        a = obs.state[STATE]
+        if obs.valid is not None:  # padding slots hold junk (copies) after a compaction: no attention
+            a = a.masked_fill(~obs.valid[..., None], 0.0)
+        return a.transpose(2, 3).reshape(B, Hkv * g, T)
 
     def score(self, obs: Observation, budget: int | None = None) -> torch.Tensor:
         """[B, H_kv, T] fp32 scores; the newest w slots (the window) get the largest finite float
@@ -257,10 +312,36 @@ class RestKV(ScorePolicy):
                 temporal=self.temporal,
                 spatial=self.spatial,
                 aws_out=aws,
+                query_valid=None if obs.valid is None else obs.window_positions >= 0,
+                first=self._first_real(obs, obs.values.shape[2] - w),
             )  # [B, Hq, P]
         if aws and obs.phase == "prefill":
-            obs.scratch[AWS] = (aws["kernel"], aws["shift"])
+            if obs.valid is None or budget is None:
+                obs.scratch[AWS] = (aws["kernel"], aws["shift"])
+            else:  # which rows evict with this budget is known after the compaction (_settle_aws)
+                over = (obs.positions >= 0).sum((-2, -1)) > obs.n_kv_heads * budget  # [B]
+                obs.scratch.setdefault(AWS_PENDING, {})[budget] = (aws["kernel"], aws["shift"], over)
         return self._with_window(reduce_gqa(per_head, obs.n_kv_heads, self.gqa), w)
+
+    def _settle_aws(self, obs: Observation) -> None:
+        """A padded batch's AWS (kernel, shift) [B, Hq] per row, from its last prefill eviction.
+
+        select() sees every row once per distinct budget, not which rows that budget is theirs,
+        so each call left its parameters pending. A row that held more than budget b entries and
+        holds exactly b per head after the compaction (before this forward's real tokens) evicted
+        with b: it takes b's parameters. The others keep theirs (k_min, centred, if none), as a
+        row alone runs AWS only when it evicts."""
+        pending = obs.scratch.pop(AWS_PENDING, None)
+        if not pending:
+            return
+        H = obs.n_kv_heads
+        held = (obs.positions >= 0).sum((-2, -1)) - H * (obs.query_positions >= 0).sum(-1)  # [B]
+        k0, s0 = next(iter(pending.values()))[:2]
+        kernel, shift = obs.scratch.get(AWS) or (torch.full_like(k0, self.k_min), torch.zeros_like(s0))
+        for budget, (k, sh, over) in pending.items():
+            took = (over & (held == H * budget))[:, None]
+            kernel, shift = torch.where(took, k, kernel), torch.where(took, sh, shift)
+        obs.scratch[AWS] = (kernel, shift)
 
     def _carried_score(self, obs: Observation) -> torch.Tensor:
         Hkv, T = obs.positions.shape[1:]
@@ -274,7 +355,7 @@ class RestKV(ScorePolicy):
                 a[..., :P].float(), obs.values[:, :, :P], gram, self.indicator,
                 value_norms=None if norms is None else norms[:, :, :P].transpose(2, 3),
             )
-            per_head = smooth(per_head, self.spatial, self.k_min, obs.scratch.get(AWS))
+            per_head = smooth(per_head, self.spatial, self.k_min, obs.scratch.get(AWS), self._first_real(obs, P))
         return self._with_window(reduce_gqa(per_head, Hkv, self.gqa), w)
 
     @staticmethod
@@ -283,7 +364,8 @@ class RestKV(ScorePolicy):
         return torch.cat([prefix, top], dim=-1)
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor:
-        return select_topk(self.score(obs, budget), budget, sinks=0, window=self.window, policy=self.name)
+        return select_topk(self.score(obs, budget), budget, sinks=0, window=self.window, policy=self.name,
+                           valid=obs.valid)
 
 
 @hookimpl

@@ -501,7 +501,7 @@ def test_scoring_never_materialises_the_projection(metric_mode):
     weight = torch.randn(hidden, Hq * d, generator=gen) / 32
     obs = types.SimpleNamespace(
         window_attention=attn, values=values, o_proj_weight=weight, n_heads=Hq, n_kv_heads=Hkv, scratch={},
-        phase="prefill",
+        phase="prefill", valid=None,
     )
     policy = RestKV(window=W, metric_mode=metric_mode, beta=100.0)  # small beta: AWS top-k runs
     scores = [None]
@@ -712,7 +712,8 @@ def test_defaults_and_contract():
     )
     assert p.phases == ("prefill",)
     assert p.decode == "carried" and p.carries
-    assert p.needs() == evictkit.Needs(window=32, queries=True, attention_weights=True, layer_weights=True)
+    assert p.needs() == evictkit.Needs(window=32, queries=True, attention_weights=True, layer_weights=True,
+                                         padding=True)
     assert not evictkit.policy("restkv", temporal="inv_ema").carries
     assert not evictkit.policy("restkv", metric_mode="before").carries
     assert not evictkit.policy("restkv", decode="window").carries
@@ -765,6 +766,7 @@ def test_score_without_budget():
         n_kv_heads=2,
         scratch={},
         phase="prefill",
+        valid=None,
     )
     s = RestKV(window=8).score(obs)
     assert s.shape == (1, 2, 50) and torch.isfinite(s).all()
