@@ -29,6 +29,10 @@ Deviations from the reference:
   flash return no weights), in query chunks at prefill to bound memory.
 - With slack > 0 the score still accumulates at every forward, but eviction runs only when a
   layer exceeds budget + slack.
+
+Padded batches: padding queries add nothing to the running score and padding keys get no
+attention (the key mask `obs.valid`); padding is never kept and the recent window is the
+newest real slots.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class H2O(ScorePolicy):
 
     def needs(self) -> Needs:
         # Only a zero window leaves the newest token to the heavy-hitter ranking.
-        return Needs(queries=True, attention_weights=True, may_evict_newest=self.recent == 0)
+        return Needs(queries=True, attention_weights=True, may_evict_newest=self.recent == 0, padding=True)
 
     def protected(self) -> tuple[int, int]:
         # With recent=None the window depends on the budget; select() applies it.
@@ -119,7 +123,7 @@ class H2O(ScorePolicy):
         return obs.state[STATE]
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor:
-        return select_topk(self.score(obs), budget, window=self.window_for(budget), policy=self.name)
+        return select_topk(self.score(obs), budget, window=self.window_for(budget), policy=self.name, valid=obs.valid)
 
 
 @hookimpl

@@ -77,9 +77,12 @@ def test_accumulation_over_three_steps_by_hand():
 
 def test_default_recent_is_half_the_budget():
     scores = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 0.0, 0.0, 0.0, 0.0]]])
-    obs = SimpleNamespace(state={STATE: scores})
+    obs = SimpleNamespace(state={STATE: scores}, valid=None)
     assert H2O().select(obs, 4)[0, 0].tolist() == [0, 1, 6, 7]
     assert H2O(recent=0).select(obs, 4)[0, 0].tolist() == [0, 1, 2, 3]
+    # a padded batch's row: the two leading padding slots are never kept, whatever they score
+    padded = SimpleNamespace(state={STATE: scores}, valid=torch.arange(8)[None, None] >= 2)
+    assert H2O().select(padded, 4)[0, 0].tolist() == [2, 3, 6, 7]
     assert [H2O().window_for(b) for b in (1, 2, 7, 256)] == [1, 1, 3, 128]  # the newest always stays
     newest = [declared(H2O(recent=r)).may_evict_newest for r in (0, None, 1)]
     assert newest == [True, False, False]
