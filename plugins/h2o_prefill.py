@@ -21,6 +21,9 @@ Deviations from the reference:
 - At decode time, only when forced with `evictkit.compress(..., phase="decode"|"both")`, the
   prompt's queries are gone: the sum runs over the newest `window` queries (the core's rolling
   buffer), which makes the decode-time score SnapKV's without pooling.
+
+Padded batches: padding keys get no attention from real queries and padding queries add nothing
+(the key mask `obs.valid`); padding is never kept.
 """
 
 from __future__ import annotations
@@ -52,15 +55,16 @@ class H2OPrefill(ScorePolicy):
     gqa: str = attrs.field(default="mean", validator=one_of(GQA_REDUCTIONS))
 
     def needs(self) -> Needs:
-        return Needs(window=self.window, queries=True, attention_weights=True)
+        return Needs(window=self.window, queries=True, attention_weights=True, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)
 
     def score(self, obs: Observation) -> torch.Tensor:
         if obs.phase == "prefill":
+            # the key mask hides padding keys from real queries and zeroes padding queries' rows
             sums = attention_column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling,
-                                         obs.softcap)
+                                         obs.softcap, obs.valid)
         else:
             sums = obs.window_attention.sum(dim=2)
         return reduce_gqa(sums, obs.n_kv_heads, self.gqa)
