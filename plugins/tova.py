@@ -20,6 +20,9 @@ follows the reference). Ties go to the more recent token (an evictkit choice).
 Deviations: the attention row is recomputed from the cached post-RoPE keys and the re-projected
 last query (the reference forces eager attention to read the weights); with slack > 0 eviction
 runs only when a layer exceeds budget + slack, scored by the last query at that step.
+
+Padded batches: the last query is each row's newest real one (the core's window skips padding
+queries), padding keys get no attention, and padding is never kept.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class TOVA(ScorePolicy):
 
     def needs(self) -> Needs:
         # the reference may drop the newest token at decode: it competes like any other
-        return Needs(window=1, may_evict_newest=True)
+        return Needs(window=1, may_evict_newest=True, padding=True)
 
     def score(self, obs: Observation) -> torch.Tensor:
         row = obs.window_attention[:, :, -1, :]  # [B, H_q, T]
