@@ -1,4 +1,7 @@
-"""`full`: no eviction. The reference every other policy is compared with."""
+"""`full`: no eviction. The reference every other policy is compared with.
+
+Padded batches: nothing is evicted, so every real entry of every row stays (as alone).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from evictkit import Observation, Policy, hookimpl
+from evictkit import Needs, Observation, Policy, hookimpl
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -20,6 +23,9 @@ class Full(Policy):
     name: ClassVar[str] = "full"
     phases: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = "no eviction (reference)"
+
+    def needs(self) -> Needs:
+        return Needs(padding=True)
 
     def check_budget(self, budget: int) -> None:
         return None
