@@ -41,6 +41,9 @@ Deviations from the reference:
   hidden states and uses the buffer's length as the query position.
 - The sink score is the row's maximum + 1 (kvpress: the maximum over the whole batch + 1); it is
   protected either way. Kept entries stay in position order; ties go to the more recent key.
+
+Padded batches: the statistics use each row's real non-sink queries only, the softmax runs over
+each head's real keys after its sinks, and the sinks are each head's first real entries.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ class ExpectedAttention(ScorePolicy):
 
     def needs(self) -> Needs:
         # the whole forward's queries (re-projected pre-RoPE from its hidden states), not a window
-        return Needs(queries=True)
+        return Needs(queries=True, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)
@@ -171,12 +174,16 @@ class ExpectedAttention(ScorePolicy):
                 "attention module's q_proj; this Observation has no such module (an engine's post-RoPE queries only)"
             )
         B, Hkv, T, _ = obs.keys.shape
-        sinks = min(self.sinks, T)
+        # padding is a leading prefix of each (row, head): real slots start at pad, queries at lead
+        pad = torch.zeros(B, Hkv, dtype=torch.long) if obs.valid is None else (~obs.valid).sum(-1).cpu()
         rows = []
         for b in range(B):  # rows may leave out different numbers of sink queries
             qpos = obs.query_positions[b]
-            first = int((qpos < self.sinks).sum())
-            first = first if first < qpos.shape[0] else 0  # nothing left: use every query of the forward
+            q = qpos.shape[0]
+            lead = int((qpos < 0).sum())  # padding queries come first
+            first = int((qpos < self.sinks).sum())  # padding and sink queries
+            if first >= q:  # nothing left: every real query (a row with none is not evicted: any finite junk)
+                first = lead if lead < q else 0
             queries = prerope_queries(obs.module, obs.hidden_states[b : b + 1, first:]).float()
             mu, cov = query_statistics(queries, self.covariance)
             ahead = qpos[-1] + 1 + torch.arange(self.future, device=qpos.device)
@@ -185,11 +192,36 @@ class ExpectedAttention(ScorePolicy):
             mu = mu @ rot.T  # R mu, for every head
             if cov is not None:
                 cov = rot @ (cov @ rot.T)
-            s = expected_attention_scores(obs.keys[b : b + 1, :, sinks:], obs.values[b : b + 1, :, sinks:], mu, cov,
-                                          self.vnorm, self.epsilon)
-            top = s.amax() + 1 if s.numel() else torch.ones((), device=s.device)
-            rows.append(torch.cat([top.expand(1, Hkv, sinks), s], dim=-1))
+            rows.append(self._row_scores(obs, b, pad[b], mu, cov))
         return torch.cat(rows, dim=0)
+
+    def _row_scores(self, obs: Observation, b: int, pad: torch.Tensor, mu: torch.Tensor,
+                    cov: torch.Tensor | None) -> torch.Tensor:
+        """Row b's scores [1, H_kv, T]: each head's keys after its padding (pad [H_kv]) and its
+        first `sinks` real entries, as the row alone; sinks score the row's maximum + 1, padding 0."""
+        _, Hkv, T, _ = obs.keys.shape
+        G = mu.shape[1] // Hkv
+        out = torch.zeros(1, Hkv, T, dtype=torch.float32, device=obs.keys.device)
+        starts = pad.tolist()
+        groups = {p: [h for h in range(Hkv) if starts[h] == p] for p in sorted(set(starts))}
+        top = None
+        for p, heads in groups.items():  # heads with the same padding in one call (all of them, usually)
+            every = len(heads) == Hkv
+            qh = None if every else torch.tensor([h * G + g for h in heads for g in range(G)], device=mu.device)
+            start = p + min(self.sinks, T - p)
+            kv = slice(None) if every else torch.tensor(heads, device=obs.keys.device)
+            s = expected_attention_scores(
+                obs.keys[b : b + 1, kv, start:], obs.values[b : b + 1, kv, start:],
+                mu if qh is None else mu[:, qh], cov if (cov is None or qh is None) else cov[:, qh],
+                self.vnorm, self.epsilon,
+            )
+            out[0, heads, start:] = s[0]
+            if s.numel():
+                top = s.amax() if top is None else torch.maximum(top, s.amax())
+        top = top + 1 if top is not None else torch.ones((), device=out.device)
+        for p, heads in groups.items():
+            out[0, heads, p : p + min(self.sinks, T - p)] = top
+        return out
 
 
 @hookimpl
