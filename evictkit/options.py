@@ -51,7 +51,9 @@ class Options:
         budget = check_budget(budget)
         if isinstance(budget, int):
             policy.check_budget(budget)
-        if phase is None:
+        if phase is None or (phase in PHASE_CHOICES and not policy.phases):
+            # a policy that never evicts (full) keeps no phase, whatever `phase` asks: a grid that
+            # sets phase="both" for every policy keeps its full-cache reference
             phases = tuple(policy.phases)
         elif phase in PHASE_CHOICES:
             phases = PHASES if phase == "both" else (phase,)

@@ -66,8 +66,10 @@ def test_a_row_gets_what_it_gets_alone(model, name, params, chunk):
         assert run.stats.layers[0].evictions >= 1
 
 
-@pytest.mark.parametrize("name,params", [p for p in POLICIES if p[0] in ("snapkv", "restkv", "h2o", "tova")],
-                         ids=["snapkv", "restkv", "h2o", "tova"])
+DECODE_TIME = [p for p in POLICIES if p[0] in ("snapkv", "restkv", "h2o", "tova")]
+
+
+@pytest.mark.parametrize("name,params", DECODE_TIME, ids=[p for p, _ in DECODE_TIME])
 def test_the_batch_law_holds_with_decode_time_eviction(model, name, params):
     _assert_batch_law(model, _prompts([40, 27, 33], seed=1), name, params, phase="both")
 
@@ -166,3 +168,12 @@ def test_interior_padding_in_chunks_and_right_padding_of_new_tokens(model):
         mask[1, -1] = 0  # the new tokens of row 1 padded on the right
         with pytest.raises(ValueError, match="left-padded batches only.*padding_side = 'left'"):
             model(torch.randint(3, 128, (2, 4)), attention_mask=mask, **cache_arg(model, cache))
+
+
+def test_the_full_cache_never_evicts_whatever_the_phase(model):
+    """`full` has no phase of its own: phase="both" leaves it the full cache (it used to evict
+    and then fail the selection check)."""
+    ids, mask = left_padded(_prompts([40, 27]))
+    out, kept, run = _run(model, ids, mask, "full", {}, phase="both", budget=8)
+    assert run.stats.layers[0].evictions == 0
+    assert all(int((pos[0] >= 0).sum(-1).min()) == 40 + NEW - 1 for pos in kept.values())
