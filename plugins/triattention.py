@@ -26,6 +26,10 @@ and prompts (format: docs/policies/triattention.md); it is checked against the m
 is refused. With `stats=None` (the default, so the policy runs with no file) the statistics are
 those of the sequence's own prompt: its pre-RoPE queries, re-projected at prefill (a deviation).
 
+Padded batches: each row's prompt end and calibration count its own prompt tokens (padding
+queries none), normalisation and pinning run over real entries only, each row draws the noise it
+draws alone; so a row keeps what it keeps alone.
+
 Defaults (the reference's experiment settings): offsets=65536, aggregation="mean", normalize=True,
 mlr=True, group="max", pin_prompt=True, seed=None (no noise), sinks=0, window=0, match="weights".
 Decode only. The reference's schedule (evict at budget + 128, back to budget) is
@@ -62,8 +66,8 @@ from evictkit.plugins._triattention_stats import (
     query_sums,
 )
 
-#: scratch keys: the prompt's end (true position + 1), the prompt's query sums ([B, H_q, F] tensors,
-#: one per key, so that a batch split into rows slices them) and count, the checked RoPE
+#: scratch keys: the prompt's end (true position + 1, [B]), the prompt's query sums ([B, H_q, F]) and
+#: count ([B]), tensors per row so that a batch split into rows slices them; the checked RoPE
 PROMPT, CHECKED = "triattention_prompt", "triattention_rope"
 CALIB_Z, CALIB_A, CALIB_N = "triattention_calib_z", "triattention_calib_abs", "triattention_calib_n"
 
@@ -130,6 +134,35 @@ def normalise(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return (scores - mean) / var.sqrt().clamp_min(1e-6)
 
 
+def _prompt_queries(obs: Observation) -> torch.Tensor:
+    """[B, q] bool: the new tokens of a prefill observation that are their row's prompt, as alone.
+
+    Padding queries (position -1) are nobody's. A padded batch's prefill can also hold rows that
+    alone would decode one token (a one-token question beside longer ones, or a running row
+    beside one that starts now): a row's real tokens are prompt when it has several or starts
+    here (position 0). Without padding every row shares the batch's phase.
+    """
+    qp = obs.query_positions
+    real = qp >= 0
+    if obs.valid is None:
+        return real
+    rows = (real.sum(-1) > 1) | (qp == 0).any(-1)
+    return real & rows[:, None]
+
+
+def _noise(positions: torch.Tensor, G: int, seed: int) -> torch.Tensor:
+    """U[0, 1) * 1e-6 per query head and entry [B, H_q, T] (CPU): each row draws what it draws
+    alone, a [1, H_q, n] tensor for its n real entries (its newest n slots), from a fresh generator."""
+    B, Hkv, T = positions.shape
+    n = (positions[:, 0] >= 0).sum(-1)  # [B]: a row's heads hold equally many real entries
+    noise = torch.zeros(B, Hkv * G, T)
+    for length in sorted(set(n.tolist())):  # rows of one length share the draw; CPU bookkeeping
+        g = torch.Generator().manual_seed(seed)
+        rows = (n == length).cpu()
+        noise[rows, :, T - length :] = torch.rand((1, Hkv * G, length), generator=g) * 1e-6
+    return noise
+
+
 @attrs.define(frozen=True, kw_only=True)
 class TriAttention(ScorePolicy):
     """Keys scored by RoPE's trigonometric series against offline query statistics; decode only.
@@ -166,25 +199,28 @@ class TriAttention(ScorePolicy):
             object.__setattr__(self, "_loaded", load(self.stats))  # a bad file fails here, before any model runs
 
     def needs(self) -> Needs:
-        # with a file: keys and positions only; without: the prompt's queries, re-projected
-        return Needs(queries=self.stats is None, may_evict_newest=self.window == 0)
+        # with a file: keys and positions only; without: the prompt's queries, re-projected.
+        # padding: per-row prompt ends and calibration counts, statistics over real entries only
+        return Needs(queries=self.stats is None, may_evict_newest=self.window == 0, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, self.window)
 
     def observe(self, obs: Observation) -> dict[str, torch.Tensor]:
         if obs.phase == "prefill":
-            end = int(obs.query_positions.max()) + 1
-            obs.scratch[PROMPT] = max(obs.scratch.get(PROMPT, 0), end)
+            prompt = _prompt_queries(obs)  # [B, q]: each row's own prompt tokens among the new ones
+            end = torch.where(prompt, obs.query_positions + 1, 0).amax(-1)  # [B]
+            obs.scratch[PROMPT] = torch.maximum(obs.scratch[PROMPT], end) if PROMPT in obs.scratch else end
             if self.stats is None:
                 if getattr(obs.module, "q_proj", None) is None:
                     raise ValueError("policy 'triattention' with stats=None calibrates on the prompt's pre-RoPE "
                                      "queries and needs the attention module's q_proj; pass stats=PATH instead")
-                z, a = query_sums(prerope_queries(obs.module, obs.hidden_states))
+                queries = prerope_queries(obs.module, obs.hidden_states).masked_fill(~prompt[:, None, :, None], 0.0)
+                z, a = query_sums(queries)
+                n = prompt.sum(-1)  # [B]
                 if CALIB_N in obs.scratch:
-                    z, a = obs.scratch[CALIB_Z] + z, obs.scratch[CALIB_A] + a
-                obs.scratch[CALIB_Z], obs.scratch[CALIB_A] = z, a
-                obs.scratch[CALIB_N] = obs.scratch.get(CALIB_N, 0) + obs.hidden_states.shape[1]
+                    z, a, n = obs.scratch[CALIB_Z] + z, obs.scratch[CALIB_A] + a, obs.scratch[CALIB_N] + n
+                obs.scratch[CALIB_Z], obs.scratch[CALIB_A], obs.scratch[CALIB_N] = z, a, n
         return {}
 
     def _layer_stats(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -208,11 +244,13 @@ class TriAttention(ScorePolicy):
             obs.scratch[CHECKED] = layer_rope(obs.module)
         inv_freq, scaling = obs.scratch[CHECKED]
         n = obs.scratch[CALIB_N]
+        if isinstance(n, torch.Tensor):
+            n = n.clamp(min=1)[:, None, None]  # [B] -> [B, 1, 1]: each row's real prompt queries
         return (obs.scratch[CALIB_Z] / n).to(torch.complex64), (obs.scratch[CALIB_A] / n).float(), inv_freq, scaling
 
     def score(self, obs: Observation) -> torch.Tensor:
         """Steps 1-5 over every entry, the prompt's included: [B, H_kv, T] fp32."""
-        return self._scores(obs, torch.ones_like(obs.positions, dtype=torch.bool))
+        return self._scores(obs, obs.positions >= 0)
 
     def _scores(self, obs: Observation, candidates: torch.Tensor) -> torch.Tensor:
         q, qa, inv_freq, scaling = self._layer_stats(obs)
@@ -225,21 +263,23 @@ class TriAttention(ScorePolicy):
         if self.normalize:
             s = normalise(s, cand)
         if self.seed is not None:
-            g = torch.Generator().manual_seed(self.seed)
-            s = s + (torch.rand(s.shape, generator=g) * 1e-6).to(s.device)
+            s = s + _noise(obs.positions, G, self.seed).to(s.device)
         s = s.view(B, Hkv, G, T)
         return s.amax(2) if self.group == "max" else s.mean(2)
 
     def select(self, obs: Observation, budget: int) -> torch.Tensor:
+        real = obs.positions >= 0  # padding slots sit at -1
         prompt = obs.scratch.get(PROMPT, 0) if self.pin_prompt else 0
-        pinned = obs.positions < prompt
-        s = self._scores(obs, ~pinned)
-        top = torch.where(pinned, torch.full_like(s, -math.inf), s).amax(-1, keepdim=True)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt[:, None, None]  # [B] -> [B, 1, 1]: each row's own prompt
+        pinned = real & (obs.positions < prompt)
+        s = self._scores(obs, real & ~pinned)
+        top = torch.where(pinned | ~real, torch.full_like(s, -math.inf), s).amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).floor()
         # the prompt outranks every generated entry, its first tokens first (the reference keeps
         # the first `budget` prompt tokens when the prompt alone fills the budget)
         s = torch.where(pinned, top + 2 + (prompt - 1 - obs.positions).float(), s)
-        return select_topk(s, budget, sinks=self.sinks, window=self.window, policy=self.name)
+        return select_topk(s, budget, sinks=self.sinks, window=self.window, policy=self.name, valid=obs.valid)
 
 
 @hookimpl
