@@ -43,6 +43,10 @@ Deviations from the reference (docs/policies/rkv.md measures what they change):
 - Every batch row is scored on its own keys (the tagged reference used batch row 0's similarities
   for every row; its later versions score each row). Ties go to the more recent entry.
 - The similarities are computed in blocks of rows, so memory stays O(block x T), not O(T^2).
+
+Padded batches (`Needs.padding`): padding keys take no attention and no part in the
+similarities (their means and softmax run over each row's real keys, "key 0" is its first real
+key), and padding window queries are left out of the mean.
 """
 
 from __future__ import annotations
@@ -70,35 +74,63 @@ def _threshold(_inst: object, attr: attrs.Attribute, value: object) -> None:
 
 
 def importance(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, key_valid: torch.Tensor | None = None,
+               query_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean softmax attention of `queries` [B, H_q, w, D] over `keys` [B, H_kv, P, D] (the prefix),
-    GQA max on the logits, max-pooled: [B, H_kv, P] fp32."""
+    GQA max on the logits, max-pooled: [B, H_kv, P] fp32.
+
+    Padded batches: key_valid [B, H_kv, P] bool hides padding keys (they get 0, which the
+    max-pool of these non-negative weights treats like its own padding); query_valid [B, w] bool
+    leaves padding queries out of the mean."""
     B, Hq, w, D = queries.shape
     Hkv = keys.shape[1]
     q = queries.float().view(B, Hkv, Hq // Hkv, w, D)
     logits = torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scaling  # [B, H_kv, G, w, P]
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    attn = logits.amax(dim=2).softmax(dim=-1).mean(dim=2)  # [B, H_kv, P]
+    if key_valid is None:
+        attn = logits.amax(dim=2).softmax(dim=-1).mean(dim=2)  # [B, H_kv, P]
+    else:
+        # the lowest float, not -inf: a row without real keys (it evicts nothing) stays finite
+        logits = logits.masked_fill(~key_valid[:, :, None, None, :], torch.finfo(logits.dtype).min)
+        probs = logits.amax(dim=2).softmax(dim=-1)  # [B, H_kv, w, P]
+        real = torch.ones(B, w, dtype=torch.bool, device=q.device) if query_valid is None else query_valid
+        probs = probs.masked_fill(~real[:, None, :, None], 0.0)
+        attn = probs.sum(dim=2) / real.sum(-1).clamp(min=1)[:, None, None]
     return pool1d(attn.contiguous(), kernel, "max")
 
 
-def redundancy(keys: torch.Tensor, threshold: float, rows: int = ROWS) -> torch.Tensor:
+def redundancy(keys: torch.Tensor, threshold: float, rows: int = ROWS,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax of the column means of the keys' cosine similarities, each row's diagonal and last
-    similar key (> threshold; key 0 when none) zeroed: [B, H_kv, T, D] -> [B, H_kv, T] fp32."""
+    similar key (> threshold; key 0 when none) zeroed: [B, H_kv, T, D] -> [B, H_kv, T] fp32.
+
+    valid: [B, H_kv, T] bool, False on a padded batch's leading padding slots: they are neither
+    rows nor columns of the similarities, "key 0" is the first real key, the means are over the
+    real keys and the softmax too (padding gets 0)."""
     B, H, T, _ = keys.shape
     k = keys.float()
     unit = k / (torch.linalg.vector_norm(k, dim=-1, keepdim=True) + 1e-8)
     slots = torch.arange(T, device=keys.device)
+    first: torch.Tensor | int = 0
+    if valid is not None:
+        unit = unit * valid[..., None]  # a padding key is similar to nothing
+        first = (~valid).sum(-1).clamp(max=T - 1)[:, :, None, None]  # [B, H, 1, 1]; a row not started: T - 1
     column_sums = torch.zeros(B, H, T, dtype=torch.float32, device=keys.device)
     for start in range(0, T, rows):
         i = slots[start : start + rows]
         sim = torch.matmul(unit[:, :, i], unit.transpose(-1, -2))  # [B, H, r, T]
         sim[:, :, torch.arange(len(i), device=keys.device), i] = 0.0
-        last = torch.where(sim > threshold, slots, 0).amax(dim=-1, keepdim=True)  # the newest similar key
+        # padding columns are 0: never above a threshold >= 0, and below a negative one the zeroed
+        # diagonal (a later slot) is "similar" too, so they never become the newest similar key
+        last = torch.where(sim > threshold, slots, first).amax(dim=-1, keepdim=True)  # the newest similar key
         sim.scatter_(-1, last, 0.0)
         column_sums += sim.sum(dim=2)
-    return (column_sums / T).softmax(dim=-1)
+    if valid is None:
+        return (column_sums / T).softmax(dim=-1)
+    means = column_sums / valid.sum(-1, keepdim=True).clamp(min=1)
+    # the lowest float, not -inf: a row with no real key yet stays finite (it evicts nothing)
+    return means.masked_fill(~valid, torch.finfo(means.dtype).min).softmax(dim=-1)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -125,7 +157,7 @@ class RKV(ScorePolicy):
     threshold: float = attrs.field(default=0.5, validator=_threshold)
 
     def needs(self) -> Needs:
-        return Needs(window=self.window)
+        return Needs(window=self.window, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (0, self.window)
@@ -136,8 +168,11 @@ class RKV(ScorePolicy):
         prefix = T - self.window
         if prefix <= 0:  # nothing but the protected window
             return torch.zeros(B, H, T, dtype=torch.float32, device=keys.device)
-        attn = importance(obs.window_queries, keys[:, :, :prefix], obs.scaling, self.kernel, obs.softcap)
-        red = redundancy(keys, float(self.threshold))[..., :prefix]
+        valid = obs.valid
+        attn = importance(obs.window_queries, keys[:, :, :prefix], obs.scaling, self.kernel, obs.softcap,
+                          key_valid=None if valid is None else valid[..., :prefix],
+                          query_valid=None if valid is None else obs.window_positions >= 0)
+        red = redundancy(keys, float(self.threshold), valid=valid)[..., :prefix]
         z = self.mix * attn - (1.0 - self.mix) * red
         top = z.amax(dim=-1, keepdim=True) + 1.0  # the window is forced in by the selection anyway
         return torch.cat([z, top.expand(B, H, self.window)], dim=-1)

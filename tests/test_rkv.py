@@ -120,7 +120,7 @@ def test_defaults_contract_and_errors():
     p = evictkit.policy("rkv")
     assert (p.window, p.kernel, p.mix, p.threshold) == (8, 7, 0.07, 0.5)
     assert p.phases == ("prefill", "decode") and p.protected() == (0, 8)
-    assert p.needs() == evictkit.Needs(window=8)
+    assert p.needs() == evictkit.Needs(window=8, padding=True)
     for bad, match in [({"window": 0}, "window=0"), ({"kernel": 4}, "kernel=4"), ({"mix": 1.5}, "mix=1.5"),
                        ({"threshold": 1.0}, "threshold=1.0"), ({"mix": True}, "mix=True")]:
         with pytest.raises(ValueError, match=match):
