@@ -89,6 +89,7 @@ def padded_step(
     q = hidden_states.shape[1]
     device = keys.device
     p = new_pad.to(device=device, dtype=torch.long)
+    padding_now = bool(p.any())  # most decode steps have none: they take the short ways below
     active = p < q  # rows with a real new token
     if st.row_seen is None or st.row_budgets is None:
         start(st, B, 0, 0, device)
@@ -97,17 +98,19 @@ def padded_step(
     prefill = (cast(torch.Tensor, st.row_seen) == 0) | ((q - p > 1) & (not as_decode))
     # the Observation's phase: "prefill" when any row's is (a one-token question beside longer
     # ones); the core decides eviction, and the slack, per row
-    if bool(active.any()):
+    if not padding_now or bool(active.any()):
         phase = "prefill" if bool((prefill & active).any()) else "decode"
     else:
         phase = phase_of(st, q, as_decode)
     _budgets(st, p, q, row_budget)
 
-    keys, values, new_pos = _append(cfg, st, keys, values, position_ids, p, q, H)
+    keys, values, new_pos = _append(cfg, st, keys, values, position_ids, p, q, H, padding_now)
+    window_padded = st.window is not None and bool((st.window[1] < 0).any())
     if cfg.needs.window and st.window is not None:
-        st.window = _roll_window(module, st.window, hidden_states, position_embeddings, new_pos, cfg.needs.window)
+        st.window = _roll_window(module, st.window, hidden_states, position_embeddings, new_pos, cfg.needs.window,
+                                 sort=padding_now or window_padded)
     valid = ragged.valid_mask(st.pad, T)
-    if valid is None and (bool(p.any()) or (st.window is not None and bool((st.window[1] < 0).any()))):
+    if valid is None and (padding_now or window_padded):
         # padding queries (this forward's, or in the window) are masked through the key mask (evictkit.attention)
         valid = torch.ones(B, H, T, dtype=torch.bool, device=device)
     obs = PaddedObservation(
@@ -122,9 +125,9 @@ def padded_step(
 
     budgets = cast(torch.Tensor, st.row_budgets)  # set by start()
     limit = budgets + torch.where(prefill, 0, cfg.slack)
-    real = (cast(torch.Tensor, st.positions) >= 0).sum(-1)  # [B, H]
+    real = H * T - (st.pad.sum(-1) if st.pad is not None else 0)  # [B]: padding is each head's leading slots
     in_phase = (prefill & ("prefill" in cfg.phases)) | (~prefill & ("decode" in cfg.phases))
-    evicting = active & (real.sum(-1) > H * limit) & (budgets > 0) & in_phase
+    evicting = active & (real > H * limit) & (budgets > 0) & in_phase
     if not bool(evicting.any()):
         return keys, values, phase, False
     kept = _kept(cfg, st, obs, guard, evicting)
@@ -144,8 +147,8 @@ def _budgets(st: LayerState, p: torch.Tensor, q: int, row_budget: Callable[[int,
 
 
 def _append(cfg: StepConfig, st: LayerState, keys: torch.Tensor, values: torch.Tensor,
-            position_ids: torch.Tensor | None, p: torch.Tensor, q: int,
-            H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            position_ids: torch.Tensor | None, p: torch.Tensor, q: int, H: int,
+            padding_now: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1: positions (-1 on padding) and zero side-tensor rows appended; padding among a
     started row's new tokens moved in front of its old entries. Returns (keys, values, the new
     tokens' positions [B, q])."""
@@ -158,15 +161,18 @@ def _append(cfg: StepConfig, st: LayerState, keys: torch.Tensor, values: torch.T
         new_pos = seen[:, None] + (~is_pad).long().cumsum(-1) - 1
     else:
         new_pos = new_positions(position_ids, 0, B, q, device)
-    new_pos = new_pos.masked_fill(is_pad, -1)
+    if padding_now:
+        new_pos = new_pos.masked_fill(is_pad, -1)
     appended = new_pos[:, None, :].expand(B, H, q)
     st.positions = appended if st.positions is None else torch.cat([st.positions, appended], dim=-1)
     for name, t in st.state.items():
         st.state[name] = torch.cat([t, t.new_zeros(B, H, q, *t.shape[3:])], dim=2)
     st.row_seen = seen + (q - p)
     st.seen = int(st.row_seen.max())
+    if not padding_now:  # the padding, if any, is where it was
+        return keys, values, new_pos
     lead = st.pad if st.pad is not None else torch.zeros(B, H, dtype=torch.long, device=device)
-    if old and bool(p.any()):
+    if old:
         slots = torch.arange(T, device=device)
         moved = slots[None] < (old + p)[:, None]  # [B, T]: old entries shift right by the row's padding
         src = torch.where(moved, (slots[None] - p[:, None]).clamp(min=0), slots[None])
@@ -182,14 +188,18 @@ def _append(cfg: StepConfig, st: LayerState, keys: torch.Tensor, values: torch.T
 
 def _roll_window(module: nn.Module, window: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                  position_embeddings: tuple[torch.Tensor, torch.Tensor], new_pos: torch.Tensor,
-                 w: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 w: int, sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2: each row's newest `w` real queries [B, H_q, w, D] and positions [B, w]; a row with
-    fewer has padding queries (position -1) in front. Padding queries of this forward never enter."""
+    fewer has padding queries (position -1) in front. Padding queries of this forward never enter.
+    sort: False when neither this forward nor the window holds a padding query (the newest w are
+    then simply the last w)."""
     cos, sin = position_embeddings
     n = min(w, hidden.shape[1])
     new_q = project_queries(module, hidden[:, -n:], cos[:, -n:], sin[:, -n:])
     queries = torch.cat([window[0], new_q], dim=2)
     positions = torch.cat([window[1], new_pos[:, -n:]], dim=1)  # [B, L]
+    if not sort:
+        return queries[:, :, -w:], positions[:, -w:]
     L = positions.shape[1]
     # real queries keep their order and go last; padding (key -1) sorts first
     order = torch.where(positions >= 0, torch.arange(L, device=positions.device), -1).sort(dim=1).indices[:, -w:]
