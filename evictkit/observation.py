@@ -12,6 +12,8 @@ from evictkit.attention import attention_weights, project_queries
 
 
 class Observation:
+    rows: Any = None  # evictkit.padded.Rows in a padded batch (set by the core), else None
+
     """One layer's view after a forward pass (shapes: B batch, H_kv KV heads, H_q query heads,
     T cached entries including this forward's, D head dim, q tokens in this forward).
 
@@ -21,8 +23,10 @@ class Observation:
     forward that starts a sequence, "decode" after); `phases` (the phases in which this
     compression evicts: a policy can skip work that only a later eviction would use);
     `layer_idx`, `n_layers`, `q_len`;
-    `valid` ([B, H_kv, T] bool, False on the padding slots of a ragged layer, see
-    evictkit.ragged; None when every slot is real).
+    `valid` ([B, H_kv, T] bool, False on the padding slots of a ragged layer or a padded batch,
+    see evictkit.ragged; None when every slot is real); `rows` (a padded batch's per-row phase and
+    the rows a `select()` call decides, `evictkit.padded.Rows`; None otherwise: every row is in
+    `phase` and every row's selection is used).
     Lazy: `queries`, `window_queries`, `window_positions`, `window_attention`, `o_proj_weight`.
     """
 

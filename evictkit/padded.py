@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any, cast
 
+import attrs
 import torch
 from torch import nn
 
@@ -42,6 +43,22 @@ from evictkit.kernels import compact_many
 from evictkit.observation import Observation
 from evictkit.selection import check_indices
 from evictkit.step import CORE_GUARD, Guard, LayerState, StepConfig, new_positions, phase_of
+
+
+@attrs.define
+class Rows:
+    """A padded batch's rows, as the policy may need them (`Observation.rows`): each row's phase
+    is its own, and `select()` is called once per distinct budget, for some of the rows.
+
+    prefill: [B] bool, the row's phase is "prefill" (else "decode"; `obs.phase` is "prefill" when
+        any row's is); active: [B] bool, the row has a real new token in this forward;
+    selecting: [B] bool, set before each `select()` call: the rows whose kept entries this call
+        decides (they evict, with this budget); None outside `select()`.
+    """
+
+    prefill: torch.Tensor
+    active: torch.Tensor
+    selecting: torch.Tensor | None = None
 
 
 class PaddedObservation(Observation):
@@ -119,6 +136,7 @@ def padded_step(
         position_embeddings=position_embeddings, query_positions=new_pos, window=cfg.needs.window,
         window_buffer=st.window, valid=valid, phases=cfg.phases,
     )
+    obs.rows = Rows(prefill=prefill, active=active)
     if cfg.needs.window and st.window is None:
         st.window = (obs.window_queries, obs.window_positions)
     _observe(cfg, st, obs, guard, active)
@@ -236,9 +254,13 @@ def _kept(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard, evict
     guard.before_select(obs)
     for budget in sorted(set(budgets[evicting].tolist())):
         rows = evicting & (budgets == budget)
+        if obs.rows is not None:
+            obs.rows.selecting = rows
         chosen = guard.call("select()", cfg.policy.select, obs, int(budget))
         mask = _selection_mask(cfg, st, chosen, rows, (B, H, T), int(budget), attn_implementation(obs.module))
         kept = torch.where(rows[:, None, None], mask, kept)
+    if obs.rows is not None:
+        obs.rows.selecting = None
     return kept
 
 
@@ -257,7 +279,7 @@ def _selection_mask(cfg: StepConfig, st: LayerState, chosen: Any, rows: torch.Te
             # the evicting rows at their own width: a row that does not evict may keep more in a head
             width = int(counts[r].max()) if len(r) else 0
             ragged.check_ragged(idx[r][..., idx.shape[-1] - width:], counts[r], pad, len(r), H, T, want, name,
-                                attn_impl)
+                                attn_impl, exact=cfg.needs.exact_budget)
         else:
             ragged.check_ragged(idx, counts, pad, B, H, T, want, name, attn_impl)  # names the type mistake
         real = torch.arange(idx.shape[-1], device=idx.device) >= (idx.shape[-1] - counts.long())[..., None]
@@ -294,4 +316,4 @@ def _compact(st: LayerState, keys: torch.Tensor, values: torch.Tensor,
     return keys, values
 
 
-__all__ = ["PaddedObservation", "padded_step", "start"]
+__all__ = ["PaddedObservation", "Rows", "padded_step", "start"]

@@ -48,10 +48,13 @@ def check_ragged(
     keep: int,
     policy: str,
     attn_impl: str | None,
+    exact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate a ragged selection; return (gather indices [B, H, K], new padding [B, H] or None).
 
-    keep: entries per head on average, min(T, budget); every batch row must keep H * keep.
+    keep: entries per head on average, min(T, budget); every batch row must keep H * keep, or at
+    most that when not `exact` (a policy with `Needs(exact_budget=False)`, e.g. rows of a padded
+    batch that free different numbers of whole blocks).
     """
     for what, t in (("idx", idx), ("counts", counts)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
@@ -70,10 +73,11 @@ def check_ragged(
             f"policy {policy!r}: counts must lie in [0, K] with max(counts) == K = {K} <= T = {T}, "
             f"got {counts.tolist()}"
         )
-    if not bool((counts.sum(-1) == H * keep).all()):
+    kept = counts.sum(-1)
+    if not bool((kept == H * keep).all() if exact else (kept <= H * keep).all()):
         raise ValueError(
-            f"policy {policy!r}: a ragged selection must keep {H} x {keep} = {H * keep} entries per layer, "
-            f"got {counts.sum(-1).tolist()}"
+            f"policy {policy!r}: a ragged selection must keep {'' if exact else 'at most '}{H} x {keep} = {H * keep} "
+            f"entries per layer, got {kept.tolist()}"
         )
     real = torch.arange(K, device=idx.device) >= (K - counts)[..., None]  # [B, H, K]
     idx = idx.long()
