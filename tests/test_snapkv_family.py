@@ -28,7 +28,7 @@ ARCHS = ("llama", "qwen2", "mistral")
 
 def fake_obs(window_attention: torch.Tensor, n_kv_heads: int):
     """The two things window_scores reads from an Observation."""
-    return types.SimpleNamespace(window_attention=window_attention, n_kv_heads=n_kv_heads)
+    return types.SimpleNamespace(window_attention=window_attention, n_kv_heads=n_kv_heads, valid=None)
 
 
 # --- golden: pooling and a hand-computed selection ------------------------------------------------
