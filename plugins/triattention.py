@@ -27,8 +27,9 @@ is refused. With `stats=None` (the default, so the policy runs with no file) the
 those of the sequence's own prompt: its pre-RoPE queries, re-projected at prefill (a deviation).
 
 Padded batches: each row's prompt end and calibration count its own prompt tokens (padding
-queries none), normalisation and pinning run over real entries only, each row draws the noise it
-draws alone; so a row keeps what it keeps alone.
+queries none; a row's tokens are prompt when the core's `obs.rows.prefill` says so), normalisation
+and pinning run over real entries only, each row draws the noise it draws alone; so a row keeps
+what it keeps alone.
 
 Defaults (the reference's experiment settings): offsets=65536, aggregation="mean", normalize=True,
 mlr=True, group="max", pin_prompt=True, seed=None (no noise), sinks=0, window=0, match="weights".
@@ -138,16 +139,14 @@ def _prompt_queries(obs: Observation) -> torch.Tensor:
     """[B, q] bool: the new tokens of a prefill observation that are their row's prompt, as alone.
 
     Padding queries (position -1) are nobody's. A padded batch's prefill can also hold rows that
-    alone would decode one token (a one-token question beside longer ones, or a running row
-    beside one that starts now): a row's real tokens are prompt when it has several or starts
-    here (position 0). Without padding every row shares the batch's phase.
+    alone would decode (a one-token question beside longer ones, a running row beside one that
+    starts now, several tokens under `as_decode()`): the core's per-row phase (`obs.rows.prefill`)
+    says which. Outside padded batches every row shares the batch's phase.
     """
-    qp = obs.query_positions
-    real = qp >= 0
-    if obs.valid is None:
+    real = obs.query_positions >= 0
+    if obs.rows is None:
         return real
-    rows = (real.sum(-1) > 1) | (qp == 0).any(-1)
-    return real & rows[:, None]
+    return real & obs.rows.prefill[:, None]
 
 
 def _noise(positions: torch.Tensor, G: int, seed: int) -> torch.Tensor:

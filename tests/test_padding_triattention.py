@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import evictkit
 from evictkit.observation import Observation
 from evictkit.plugins.triattention import PROMPT, TriAttention
-from evictkit.specs.tiny import tiny_attention
+from evictkit.specs.tiny import tiny_attention, tiny_model
 
 H_KV, G, D = 2, 2, 8
 
@@ -60,3 +61,44 @@ def test_a_padded_row_keeps_what_it_keeps_alone(params):
     w = policy.window
     assert (kept[1] - (T - 14)).tolist() == [list(range(8 - w)) + list(range(14 - w, 14))] * H_KV
     assert bool((batch.positions.gather(2, kept[:2]) >= 0).all())
+
+
+def _context_then_as_decode(model, contexts, questions, steps=6):
+    """Each row's context (a row may have none: it starts in the next forward), then its question
+    under `as_decode()`, then `steps` greedy tokens: (tokens [B, steps], kept positions)."""
+    from evictkit.hf import cache_arg, new_cache
+
+    B, W = len(contexts), max(len(c) for c in contexts)
+    ids, mask = torch.zeros(B, W, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
+    for i, c in enumerate(contexts):
+        if len(c):
+            ids[i, W - len(c):], mask[i, W - len(c):] = c, 1
+    with torch.no_grad(), evictkit.compress(model, "triattention", budget=14) as run:
+        cache = new_cache(model)
+        if W:
+            model(ids, attention_mask=mask, **cache_arg(model, cache))
+        mask = torch.cat([mask, torch.ones(B, questions.shape[1], dtype=torch.long)], 1)
+        with run.as_decode():
+            logits = model(questions, attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+        tokens = []
+        for _ in range(steps):
+            tokens.append(logits.argmax(-1))
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+            logits = model(tokens[-1][:, None], attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+        return torch.stack(tokens, 1), run.kept_positions()
+
+
+def test_a_row_decoding_under_as_decode_beside_a_starting_row_keeps_what_it_keeps_alone():
+    """Row 0 continues with 4 tokens under `as_decode()` (alone: decode, not prompt) while row 1
+    starts in that forward (its prefill): the prompt end is each row's own phase (obs.rows.prefill),
+    not a guess from query positions (row 0's question was taken as prompt and pinned)."""
+    model = tiny_model(layers=2)
+    g = torch.Generator().manual_seed(0)
+    context, q0, q1 = (torch.randint(3, 128, (n,), generator=g) for n in (8, 4, 4))
+    tokens, kept = _context_then_as_decode(model, [context, context[:0]], torch.stack([q0, q1]))
+    for row, (c, q) in enumerate([(context, q0), (context[:0], q1)]):
+        t1, k1 = _context_then_as_decode(model, [c], q[None])
+        assert torch.equal(tokens[row], t1[0]), row
+        for layer in k1:
+            got = [h[h >= 0].tolist() for h in kept[layer][row]]
+            assert got == [h[h >= 0].tolist() for h in k1[layer][0]], (row, layer)
