@@ -48,7 +48,8 @@ Deviations from the reference implementation:
   selection). Without a budget (`score(obs)` alone), AWS has no drift estimate and uses t = 0.
 - Padded batches (`Needs.padding`): the EMA skips padding queries (each row weighs its own real
   window queries), padding keys get no attention, AWS pools from each row's first real slot,
-  and the per-row scratch (AWS kernel and shift, query count) follows each row's own evictions.
+  and the per-row scratch (AWS kernel and shift, query count) follows each row's own evictions
+  (AWS's are taken by the rows a select() call decides, `obs.rows.selecting`).
 - Decode (beyond the paper, which only evicts at the end of prefill; off by default): with
   `evictkit.compress(..., phase="both"|"decode")`, `decode="carried"` (default) keeps the
   temporal aggregate of every query seen so far as the per-token side tensor "restkv_a"
@@ -120,11 +121,9 @@ STATE = "restkv_a"
 #: side tensor of ||W_O^h v_j||^2 per key and query head, [B, H_kv, T, g]: the part of the
 #: indicator that does not change between decode steps (carried mode, reconstruction only)
 VALUE_NORMS = "restkv_vgv"
-#: scratch keys: AWS (kernel, shift) of the prefill eviction; number of queries in a running mean
+#: scratch keys: AWS (kernel, shift) of the prefill eviction ([B, H_q] each: a padded batch's rows
+#: evict with their own budgets); number of queries in a running mean
 AWS = "restkv_aws"
-#: scratch key of a padded batch's prefill evictions: {budget: (kernel, shift, rows over it)},
-#: settled into AWS per row at the next forward (see RestKV._settle_aws)
-AWS_PENDING = "restkv_aws_pending"
 COUNT = "restkv_n"
 
 
@@ -196,7 +195,6 @@ class RestKV(ScorePolicy):
         """The carried temporal aggregate as the side tensor [B, H_kv, T, g] (only when this
         compression evicts at decode and the mode carries), and for the reconstruction
         indicator each key's ||W_O^h v_j||^2 beside it (computed once per token)."""
-        self._settle_aws(obs)
         if not self.carries or "decode" not in obs.phases:
             return {}
         B, Hkv, T = obs.positions.shape
@@ -316,32 +314,21 @@ class RestKV(ScorePolicy):
                 first=self._first_real(obs, obs.values.shape[2] - w),
             )  # [B, Hq, P]
         if aws and obs.phase == "prefill":
-            if obs.valid is None or budget is None:
-                obs.scratch[AWS] = (aws["kernel"], aws["shift"])
-            else:  # which rows evict with this budget is known after the compaction (_settle_aws)
-                over = (obs.positions >= 0).sum((-2, -1)) > obs.n_kv_heads * budget  # [B]
-                obs.scratch.setdefault(AWS_PENDING, {})[budget] = (aws["kernel"], aws["shift"], over)
+            self._keep_aws(obs, aws["kernel"], aws["shift"], budget)
         return self._with_window(reduce_gqa(per_head, obs.n_kv_heads, self.gqa), w)
 
-    def _settle_aws(self, obs: Observation) -> None:
-        """A padded batch's AWS (kernel, shift) [B, Hq] per row, from its last prefill eviction.
-
-        select() sees every row once per distinct budget, not which rows that budget is theirs,
-        so each call left its parameters pending. A row that held more than budget b entries and
-        holds exactly b per head after the compaction (before this forward's real tokens) evicted
-        with b: it takes b's parameters. The others keep theirs (k_min, centred, if none), as a
-        row alone runs AWS only when it evicts."""
-        pending = obs.scratch.pop(AWS_PENDING, None)
-        if not pending:
+    def _keep_aws(self, obs: Observation, kernel: torch.Tensor, shift: torch.Tensor, budget: int | None) -> None:
+        """Keep a prefill eviction's AWS (kernel, shift) [B, H_q] for decode. In a padded batch
+        select() runs once per distinct budget over every row: only the rows it decides
+        (`obs.rows.selecting`) in their own prefill take these; the others keep theirs (k_min,
+        centred, if none), as a row alone runs AWS only when it evicts at prefill."""
+        rows = obs.rows
+        if rows is None or rows.selecting is None or budget is None:
+            obs.scratch[AWS] = (kernel, shift)
             return
-        H = obs.n_kv_heads
-        held = (obs.positions >= 0).sum((-2, -1)) - H * (obs.query_positions >= 0).sum(-1)  # [B]
-        k0, s0 = next(iter(pending.values()))[:2]
-        kernel, shift = obs.scratch.get(AWS) or (torch.full_like(k0, self.k_min), torch.zeros_like(s0))
-        for budget, (k, sh, over) in pending.items():
-            took = (over & (held == H * budget))[:, None]
-            kernel, shift = torch.where(took, k, kernel), torch.where(took, sh, shift)
-        obs.scratch[AWS] = (kernel, shift)
+        took = (rows.selecting & rows.prefill)[:, None]
+        old_kernel, old_shift = obs.scratch.get(AWS) or (torch.full_like(kernel, self.k_min), torch.zeros_like(shift))
+        obs.scratch[AWS] = (torch.where(took, kernel, old_kernel), torch.where(took, shift, old_shift))
 
     def _carried_score(self, obs: Observation) -> torch.Tensor:
         Hkv, T = obs.positions.shape[1:]

@@ -501,7 +501,7 @@ def test_scoring_never_materialises_the_projection(metric_mode):
     weight = torch.randn(hidden, Hq * d, generator=gen) / 32
     obs = types.SimpleNamespace(
         window_attention=attn, values=values, o_proj_weight=weight, n_heads=Hq, n_kv_heads=Hkv, scratch={},
-        phase="prefill", valid=None,
+        phase="prefill", valid=None, rows=None,
     )
     policy = RestKV(window=W, metric_mode=metric_mode, beta=100.0)  # small beta: AWS top-k runs
     scores = [None]
@@ -767,6 +767,7 @@ def test_score_without_budget():
         scratch={},
         phase="prefill",
         valid=None,
+        rows=None,
     )
     s = RestKV(window=8).score(obs)
     assert s.shape == (1, 2, 50) and torch.isfinite(s).all()
