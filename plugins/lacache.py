@@ -15,7 +15,8 @@ The index logic follows the reference code (not the paper's figure, which could 
   compacts what room allows, then re-compacts the whole ladder region from the sinks with a
   coarser block (kept entries `t` apart), so density falls off geometrically with age.
 - The first overflow raises the capacity once by floor(R / 2) (the reference's compensation).
-Every head and batch row of a layer keeps the same tokens; every layer keeps the same count.
+Every head of a layer keeps the same tokens (every row too, except in a padded batch); every
+layer keeps the same count.
 
 Budget (evictkit choice, documented deviation): `budget` is the hard cap, i.e. the peak size
 the reference reaches: evictkit runs the reference logic with cache_size = budget - floor(R / 2),
@@ -40,9 +41,15 @@ ZeroDivisionError are ValueErrors here: span < L, overlap < span, R >= 1 and
 budget >= sinks + L + Bk + floor(R / 2) (room for one whole ladder block beside the L newest
 tokens once the capacity is the budget minus the compensation).
 
-Padded batches: stepped row by row (evictkit.rows), not as one (no `Needs.padding`): each row
-has its own ladder cursor, and rows of one budget keep different counts (whole blocks are freed),
-which one batched select() cannot return (it gives every row the same count).
+Padded batches (`Needs.padding`): stepped as one. Each row runs the ladder of its real length
+from its first real slot (one ladder per distinct length and state), with its own cursor: in a
+padded batch `obs.scratch` holds one state per row (None before the row's first eviction), and a
+select() call advances only the rows it decides (`obs.rows.selecting`). Rows of one budget may
+keep different counts, so the selection is ragged (`(idx, counts)`, at most H x budget per row).
+The per-row states are not permuted by a reorder of the batch rows (evictkit.step.reorder_rows
+does not touch scratch): beam search only moves rows among one prompt's beams, whose states are
+equal (same lengths, same budget), but a reorder across prompts of different lengths would leave
+the cursors with the wrong rows.
 
 Two departures where the reference's lists break (both only in one-shot compactions of prompts
 many times the budget, never in its token-by-token ppl stream):
@@ -62,7 +69,7 @@ import attrs
 import torch
 
 from evictkit import Needs, Observation, Policy, hookimpl
-from evictkit.helpers import POSITION_MODES, int_at_least
+from evictkit.helpers import POSITION_MODES, RaggedSelection, int_at_least
 
 SCRATCH = "lacache"
 
@@ -224,11 +231,9 @@ class LaCache(Policy):
             raise ValueError(f"overlap={self.overlap} must be smaller than span={self.span}")
 
     def needs(self) -> Needs:
-        # the ladder frees whole blocks: an eviction may keep fewer than the budget, never more.
-        # padding stays False: in a padded batch two rows of one budget keep different counts
-        # (4 layers, span 1, budget 24: 60 entries keep 24, 25 keep 22) and the core's select()
-        # contract is one [B, H_kv, K] for all rows; each row's cursor would also need its own state.
-        return Needs(positions=self.positions, exact_budget=False)
+        # the ladder frees whole blocks: an eviction may keep fewer than the budget, never more
+        # (in a padded batch rows of one budget keep different counts: a ragged selection)
+        return Needs(positions=self.positions, exact_budget=False, padding=True)
 
     def protected(self) -> tuple[int, int]:
         return (self.sinks, 0)
@@ -251,7 +256,11 @@ class LaCache(Policy):
         """The reference's cache_size for a budget: the peak after compensation is the budget."""
         return budget - ladder_shape(n_layers, self.span, self.overlap).free // 2
 
-    def select(self, obs: Observation, budget: int) -> torch.Tensor:
+    def select(self, obs: Observation, budget: int) -> torch.Tensor | RaggedSelection:
+        """[B, H_kv, K] kept slots (every row and head the same); in a padded batch (`obs.rows`)
+        a ragged (idx, counts): each deciding row's ladder right-aligned, counts 0 elsewhere."""
+        if obs.rows is not None:
+            return self._select_rows(obs, budget)
         B, H, T = obs.positions.shape
         state = obs.scratch.get(SCRATCH)
         if state is None:
@@ -261,6 +270,37 @@ class LaCache(Policy):
         )
         obs.scratch[SCRATCH] = state
         return idx.to(obs.keys.device).expand(B, H, idx.numel())
+
+    def _select_rows(self, obs: Observation, budget: int) -> RaggedSelection:
+        """A padded batch: each row of `obs.rows.selecting` runs the ladder of its real length
+        with its own state, offset by its padding (a leading prefix, the same in every head)."""
+        B, H, T = obs.positions.shape
+        rows = obs.rows  # evictkit.padded.Rows
+        selecting = rows.selecting if rows.selecting is not None else torch.ones(B, dtype=torch.bool)
+        states = obs.scratch.get(SCRATCH)
+        if not isinstance(states, list):  # a batch stepped as one so far: every row had its state
+            states = [states] * B
+        states = list(states)  # a new list: the core may call select() again for another budget
+        pad = [0] * B if obs.valid is None else (~obs.valid[:, 0]).sum(-1).tolist()
+        fresh = LadderState(cursor=self.sinks, capacity=self.capacity(budget, obs.n_layers))
+        ladders: dict[tuple[int, LadderState], tuple[torch.Tensor, LadderState]] = {}
+        kept: dict[int, torch.Tensor] = {}
+        for b in selecting.nonzero().flatten().tolist():
+            key = (T - pad[b], states[b] or fresh)
+            if key not in ladders:  # rows of one length and state share one ladder
+                ladders[key] = ladder_indices(key[0], obs.layer_idx, obs.n_layers, sinks=self.sinks,
+                                              span=self.span, overlap=self.overlap, state=key[1])
+            idx, states[b] = ladders[key]
+            kept[b] = idx + pad[b]
+        obs.scratch[SCRATCH] = states
+        K = max((k.numel() for k in kept.values()), default=0)
+        idx = torch.zeros(B, K, dtype=torch.long)
+        counts = torch.zeros(B, dtype=torch.long)
+        for b, k in kept.items():
+            idx[b, K - k.numel():] = k
+            counts[b] = k.numel()
+        device = obs.keys.device
+        return RaggedSelection(idx.to(device)[:, None].expand(B, H, K), counts.to(device)[:, None].expand(B, H))
 
 
 @hookimpl
