@@ -14,6 +14,7 @@ without a compress block.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any, cast
@@ -377,6 +378,11 @@ class Sequence:
         if st is None or T == q:  # the layer's first forward of this sequence
             st = self._start_layer(li, budget=0)
             st.rows, st.offsets = rows.start_rows(layer.keys.shape[0])
+            warnings.warn(
+                f"policy {run.name!r} does not declare Needs(padding=True), so evictkit steps its padded batches "
+                "row by row (slower, and its kernel launches grow with the rows); once its scores ignore padding, "
+                "return Needs(..., padding=True) from needs() and run the kit's 'padding' law "
+                "(docs/writing-a-policy.md)", DeprecationWarning, stacklevel=2)
         row_budget = self._row_budget(li)
 
         phase = phase_of(st, q, self.as_decode)

@@ -26,6 +26,7 @@ from evictkit.contract import Policy
 from evictkit.specs.cases import Case
 from evictkit.specs.driver import Step, drive, kept_mask, layer_budgets  # noqa: F401  (re-exported)
 from evictkit.specs.driver import bit_equal as _bit_equal
+from evictkit.specs.padding import padding  # noqa: F401  (a direct law, listed in DIRECT)
 from evictkit.specs.subject import (  # noqa: F401  (re-exported: the kit's names live in checks)
     MAX_PROBED_BUDGET,
     LawContext,
@@ -477,4 +478,5 @@ DIRECT = {
     "noop": noop,
     "integrity": integrity,
     "batch_rows": batch_rows,
+    "padding": padding,
 }

@@ -10,7 +10,7 @@ import attrs
 import pytest
 import torch
 
-from evictkit.contract import Policy, ScorePolicy
+from evictkit.contract import Needs, Policy, ScorePolicy
 from evictkit.debug import SMALL, ChecksumGuard, guard_from_env
 from evictkit.ragged import check_ragged
 from evictkit.selection import check_indices, select_topk
@@ -335,3 +335,54 @@ def test_protection_at_decode_suggests_a_window_or_may_evict_newest():
                                            r"may_evict_newest = True"):
         check_law("protection", DecodeScorerWithoutWindow)
     check_law("protection", KeyNorm)  # window=1: the newest token is kept
+
+
+# --- padding: a padded row scores and keeps what the row alone does ---------------------------------
+
+
+@attrs.define(frozen=True, kw_only=True)
+class PaddedKeyNorm(KeyNorm):
+    """Correct: a per-entry score, and select_topk skips padding (ScorePolicy.select passes obs.valid)."""
+
+    name: ClassVar[str] = "padded_key_norm"
+
+    def needs(self):
+        return Needs(window=1, padding=True)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class CentredOverPadding(PaddedKeyNorm):
+    """Declares padding but centres its scores on the mean over every slot, padding included."""
+
+    name: ClassVar[str] = "broken_centred_over_padding"
+
+    def score(self, obs):
+        s = _key_norm(obs)
+        return s - s.mean(-1, keepdim=True)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class SinksFromSlotZero(PaddedKeyNorm):
+    """Declares padding but protects its sinks from slot 0, padding or not."""
+
+    name: ClassVar[str] = "broken_sinks_from_slot_zero"
+
+    def protected(self):
+        return (2, 1)
+
+    def select(self, obs, budget):
+        return select_topk(self.score(obs), budget, sinks=2, window=1, policy=self.name)
+
+
+def test_padding_law_passes_a_policy_that_honours_padding():
+    check_law("padding", PaddedKeyNorm)
+
+
+def test_padding_law_catches_a_score_that_reads_padding():
+    with pytest.raises(LawViolation, match=r"law 'padding' violated .*padding changed the score of a real entry"):
+        check_law("padding", CentredOverPadding)
+
+
+def test_padding_law_catches_sinks_counted_from_slot_zero():
+    with pytest.raises(LawViolation, match=r"law 'padding' violated .*(kept a padding slot|keeps positions)"):
+        check_law("padding", SinksFromSlotZero)

@@ -3,6 +3,7 @@ layer's step dispatches (on CUDA, its kernel launches) do not grow with the numb
 
 import collections
 
+import attrs
 import pytest
 import torch
 from generation import left_padded
@@ -11,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import evictkit
 from evictkit import padded, rows
 from evictkit.hf import cache_arg, new_cache
+from evictkit.plugins.snapkv import SnapKV
 from evictkit.specs.tiny import tiny_model
 
 BUDGET = 16
@@ -71,3 +73,32 @@ def test_a_padded_batch_steps_as_one_whatever_its_rows(model, monkeypatch, polic
     assert not loop_small and not loop_large  # the row-by-row path never ran
     assert len(small) == len(large) == 2 * 4  # 2 layers x (prompt, question, 2 decode steps)
     assert small == large  # the same operations per layer step for 2 rows as for 6
+
+
+def test_every_built_in_steps_a_padded_batch_as_one():
+    """Every built-in honours padding (the kit's padding and batch laws check it), so no padded batch
+    of a built-in takes the row-by-row path."""
+    built_in = {n: c for n, c in evictkit.policies().items() if c.__module__.startswith("evictkit.plugins.")}
+    assert [name for name, cls in built_in.items() if not evictkit.contract.declared(cls()).padding] == []
+
+
+@attrs.define(frozen=True, kw_only=True)
+class _RowByRowSnapKV(SnapKV):
+    """SnapKV as a policy written before Needs.padding: its padded batches go row by row."""
+
+    def needs(self):
+        return attrs.evolve(super().needs(), padding=False)
+
+
+def test_a_policy_without_padding_is_stepped_row_by_row_with_a_warning_and_the_same_result(model):
+    g = torch.Generator().manual_seed(3)
+    ids, mask = left_padded([torch.randint(3, 128, (n,), generator=g) for n in (40, 26, 33)])
+
+    def kept(policy):
+        with torch.no_grad(), evictkit.compress(model, policy, budget=BUDGET) as c:
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            return {li: [[h[h >= 0].tolist() for h in row] for row in pos] for li, pos in c.kept_positions().items()}
+
+    with pytest.warns(DeprecationWarning, match="does not declare Needs.padding=True., so evictkit steps its padded"):
+        by_rows = kept(_RowByRowSnapKV(window=4))
+    assert by_rows == kept(SnapKV(window=4))
