@@ -49,7 +49,8 @@ Deviations from the reference implementation:
 - Padded batches (`Needs.padding`): the EMA skips padding queries (each row weighs its own real
   window queries), padding keys get no attention, AWS pools from each row's first real slot,
   and the per-row scratch (AWS kernel and shift, query count) follows each row's own evictions
-  (AWS's are taken by the rows a select() call decides, `obs.rows.selecting`).
+  (AWS's are taken by the rows a select() call decides, `obs.rows.selecting`); in a forward
+  with rows of both phases (`obs.rows.prefill`) each row aggregates and scores as in its own.
 - Decode (beyond the paper, which only evicts at the end of prefill; off by default): with
   `evictkit.compress(..., phase="both"|"decode")`, `decode="carried"` (default) keeps the
   temporal aggregate of every query seen so far as the per-token side tensor "restkv_a"
@@ -198,42 +199,66 @@ class RestKV(ScorePolicy):
         if not self.carries or "decode" not in obs.phases:
             return {}
         B, Hkv, T = obs.positions.shape
+        prefill = self._mixed_phases(obs)
         out: dict[str, torch.Tensor] = {}
         if self.indicator == "reconstruction":
-            out[VALUE_NORMS] = self._value_norms(obs)
+            out[VALUE_NORMS] = self._value_norms(obs, prefill)
         with torch.no_grad():
-            if obs.phase == "prefill":
-                attn = obs.window_attention  # [B, Hq, w, T]
-                w = attn.shape[2]
-                real = None if obs.valid is None else obs.window_positions >= 0  # [B, w]
-                if real is not None and not bool(real.all()):  # rows with fewer real window queries
-                    a = aggregate(attn, row_temporal_weights(real, self.temporal, float(self.alpha)))
-                    obs.scratch[COUNT] = real.sum(-1)  # [B]: each row's own count
-                else:
-                    a = aggregate(attn, temporal_weights(w, self.temporal, float(self.alpha), device=attn.device))
-                    obs.scratch[COUNT] = w
-            else:
-                a = self._carried(obs)
-                rows = attention_weights(
-                    obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap,
-                    key_mask=obs.valid,
-                )  # [B, Hq, q, T], oldest query first
-                n = obs.scratch.get(COUNT, 0)
-                if obs.valid is not None or isinstance(n, torch.Tensor):
-                    a = self._update_rows(a, rows, obs.query_positions >= 0, n, obs.scratch)
-                else:
-                    for t in range(rows.shape[2]):
-                        n += 1
-                        if self.temporal == "ema":
-                            a = (a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1
-                                 else rows[:, :, t])
-                        elif self.temporal == "mean":
-                            a = a + (rows[:, :, t] - a) / n
-                        else:  # "none": the newest query only
-                            a = rows[:, :, t]
-                    obs.scratch[COUNT] = n
+            if obs.phase == "decode":
+                a = self._decode_aggregate(obs)
+            elif prefill is None:
+                a = self._prefill_aggregate(obs)
+            else:  # each row its own phase's aggregate and count (the decode recursion reads the old count)
+                decoded = self._decode_aggregate(obs)
+                n_dec = obs.scratch[COUNT]
+                a = torch.where(prefill[:, None, None], self._prefill_aggregate(obs), decoded)
+                n_pre = torch.as_tensor(obs.scratch[COUNT], device=prefill.device).expand(B)
+                obs.scratch[COUNT] = torch.where(prefill, n_pre, n_dec)
         out[STATE] = a.view(B, Hkv, -1, T).transpose(2, 3)
         return out
+
+    @staticmethod
+    def _mixed_phases(obs: Observation) -> torch.Tensor | None:
+        """[B] bool, the rows in their prefill, when a padded batch's forward holds rows of both
+        phases (obs.phase is then "prefill": a one-token step beside a longer chunk, a row starting
+        beside running ones); None when every row with a real new token is in obs.phase."""
+        rows = obs.rows
+        if rows is None or obs.phase != "prefill" or not bool((rows.active & ~rows.prefill).any()):
+            return None
+        return rows.prefill
+
+    def _prefill_aggregate(self, obs: Observation) -> torch.Tensor:
+        """The window's temporal aggregate over all keys [B, H_q, T]; stores the query count."""
+        attn = obs.window_attention  # [B, Hq, w, T]
+        w = attn.shape[2]
+        real = None if obs.valid is None else obs.window_positions >= 0  # [B, w]
+        if real is not None and not bool(real.all()):  # rows with fewer real window queries
+            obs.scratch[COUNT] = real.sum(-1)  # [B]: each row's own count
+            return aggregate(attn, row_temporal_weights(real, self.temporal, float(self.alpha)))
+        obs.scratch[COUNT] = w
+        return aggregate(attn, temporal_weights(w, self.temporal, float(self.alpha), device=attn.device))
+
+    def _decode_aggregate(self, obs: Observation) -> torch.Tensor:
+        """The carried aggregate [B, H_q, T] updated by this forward's queries; stores the count."""
+        a = self._carried(obs)
+        rows = attention_weights(
+            obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling, obs.softcap,
+            key_mask=obs.valid,
+        )  # [B, Hq, q, T], oldest query first
+        n = obs.scratch.get(COUNT, 0)
+        if obs.valid is not None or isinstance(n, torch.Tensor):
+            return self._update_rows(a, rows, obs.query_positions >= 0, n, obs.scratch)
+        for t in range(rows.shape[2]):
+            n += 1
+            if self.temporal == "ema":
+                a = (a.mul(1.0 - self.alpha).add_(rows[:, :, t], alpha=float(self.alpha)) if n > 1
+                     else rows[:, :, t])
+            elif self.temporal == "mean":
+                a = a + (rows[:, :, t] - a) / n
+            else:  # "none": the newest query only
+                a = rows[:, :, t]
+        obs.scratch[COUNT] = n
+        return a
 
     def _update_rows(self, a: torch.Tensor, rows: torch.Tensor, real: torch.Tensor, n: int | torch.Tensor,
                      scratch: dict) -> torch.Tensor:
@@ -257,14 +282,21 @@ class RestKV(ScorePolicy):
         scratch[COUNT] = count
         return a
 
-    def _value_norms(self, obs: Observation) -> torch.Tensor:
+    def _value_norms(self, obs: Observation, prefill: torch.Tensor | None = None) -> torch.Tensor:
         """[B, H_kv, T, g]: a new tensor, the stored norms followed by those of this forward's new
         tokens (the shown side tensor is read-only: its new slots, which the core zero-filled, are
-        replaced, not written)."""
+        replaced, not written); all fresh at prefill. `prefill` [B]: rows of both phases
+        (`_mixed_phases`), each row as in its own."""
+        if prefill is not None:
+            fresh = self._norms(obs, None)
+            return torch.where(prefill[:, None, None, None], fresh, self._norms(obs, obs.state.get(VALUE_NORMS)))
+        return self._norms(obs, None if obs.phase == "prefill" else obs.state.get(VALUE_NORMS))
+
+    def _norms(self, obs: Observation, stored: torch.Tensor | None) -> torch.Tensor:
+        """`_value_norms` after `stored` (None: all fresh)."""
         gram = self._gram(obs)
         gram = gram.view(obs.n_kv_heads, -1, *gram.shape[1:])
         T = obs.positions.shape[-1]
-        stored = None if obs.phase == "prefill" else obs.state.get(VALUE_NORMS)
         new = T if stored is None else min(obs.q_len, T)
         with torch.no_grad():
             fresh = value_gram_norms(obs.values[:, :, T - new :].float(), gram).transpose(2, 3)  # [B, Hkv, new, g]
@@ -315,7 +347,12 @@ class RestKV(ScorePolicy):
             )  # [B, Hq, P]
         if aws and obs.phase == "prefill":
             self._keep_aws(obs, aws["kernel"], aws["shift"], budget)
-        return self._with_window(reduce_gqa(per_head, obs.n_kv_heads, self.gqa), w)
+        scores = self._with_window(reduce_gqa(per_head, obs.n_kv_heads, self.gqa), w)
+        prefill = self._mixed_phases(obs)
+        if prefill is not None and self.carries and STATE in obs.state:
+            # a padded batch's decoding rows score from their carried aggregate, as alone
+            scores = torch.where(prefill[:, None, None], scores, self._carried_score(obs))
+        return scores
 
     def _keep_aws(self, obs: Observation, kernel: torch.Tensor, shift: torch.Tensor, budget: int | None) -> None:
         """Keep a prefill eviction's AWS (kernel, shift) [B, H_q] for decode. In a padded batch

@@ -3,6 +3,9 @@ does not reach, and the padding-aware pieces of the scorer against hand-worked e
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from generation import left_padded
 
@@ -55,6 +58,47 @@ def test_rows_with_different_budgets_keep_their_own_aws_for_decode():
     parameters of its own prefill eviction, one-shot and in chunks."""
     _assert_batch_law([80, 60, 45], budget=0.3, new=8, window=4, beta=3.0)
     _assert_batch_law([80, 60, 45], budget=0.3, new=8, window=4, beta=3.0, prefill_chunk=16)
+
+
+def _context_then_question(model, contexts, questions, as_decode, steps=6, **kw):
+    """Each row's context (none: it starts at the question), then its question in one forward
+    (under `as_decode()` if asked), then `steps` greedy tokens: (tokens [B, steps], kept)."""
+    from evictkit.hf import cache_arg, new_cache
+
+    ids, mask = left_padded(contexts) if max(map(len, contexts)) else (None, torch.zeros(len(contexts), 0).long())
+    q_ids, q_mask = left_padded(questions)
+    with torch.no_grad(), evictkit.compress(model, "restkv", budget=24, window=4, phase="both", **kw) as run:
+        cache = new_cache(model)
+        if ids is not None:
+            model(ids, attention_mask=mask, **cache_arg(model, cache))
+        mask = torch.cat([mask, q_mask], dim=1)
+        with run.as_decode() if as_decode else contextlib.nullcontext():
+            logits = model(q_ids, attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+        tokens = []
+        for _ in range(steps):
+            tokens.append(logits.argmax(-1))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(tokens[-1][:, None], attention_mask=mask, **cache_arg(model, cache)).logits[:, -1]
+        return torch.stack(tokens, 1), run.kept_positions()
+
+
+@pytest.mark.parametrize("kw", [{}, {"temporal": "mean"}, {"decode": "window"}], ids=repr)
+@pytest.mark.parametrize("case", ["one-token-question", "row-starts-under-as-decode"])
+def test_rows_of_both_phases_in_one_forward_each_keep_their_own(case, kw):
+    """A padded forward can hold a row in its prefill beside one decoding (obs.phase is then
+    "prefill"): a one-token question beside a 6-token one, or a row whose first tokens come in an
+    `as_decode()` forward beside a running row. The decoding row updates and scores from its
+    carried aggregate and keeps its norms, as alone (it was re-aggregated from the window)."""
+    model = tiny_model(layers=2)
+    if case == "one-token-question":
+        contexts, questions, as_decode = _prompts([40, 40]), _prompts([6, 1], seed=1), False
+    else:
+        contexts, questions, as_decode = [*_prompts([40]), torch.zeros(0).long()], _prompts([4, 4], seed=1), True
+    tokens, kept = _context_then_question(model, contexts, questions, as_decode, **kw)
+    for i, (c, q) in enumerate(zip(contexts, questions)):
+        t1, k1 = _context_then_question(model, [c], [q], as_decode, **kw)
+        assert torch.equal(tokens[i], t1[0]), i
+        assert _kept(kept, i) == _kept(k1, 0), i
 
 
 def test_the_adaptive_pool_replicates_from_the_first_real_slot():
