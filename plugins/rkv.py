@@ -46,7 +46,8 @@ Deviations from the reference (docs/policies/rkv.md measures what they change):
 
 Padded batches (`Needs.padding`): padding keys take no attention and no part in the
 similarities (their means and softmax run over each row's real keys, "key 0" is its first real
-key), and padding window queries are left out of the mean.
+key), padding window queries are left out of the mean, and the protected window's score is set
+by the real prefix entries only (a padding slot's max-pooled importance is not 0).
 """
 
 from __future__ import annotations
@@ -174,7 +175,16 @@ class RKV(ScorePolicy):
                           query_valid=None if valid is None else obs.window_positions >= 0)
         red = redundancy(keys, float(self.threshold), valid=valid)[..., :prefix]
         z = self.mix * attn - (1.0 - self.mix) * red
-        top = z.amax(dim=-1, keepdim=True) + 1.0  # the window is forced in by the selection anyway
+        if valid is None:
+            top = z.amax(dim=-1, keepdim=True) + 1.0  # the window is forced in by the selection anyway
+        else:
+            # a padding slot's pooled importance borrows its real neighbours' (> 0): it must not set
+            # the window's score; a row with no real prefix scores 0 throughout, as it does alone;
+            # padding slots score 0 (the selection never keeps them)
+            real = valid[..., :prefix]
+            top = z.masked_fill(~real, torch.finfo(z.dtype).min).amax(dim=-1, keepdim=True) + 1.0
+            top = torch.where(real.any(-1, keepdim=True), top, 0.0)
+            z = z.masked_fill(~real, 0.0)
         return torch.cat([z, top.expand(B, H, self.window)], dim=-1)
 
 
