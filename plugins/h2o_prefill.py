@@ -61,12 +61,14 @@ class H2OPrefill(ScorePolicy):
         return (0, self.window)
 
     def score(self, obs: Observation) -> torch.Tensor:
-        if obs.phase == "prefill":
-            # the key mask hides padding keys from real queries and zeroes padding queries' rows
-            sums = attention_column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling,
-                                         obs.softcap, obs.valid)
-        else:
-            sums = obs.window_attention.sum(dim=2)
+        if obs.phase != "prefill":
+            return reduce_gqa(obs.window_attention.sum(dim=2), obs.n_kv_heads, self.gqa)
+        # the key mask hides padding keys from real queries and zeroes padding queries' rows
+        sums = attention_column_sums(obs.queries, obs.keys, obs.query_positions, obs.positions, obs.scaling,
+                                     obs.softcap, obs.valid)
+        if obs.rows is not None and not bool(obs.rows.prefill.all()):
+            # a padded batch's rows in both phases (a one-token question beside longer ones): each its own
+            sums = torch.where(obs.rows.prefill[:, None, None], sums, obs.window_attention.sum(dim=2))
         return reduce_gqa(sums, obs.n_kv_heads, self.gqa)
 
 

@@ -150,6 +150,20 @@ def test_questions_of_different_lengths_share_forwards(model, name, params, as_d
         torch.testing.assert_close(logits[i], l1[0], atol=1e-4, rtol=0, msg=f"{name} row {i}")
 
 
+@pytest.mark.parametrize("name,params", POLICIES, ids=IDS)
+def test_rows_in_both_phases_in_one_forward_evicting_at_decode_too(model, name, params):
+    """A one-token question (a decode step alone) beside longer ones (prefill chunks alone), with
+    eviction in both phases: each row is stepped in its own phase, and gets what it gets alone."""
+    contexts, questions = _prompts([50, 37, 44]), _prompts([1, 6, 3], seed=4)
+    both = {**params, "phase": "both"}
+    tokens, logits, kept = _context_then_question(model, contexts, questions, name, both, as_decode=False)
+    for i, (c, q) in enumerate(zip(contexts, questions)):
+        t1, l1, k1 = _context_then_question(model, [c], [q], name, both, as_decode=False)
+        assert torch.equal(tokens[i], t1[0]), (name, i)
+        assert _kept_rows(kept, i) == _kept_rows(k1, 0), (name, i)
+        torch.testing.assert_close(logits[i], l1[0], atol=1e-4, rtol=0, msg=f"{name} row {i}")
+
+
 def test_interior_padding_in_chunks_and_right_padding_of_new_tokens(model):
     """A padded question arrives in evictkit's own chunks too; right padding among new tokens is refused."""
     contexts, questions = _prompts([40, 40]), _prompts([20, 7], seed=3)
