@@ -55,3 +55,17 @@ def test_throughput_suite_runs_at_quick_sizes(tmp_path):
             assert r["decode_tps"] > 0 and r["prefill_tps"] > 0
     assert 1.0 < by["full", 2]["vs_batch1_limit"] <= 2.0
     assert "| 128 | snapkv-b48-both | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_padded_batch_suite_runs_at_quick_sizes(tmp_path):
+    """benchmarks/padded_batch.py --quick (suite 11) times the three ways and writes its table."""
+    import json
+
+    out = tmp_path / "padded"
+    proc = subprocess.run([sys.executable, "benchmarks/padded_batch.py", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    med = json.loads(out.with_suffix(".json").read_text())["medians"]
+    assert set(med) == {"unpadded", "padded", "padded, row by row"}
+    assert all(m["evictkit_s"] > 0 and m["wall_s"] >= m["evictkit_s"] for m in med.values())
+    assert "| padded, row by row |" in out.with_suffix(".md").read_text()
