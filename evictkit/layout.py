@@ -35,13 +35,17 @@ def real_counts(positions: torch.Tensor) -> torch.Tensor:
     return (positions >= 0).sum(-1)
 
 
+def real_per_row(pad: torch.Tensor | None, n_kv_heads: int, slots: int) -> torch.Tensor | int:
+    """Real entries of each row summed over its KV heads, [B] (an int when nothing is padding):
+    `real_counts(positions).sum(-1)` read from the padding counts [B, H_kv], which lead each head."""
+    return n_kv_heads * slots if pad is None else n_kv_heads * slots - pad.sum(-1)
+
+
 def real_entries(pad: torch.Tensor | None, n_kv_heads: int, slots: int) -> int:
-    """Real entries of a layer summed over its KV heads, for its fullest row: `real_counts(positions)
-    .sum(-1).max()` read from the padding counts [B, H_kv] (None: every slot real), with no pass over
-    the positions."""
-    if pad is None:
-        return n_kv_heads * slots
-    return n_kv_heads * slots - int(pad.sum(-1).min())
+    """Real entries of a layer summed over its KV heads, for its fullest row: `real_per_row(...).max()`,
+    with no pass over the positions."""
+    per_row = real_per_row(pad, n_kv_heads, slots)
+    return per_row if isinstance(per_row, int) else int(per_row.max())
 
 
 class LayerView:
@@ -144,4 +148,4 @@ def view_of(layer: Any, pad: torch.Tensor | None = None) -> LayerView:
     return PaddedView(layer, pad)
 
 
-__all__ = ["LayerView", "PaddedView", "VarlenView", "real_counts", "real_entries", "view_of"]
+__all__ = ["LayerView", "PaddedView", "VarlenView", "real_counts", "real_entries", "real_per_row", "view_of"]

@@ -40,9 +40,10 @@ from evictkit import ragged
 from evictkit.attention import project_queries
 from evictkit.hf import attn_implementation
 from evictkit.kernels import compact_many
+from evictkit.layout import real_per_row
 from evictkit.observation import Observation
 from evictkit.selection import check_indices
-from evictkit.step import CORE_GUARD, Guard, LayerState, StepConfig, new_positions, phase_of
+from evictkit.step import CORE_GUARD, Guard, LayerState, StepConfig, new_positions, phase_of, prefill_rows
 
 
 @attrs.define
@@ -110,9 +111,7 @@ def padded_step(
     active = p < q  # rows with a real new token
     if st.row_seen is None or st.row_budgets is None:
         start(st, B, 0, 0, device)
-    # each row's phase, as alone (evictkit.step.phase_of): its first real tokens are a prefill,
-    # and so is a continuation of several real tokens unless as_decode
-    prefill = (cast(torch.Tensor, st.row_seen) == 0) | ((q - p > 1) & (not as_decode))
+    prefill = prefill_rows(cast(torch.Tensor, st.row_seen) > 0, q - p, as_decode)  # each row's phase, as alone
     # the Observation's phase: "prefill" when any row's is (a one-token question beside longer
     # ones); the core decides eviction, and the slack, per row
     if not padding_now or bool(active.any()):
@@ -143,7 +142,7 @@ def padded_step(
 
     budgets = cast(torch.Tensor, st.row_budgets)  # set by start()
     limit = budgets + torch.where(prefill, 0, cfg.slack)
-    real = H * T - (st.pad.sum(-1) if st.pad is not None else 0)  # [B]: padding is each head's leading slots
+    real = real_per_row(st.pad, H, T)
     in_phase = (prefill & ("prefill" in cfg.phases)) | (~prefill & ("decode" in cfg.phases))
     evicting = active & (real > H * limit) & (budgets > 0) & in_phase
     if not bool(evicting.any()):

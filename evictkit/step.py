@@ -197,6 +197,13 @@ def phase_of(st: LayerState, q: int, as_decode: bool = False) -> str:
     return "decode" if as_decode or q == 1 else "prefill"
 
 
+def prefill_rows(started: torch.Tensor, real_new: torch.Tensor, as_decode: bool = False) -> torch.Tensor:
+    """`phase_of` for each row of a padded batch (evictkit.padded), whose rows start and continue
+    on their own: [B] bool, True where the row's phase is "prefill". started: [B] bool, the row has
+    seen a real token before this forward; real_new: [B] its real new tokens in this forward."""
+    return ~started | ((real_new > 1) & (not as_decode))
+
+
 def roll_window(module: nn.Module, window: tuple[torch.Tensor, torch.Tensor] | None, hidden: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor], new_pos: torch.Tensor,
                 w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,4 +364,5 @@ def compact(cfg: StepConfig, st: LayerState, obs: Observation, sel: Selection) -
 
 __all__ = ["CORE_GUARD", "Guard", "LayerState", "RaggedSelection", "Selection", "StepConfig", "StepResult",
            "choose", "compact", "evict_step", "follow_rows", "needs_step", "new_positions", "observe", "phase_of",
+           "prefill_rows",
            "reorder_rows", "roll_window", "track"]

@@ -32,7 +32,7 @@ import attrs
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import FlakyFailure, Unsatisfiable
 
-from evictkit.specs import checks, endtoend, padding
+from evictkit.specs import checks, endtoend
 from evictkit.specs.cases import FINITE_STYLES, STYLES
 from evictkit.specs.strategies import Limits, cases, edge_cases, edge_model_cases, model_cases
 from evictkit.specs.subject import LawViolation, Subject, as_subject, min_valid_budget
@@ -263,7 +263,7 @@ LAWS: dict[str, Law] = {
         Law("noop", checks.noop.__doc__, _direct(checks.noop, noop=True)),
         Law("integrity", checks.integrity.__doc__, _direct(checks.integrity, styles=STYLES)),
         Law("batch_rows", checks.batch_rows.__doc__, _direct(checks.batch_rows)),
-        Law("padding", padding.padding.__doc__, _direct(padding.padding)),
+        Law("padding", checks.padding.__doc__, _direct(checks.padding)),
         Law("reset", checks.reset.__doc__, _two_sequences(checks.reset)),
         Law("independence", checks.independence.__doc__, _two_sequences(checks.independence, with_subject=True)),
         Law("fresh_process", checks.fresh_process.__doc__, _fresh_process, profiles=("thorough",)),
