@@ -84,3 +84,46 @@ def assert_generation_unchanged(model, ids, policy, new: int, **compress) -> Non
     assert torch.equal(out.sequences, plain.sequences)
     assert torch.equal(torch.stack(out.logits), torch.stack(plain.logits))
     assert all(s.evictions == 0 for s in run.stats.layers)
+
+
+def padded_observation(pad: torch.Tensor | tuple[int, int], T: int, *, layer_idx: int = 0, n_layers: int = 1):
+    """A prefill Observation of T slots with random keys [B, H_kv, T, 4] (values equal them). `pad`
+    [B, H_kv]: the first pad[b, h] slots of each head are padding (position -1, `valid` False); a
+    (B, H_kv) tuple instead: nothing is padding (`valid` None, as in an unpadded batch)."""
+    from types import SimpleNamespace
+
+    from evictkit.observation import Observation
+
+    slots = torch.arange(T)
+    if isinstance(pad, tuple):
+        (B, H), valid = pad, None
+        positions = slots.expand(B, H, T)
+    else:
+        B, H = pad.shape
+        valid = slots >= pad[..., None]
+        positions = (slots - pad[..., None]).masked_fill(~valid, -1)
+    keys = torch.randn(B, H, T, 4)
+    return Observation(
+        module=SimpleNamespace(head_dim=4, config=SimpleNamespace()), layer_idx=layer_idx, n_layers=n_layers,
+        phase="prefill", keys=keys, values=keys, positions=positions, state={}, scratch={},
+        hidden_states=torch.zeros(B, T, 4), position_embeddings=(None, None),
+        query_positions=torch.arange(T).expand(B, T), window=0, valid=valid,
+    )
+
+
+def assert_rows_as_alone(model, prompts: list[torch.Tensor], policy: str, *, new: int = 3, **compress) -> None:
+    """`generate` on the left-padded batch of `prompts` under `policy` gives each row the tokens and
+    the kept positions of its prompt alone (the batch law)."""
+    ids, mask = left_padded(prompts)
+
+    def run(ids: torch.Tensor, mask: torch.Tensor):
+        with evictkit.compress(model, policy, **compress) as r:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+            return out, r.kept_positions()
+
+    out, kept = run(ids, mask)
+    for i, p in enumerate(prompts):
+        alone, kept1 = run(p[None], torch.ones(1, len(p), dtype=torch.long))
+        assert torch.equal(out[i, ids.shape[1]:], alone[0, len(p):]), i
+        for layer, pos in kept.items():
+            assert [h[h >= 0].tolist() for h in pos[i]] == [h[h >= 0].tolist() for h in kept1[layer][0]], (i, layer)

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from generation import left_padded
+from generation import assert_rows_as_alone
 from models import tiny_model
 
-import evictkit
 from evictkit.observation import Observation
 from evictkit.plugins.criticalkv import CriticalKV
 
@@ -56,19 +55,6 @@ def test_a_padded_row_keeps_what_it_keeps_alone(ratio):
 @pytest.mark.parametrize("scorer", ["expected_attention", "knorm"])  # expected_attention protects 4 sinks
 def test_criticalkv_obeys_the_batch_law_in_generate(scorer):
     assert CriticalKV(scorer=scorer).needs().padding  # stepped as one batch (evictkit.padded)
-    model = tiny_model(layers=2)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (50, 37, 29)]
-    ids, mask = left_padded(prompts)
-
-    def run(ids, mask):
-        with evictkit.compress(model, "criticalkv", budget=16, scorer=scorer, prefill_chunk=16) as r:
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-            return out, r.kept_positions()
-
-    out, kept = run(ids, mask)
-    for i, p in enumerate(prompts):
-        alone, kept1 = run(p[None], torch.ones(1, len(p), dtype=torch.long))
-        assert torch.equal(out[i, ids.shape[1]:], alone[0, len(p):])
-        for layer, pos in kept.items():
-            assert [h[h >= 0].tolist() for h in pos[i]] == [h[h >= 0].tolist() for h in kept1[layer][0]], (i, layer)
+    assert_rows_as_alone(tiny_model(layers=2), prompts, "criticalkv", budget=16, scorer=scorer, prefill_chunk=16)

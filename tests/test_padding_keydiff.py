@@ -6,9 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from generation import left_padded
+from generation import assert_rows_as_alone
 
-import evictkit
 from evictkit.observation import Observation
 from evictkit.plugins.keydiff import KeyDiff
 from evictkit.specs.tiny import tiny_model
@@ -53,19 +52,6 @@ def test_the_mean_key_is_over_real_keys_only():
 
 
 def test_block_mode_obeys_the_batch_law_in_generate():
-    model = tiny_model(layers=2)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (55, 40, 31)]
-    ids, mask = left_padded(prompts)
-
-    def run(ids, mask):
-        with evictkit.compress(model, "keydiff", budget=16, block=6, prefill_chunk=16) as r:
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-            return out, r.kept_positions()
-
-    out, kept = run(ids, mask)
-    for i, p in enumerate(prompts):
-        alone, kept1 = run(p[None], torch.ones(1, len(p), dtype=torch.long))
-        assert torch.equal(out[i, ids.shape[1]:], alone[0, len(p):])
-        for layer, pos in kept.items():
-            assert [h[h >= 0].tolist() for h in pos[i]] == [h[h >= 0].tolist() for h in kept1[layer][0]], (i, layer)
+    assert_rows_as_alone(tiny_model(layers=2), prompts, "keydiff", budget=16, block=6, prefill_chunk=16)
