@@ -39,7 +39,7 @@ left-padded instead: every row's context in one left-padded prefill, then each r
 tokens (or its next `chunk` of them) as one left-padded decode forward, a row with nothing left
 fed as padding (not stepped). A row whose whole input fits its budget is prefilled whole, as its
 single forward runs alone. generate_until hands lm-eval's left-padded batch and its mask to
-`generate()`, which evictkit.compress runs row by row. `last_stats` and `cache_summary()` count
+`generate()`, which evictkit.compress steps as one padded batch. `last_stats` and `cache_summary()` count
 one call per batch (the core's layers, whose length is the longest row's).
 """
 
