@@ -10,7 +10,10 @@ printed as one line `MEMPROBE {json}`.
 For each configuration: load the model, build the prompt and run one 16-token forward (one-off
 costs: thread pools, weight packing), then take the baseline, then prefill the prompt with
 `logits_to_keep=1` (inside `evictkit.compress(..., prefill_chunk=chunk)` unless policy is None)
-and run `steps` greedy decode steps, each timed. Memory:
+and run `steps` greedy decode steps, each timed. `"mask": true` passes
+`attention_mask=torch.ones_like(ids)`, as `generate` and most users do; `"via": "generate"` runs
+`model.generate(ids, attention_mask=ones, prefill_chunk_size=chunk, max_new_tokens=steps)` inside
+`evictkit.compress` instead (transformers chunks the prompt; no per-step times). Memory:
 
 - CPU: a thread samples the resident set size every 2 ms from /proc/self/statm (psutil where there
   is no /proc); the peak is the highest sample minus the baseline RSS. As a cross-check the kernel's
@@ -180,8 +183,11 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
     kw = cache_kwarg(model)
     ids = None if policy == "synthetic" else prompt_ids(tok, ctx).to(device)
     comp = None
+    via_generate = cfg.get("via") == "generate"
     if policy not in (None, "synthetic"):
-        comp = evictkit.compress(model, policy, budget=cfg["budget"] or ctx, prefill_chunk=cfg.get("chunk"))
+        comp = evictkit.compress(model, policy, budget=cfg["budget"] or ctx,
+                                 prefill_chunk=None if via_generate else cfg.get("chunk"))
+    mask = {} if ids is None or not (cfg.get("mask") or via_generate) else {"attention_mask": torch.ones_like(ids)}
 
     gc.collect()
     if cuda:
@@ -197,8 +203,13 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
             if ids is None:
                 cache = synthetic_cache(model, ctx, device)
                 tok_id = torch.zeros(1, 1, dtype=torch.long, device=device)
+            elif via_generate:
+                gen = model.generate(ids, **mask, prefill_chunk_size=cfg.get("chunk"), max_new_tokens=steps,
+                                     min_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+                cache, steps = gen.past_key_values, 0  # generate decoded the steps already
+                del gen
             else:
-                out = model(ids, use_cache=True, logits_to_keep=1)
+                out = model(ids, use_cache=True, logits_to_keep=1, **mask)
                 cache, tok_id = cache_of(out), out.logits[:, -1:].argmax(-1)
                 del out
             if cuda:
