@@ -38,6 +38,11 @@ class KeyNorm(evictkit.ScorePolicy):
     sinks: int = attrs.field(default=0, validator=int_at_least(0))
     window: int = attrs.field(default=0, validator=int_at_least(0))
 
+    def needs(self) -> evictkit.Needs:
+        # a key's score is its own, and the shared selection skips padding: a left-padded batch
+        # can be stepped as one (the kit's padding law checks it)
+        return evictkit.Needs(padding=True)
+
     def protected(self) -> tuple[int, int]:
         return (self.sinks, self.window)
 
