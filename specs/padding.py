@@ -75,7 +75,8 @@ def padding(policy: Policy, case: Case, *, label: str | None = None) -> None:
     other = attrs.evolve(one, seed=one.seed + 1, prompt=one.total + sum(pads), decode=())
     mine, theirs = one.data(), other.data()
     module, rope = tiny_attention(one.heads, one.kv_heads, one.head_dim, one.layer, "float32")
-    module.config._attn_implementation = "sdpa"  # this synthetic layer's own: ragged selections need masks
+    config: Any = module.config  # this synthetic layer's own config: ragged selections need masks
+    config._attn_implementation = "sdpa"
     cfg = StepConfig(policy=policy, needs=needs, phases=tuple(policy.phases), slack=one.slack)
     budgets = [layer_budgets(policy, one, ctx)[one.layer],
                layer_budgets(policy, attrs.evolve(one, prompt=one.prompt + LEAD), ctx)[one.layer]]
