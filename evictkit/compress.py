@@ -26,6 +26,7 @@ from evictkit.claims import Claim
 from evictkit.contract import Policy
 from evictkit.debug import guard_from_env
 from evictkit.hf import Forward, attention_modules, cache_in, sliding_layers
+from evictkit.memory import release_freed_memory
 from evictkit.options import PHASE_CHOICES, Options
 from evictkit.prefill_attention import PrefillAttention, PrefillScope, resolve
 from evictkit.ragged_cache import RAGGED_LAYOUTS, RaggedStore
@@ -40,9 +41,10 @@ class Compression:
     def __init__(self, model: nn.Module, policy: Policy, budget: int | float, *, phase: str | None = None,
                  slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen",
                  prefill_attention: str | PrefillAttention | None = None,
-                 prefill_params: dict[str, Any] | None = None) -> None:
+                 prefill_params: dict[str, Any] | None = None, release_memory: bool = True) -> None:
         opts = Options.check(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk,
-                             ragged_layout=ragged_layout)
+                             ragged_layout=ragged_layout, release_memory=release_memory)
+        self.release_memory, self._last_q = release_memory, 0
         method = resolve(prefill_attention, prefill_params)  # checks the name and parameters
         #: the prefill attention's scope (its `stats`: densities per layer), None for the model's own
         self.prefill = PrefillScope(model, method, policy=policy) if method is not None else None
@@ -175,6 +177,9 @@ class Compression:
         if tokens is None:
             return None
         q = tokens.shape[1]
+        if self.release_memory and self._last_q > 1:  # after a prefill forward: evictkit.memory says why
+            release_freed_memory()
+        self._last_q = q
         new_pad = left_padding(bound.get("attention_mask"), q)
         cache = cache_in(bound)
         empty = cache is None or cache.get_seq_length() == 0
@@ -207,7 +212,7 @@ class Compression:
 def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, phase: str | None = None,
              slack: int = 0, prefill_chunk: int | None = None, ragged_layout: str = "varlen",
              prefill_attention: str | PrefillAttention | None = None, prefill_params: dict[str, Any] | None = None,
-             **params: Any) -> Compression:
+             release_memory: bool = True, **params: Any) -> Compression:
     """Evict from `model`'s KV cache under `policy` while the returned context is active.
 
     policy: a policy instance, or a registered name with its parameters as keyword arguments
@@ -231,6 +236,8 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         or "dense": the model's own attention; policies tagged ragged_heads (AdaKV) are refused with
         a sparse one (docs/sparse-prefill.md)
     prefill_params: the prefill attention's parameters, with a name
+    release_memory: before a forward that follows a prefill forward (a chunk), hand the heap's
+        freed pages back to the OS (glibc malloc_trim; evictkit.memory says why); False: never
     """
     if isinstance(policy, str):
         from evictkit.registry import build_policy
@@ -240,7 +247,7 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         raise ValueError(f"parameters {sorted(params)} can only be given with a policy name, not an instance")
     return Compression(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk,
                        ragged_layout=ragged_layout, prefill_attention=prefill_attention,
-                       prefill_params=prefill_params)
+                       prefill_params=prefill_params, release_memory=release_memory)
 
 
 __all__ = ["PHASE_CHOICES", "RAGGED_LAYOUTS", "Compression", "compress"]

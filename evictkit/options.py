@@ -37,7 +37,7 @@ class Options:
 
     @classmethod
     def check(cls, model: nn.Module, policy: Policy, budget: int | float, *, phase: str | None, slack: int,
-              prefill_chunk: int | None, ragged_layout: str) -> Options:
+              prefill_chunk: int | None, ragged_layout: str, release_memory: bool = True) -> Options:
         """Raise ValueError naming the first bad option and its valid range; else the checked options."""
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be an evictkit.Policy or a registered name, got {type(policy).__name__}")
@@ -48,6 +48,9 @@ class Options:
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be None (no chunking) or an int >= 1 "
                              "(tokens per prefill forward)")
+        if not isinstance(release_memory, bool):
+            raise ValueError(f"release_memory={release_memory!r}: must be True (hand freed heap memory back to the "
+                             "OS after prefill forwards) or False")
         budget = check_budget(budget)
         if isinstance(budget, int):
             policy.check_budget(budget)
