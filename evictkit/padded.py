@@ -28,7 +28,7 @@ policy that has not declared `Needs(padding=True)` is stepped row by row (evictk
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any, cast
 
@@ -43,7 +43,17 @@ from evictkit.kernels import compact_many
 from evictkit.layout import real_per_row
 from evictkit.observation import Observation
 from evictkit.selection import check_indices
-from evictkit.step import CORE_GUARD, Guard, LayerState, StepConfig, new_positions, phase_of, prefill_rows
+from evictkit.step import (
+    CORE_GUARD,
+    Guard,
+    LayerState,
+    StepConfig,
+    new_positions,
+    phase_of,
+    prefill_rows,
+    roll_window,
+    side_tensors,
+)
 
 
 @attrs.define
@@ -210,13 +220,13 @@ def _roll_window(module: nn.Module, window: tuple[torch.Tensor, torch.Tensor], h
     fewer has padding queries (position -1) in front. Padding queries of this forward never enter.
     sort: False when neither this forward nor the window holds a padding query (the newest w are
     then simply the last w)."""
+    if not sort:
+        return roll_window(module, window, hidden, position_embeddings, new_pos, w)
     cos, sin = position_embeddings
     n = min(w, hidden.shape[1])
     new_q = project_queries(module, hidden[:, -n:], cos[:, -n:], sin[:, -n:])
     queries = torch.cat([window[0], new_q], dim=2)
     positions = torch.cat([window[1], new_pos[:, -n:]], dim=1)  # [B, L]
-    if not sort:
-        return queries[:, :, -w:], positions[:, -w:]
     L = positions.shape[1]
     # real queries keep their order and go last; padding (key -1) sorts first
     order = torch.where(positions >= 0, torch.arange(L, device=positions.device), -1).sort(dim=1).indices[:, -w:]
@@ -227,19 +237,11 @@ def _roll_window(module: nn.Module, window: tuple[torch.Tensor, torch.Tensor], h
 
 def _observe(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard, active: torch.Tensor) -> None:
     """Step 3: the policy observes the batch; rows with no real new token keep their side tensors."""
-    policy = cfg.policy
-    B, H, T, _ = obs.keys.shape
     before = dict(st.state)
-    guard.before_observe(obs)
-    returned = guard.call("observe()", policy.observe, obs) or {}
-    if not isinstance(returned, Mapping):
-        raise TypeError(f"policy {policy.name!r}: observe() returned {type(returned).__name__}; "
-                        "it must return a mapping of side tensors")
     idle = not bool(active.all())
-    for name, t in returned.items():
-        t = guard.side_tensor(policy, name, t, (B, H, T))
+    for name, t in side_tensors(cfg, obs, guard).items():
         if idle and name in before:
-            keep = (~active).view(B, *([1] * (t.dim() - 1)))
+            keep = (~active).view(t.shape[0], *([1] * (t.dim() - 1)))
             t = torch.where(keep, before[name], t)
         st.state[name] = t
 

@@ -264,7 +264,6 @@ def observe(
 ) -> Observation:
     """Steps 1-3: append the new tokens' positions and side-tensor rows, roll the window, and let
     the policy observe. Returns the Observation the rest of the step reads."""
-    policy = cfg.policy
     B, Hkv, T, _ = keys.shape
     q = hidden_states.shape[1]
     first = st.positions is None
@@ -283,14 +282,21 @@ def observe(
     if w and first:
         st.window = (obs.window_queries, obs.window_positions)
 
+    st.state.update(side_tensors(cfg, obs, guard))
+    return obs
+
+
+def side_tensors(cfg: StepConfig, obs: Observation, guard: Guard = CORE_GUARD) -> dict[str, torch.Tensor]:
+    """Step 3's call: the policy observes `obs`; returns its side tensors, each checked to be
+    [B, H_kv, T] or [B, H_kv, T, E] (TypeError when observe() returns no mapping)."""
+    policy = cfg.policy
+    B, Hkv, T, _ = obs.keys.shape
     guard.before_observe(obs)
     returned = guard.call("observe()", policy.observe, obs) or {}
     if not isinstance(returned, Mapping):
         raise TypeError(f"policy {policy.name!r}: observe() returned {type(returned).__name__}; "
                         "it must return a mapping of side tensors")
-    for name, t in returned.items():
-        st.state[name] = guard.side_tensor(policy, name, t, (B, Hkv, T))
-    return obs
+    return {name: guard.side_tensor(policy, name, t, (B, Hkv, T)) for name, t in returned.items()}
 
 
 def _append(cfg: StepConfig, st: LayerState, *, module: nn.Module, hidden_states: torch.Tensor,
@@ -364,5 +370,5 @@ def compact(cfg: StepConfig, st: LayerState, obs: Observation, sel: Selection) -
 
 __all__ = ["CORE_GUARD", "Guard", "LayerState", "RaggedSelection", "Selection", "StepConfig", "StepResult",
            "choose", "compact", "evict_step", "follow_rows", "needs_step", "new_positions", "observe", "phase_of",
-           "prefill_rows",
+           "prefill_rows", "side_tensors",
            "reorder_rows", "roll_window", "track"]

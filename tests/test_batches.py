@@ -141,7 +141,13 @@ def test_questions_of_different_lengths_share_forwards(model, name, params, as_d
     """Interior padding: rows whose questions differ in length run them in one forward, left-padded
     among the new tokens, after a padded batch or one whose rows were all real so far (stepped as
     one until then); each row still gets what it gets alone."""
-    contexts, questions = _prompts(list(lengths)), _prompts([9, 3, 6], seed=2)
+    _assert_questions_as_alone(model, _prompts(list(lengths)), _prompts([9, 3, 6], seed=2), name, params,
+                               as_decode=as_decode)
+
+
+def _assert_questions_as_alone(model, contexts, questions, name, params, *, as_decode):
+    """Each row of the batched context-then-question run gets its tokens, kept positions and
+    logits (within 1e-4) alone."""
     tokens, logits, kept = _context_then_question(model, contexts, questions, name, params, as_decode=as_decode)
     for i, (c, q) in enumerate(zip(contexts, questions)):
         t1, l1, k1 = _context_then_question(model, [c], [q], name, params, as_decode=as_decode)
@@ -154,14 +160,8 @@ def test_questions_of_different_lengths_share_forwards(model, name, params, as_d
 def test_rows_in_both_phases_in_one_forward_evicting_at_decode_too(model, name, params):
     """A one-token question (a decode step alone) beside longer ones (prefill chunks alone), with
     eviction in both phases: each row is stepped in its own phase, and gets what it gets alone."""
-    contexts, questions = _prompts([50, 37, 44]), _prompts([1, 6, 3], seed=4)
-    both = {**params, "phase": "both"}
-    tokens, logits, kept = _context_then_question(model, contexts, questions, name, both, as_decode=False)
-    for i, (c, q) in enumerate(zip(contexts, questions)):
-        t1, l1, k1 = _context_then_question(model, [c], [q], name, both, as_decode=False)
-        assert torch.equal(tokens[i], t1[0]), (name, i)
-        assert _kept_rows(kept, i) == _kept_rows(k1, 0), (name, i)
-        torch.testing.assert_close(logits[i], l1[0], atol=1e-4, rtol=0, msg=f"{name} row {i}")
+    _assert_questions_as_alone(model, _prompts([50, 37, 44]), _prompts([1, 6, 3], seed=4), name,
+                               {**params, "phase": "both"}, as_decode=False)
 
 
 def test_interior_padding_in_chunks_and_right_padding_of_new_tokens(model):
