@@ -31,7 +31,7 @@ samples are split over the processes, and rank 0 merges their results into the s
 --batch-size N runs samples of similar length as left-padded batches of N: faster, same results.
 """
 
-EPILOG = """\
+EPILOG = """\\
 tasks: ruler:niah_single_1..3, ruler:niah_multikey_1..3, ruler:niah_multivalue,
   ruler:niah_multiquery, ruler:vt, ruler:cwe, ruler:fwe, ruler:qa_1, ruler:qa_2 ('ruler' = all),
   niah (grid of --niah-lengths x --niah-depths), ppl, recon,
@@ -50,11 +50,13 @@ examples:
       --policies full,streaming_llm,snapkv,restkv --budgets 64,128,256,512 --length 4096 \\
       --samples 10 --out runs/smollm2-4k
   evictkit eval --tasks ruler:qa_1 --policies full,restkv:alpha=0.3,beta=2000 --budgets 0.1,0.25,0.5 --out runs/qa
-  evictkit eval --tasks longbench:hotpotqa,longbench:narrativeqa --data ~/LongBench/data --length 7500 \
+  evictkit eval --tasks longbench:hotpotqa,longbench:narrativeqa --data ~/LongBench/data --length 7500 \\
       --policies full,snapkv --budgets 256,1024 --samples 20 --out runs/longbench
   evictkit eval --tasks gen:gsm8k --data ~/gsm8k --policies full,streaming_llm,rkv \\
       --budgets 128,256 --samples 20 --max-new-tokens 1024 --out runs/gsm8k
-  torchrun --standalone --nproc_per_node=2 -m evictkit eval --tasks ruler:vt --policies full,snapkv \
+  evictkit eval --tasks ruler:niah_single_1 --policies full,snapkv,restkv --budgets 1024 --length 8000 \\
+      --prefill-attention dense,xattention,a_shape:n_local=1024 --query-aware --samples 10 --out runs/sparse
+  torchrun --standalone --nproc_per_node=2 -m evictkit eval --tasks ruler:vt --policies full,snapkv \\
       --budgets 256 --samples 8 --out runs/two-processes
 """
 
@@ -107,6 +109,16 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="place the model with accelerate: 'auto' (GPUs, then CPU memory, then disk), or a device "
                         "such as 'cuda:0' (default: the CPU; under torchrun with GPUs, cuda:LOCAL_RANK)")
+    p.add_argument("--prefill-attention", default="dense", metavar="NAME[,NAME...]",
+                   help="prefill attention(s) of the prompt's forward, as in --policies: dense (the model's own, "
+                        "the default), a_shape, tri_shape, vertical_slash, xattention or a plugin's, with "
+                        "parameters as name:key=value (`evictkit list` shows them). Several, comma-separated "
+                        "(dense,xattention), run every policy x budget under each, in one run and one table "
+                        "(each row carries its prefill attention and density). The question and the answer "
+                        "always run the model's own attention (docs/sparse-prefill.md)")
+    p.add_argument("--prefill-params", default="", metavar="JSON",
+                   help="parameters of the one non-dense --prefill-attention as a JSON object, e.g. "
+                        "'{\"threshold\": 0.9}' (with several sparse methods, give each its own inline)")
     p.add_argument("--no-shared-prefill", action="store_true",
                    help="give every variant its own prefill (slower; same results)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
@@ -126,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
             niah_depths=args.niah_depths, model=args.model, length=args.length, samples=args.samples, seed=args.seed,
             query_aware=args.query_aware, max_new_tokens=args.max_new_tokens, continuation=args.continuation,
             chat=False if args.no_chat else None, dtype=args.dtype, data=args.data,
-            gen_fields=args.gen_fields, slack=args.slack,
+            gen_fields=args.gen_fields, slack=args.slack, prefill_attention=args.prefill_attention,
+            prefill_params=args.prefill_params,
         )
         result = run_eval(config, args.out, force=args.force, command=sys.argv,
                           progress=not args.no_progress, shared_prefill=not args.no_shared_prefill,

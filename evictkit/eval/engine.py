@@ -17,6 +17,7 @@ evaluation setting, read here (`can_share`), not a member of the policy contract
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -32,6 +33,8 @@ from evictkit.compress import Compression
 from evictkit.contract import Policy, declared
 from evictkit.hf import attention_modules, cache_kwarg, is_sliding, new_cache
 from evictkit.layout import real_counts
+from evictkit.prefill_attention import PrefillScope, PrefillStats
+from evictkit.prefill_contract import PrefillAttention
 from evictkit.ragged_cache import dense_kv
 from evictkit.stats import CompressionStats, LayerStats
 
@@ -66,6 +69,7 @@ class Prefill:
     seconds: float
     pad: tuple[int, ...] = ()  # a left-padded batch's leading padding per row (() for one prompt)
     mask: torch.Tensor | None = None  # its 2-D attention mask [B, length]
+    prefill_stats: PrefillStats | None = None  # what a sparse prefill attention computed (None: dense)
 
     @property
     def batch(self) -> int:
@@ -91,21 +95,42 @@ def _capture(model: nn.Module, store: dict[int, dict]) -> list:
     return [m.register_forward_pre_hook(grab, with_kwargs=True) for m in attention_modules(model)]
 
 
+class _Dense(contextlib.AbstractContextManager):
+    """Dense prefill: nothing to install, nothing counted."""
+
+    stats: PrefillStats | None = None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def prefill_scope(model: nn.Module, method: PrefillAttention | None, policy: Policy | None = None):
+    """The block serving the prompt's forward with `method` (None or a dense method: nothing
+    installed, `stats` None). Only the prompt's forward runs inside it: the question and the answer
+    that follow are the model's own attention, as they are decode steps of the compressed context."""
+    if method is None or method.dense:
+        return _Dense()
+    return PrefillScope(model, method, policy=policy)
+
+
 @torch.no_grad()
-def shared_prefill(model: nn.Module, ids: Sequence[int], device: torch.device | str = "cpu") -> Prefill:
-    """Prefill `ids` at full attention, keeping each attention module's inputs for replay."""
+def shared_prefill(model: nn.Module, ids: Sequence[int], device: torch.device | str = "cpu",
+                   method: PrefillAttention | None = None) -> Prefill:
+    """Prefill `ids` without eviction (its attention computed by `method`, None: the model's own),
+    keeping each attention module's inputs for replay."""
     x = torch.tensor([list(ids)], device=device)
     inputs: dict[int, dict] = {}
     handles = _capture(model, inputs)
     t0 = time.perf_counter()
     try:
         cache = new_cache(model)
-        out = _forward(model, x, cache, 0)
+        with prefill_scope(model, method) as scope:
+            out = _forward(model, x, cache, 0)
     finally:
         for h in handles:
             h.remove()
     return Prefill(cache=cache, inputs=inputs, logits=out.logits[:, -1].float(), length=x.shape[1],
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, prefill_stats=scope.stats)
 
 
 def replay(comp: Compression, cache, inputs: dict[int, dict]) -> None:
@@ -140,6 +165,7 @@ class Outcome:
     nll: float | None = None
     recon: list[float] | None = None
     stats: Any = None  # the Compression's CompressionStats
+    prefill: PrefillStats | None = None  # the sparse prefill attention's (None: dense)
 
 
 def _uniform(cache) -> bool:
@@ -262,8 +288,10 @@ def recon_errors(model: nn.Module, cache, kept: dict[int, torch.Tensor], ref: Re
 
 
 def run_variant(model: nn.Module, policy: Policy, budget: int | float, sample, pre: Prefill | None, *, device,
-                eos: frozenset[int], query_aware: bool, recon_ref: ReconReference | None = None) -> Outcome:
-    """Run one (policy, budget) on one sample; `pre` is the shared prefill (None: its own)."""
+                eos: frozenset[int], query_aware: bool, recon_ref: ReconReference | None = None,
+                method: PrefillAttention | None = None) -> Outcome:
+    """Run one (policy, budget) on one sample; `pre` is the shared prefill (None: its own), made
+    under `method`, the prompt's prefill attention (None: the model's own), as its own prefill is."""
     prompt = list(sample.context_ids) + (list(sample.question_ids) if query_aware else [])
     question = [] if query_aware else list(sample.question_ids)
     res = Outcome()
@@ -273,11 +301,14 @@ def run_variant(model: nn.Module, policy: Policy, budget: int | float, sample, p
         if pre is not None and can_share(policy):
             cache = copy_cache(pre.cache)
             replay(comp, cache, pre.inputs)
-            logits = pre.logits
+            logits, res.prefill = pre.logits, pre.prefill_stats
         else:
             cache = new_cache(model)
-            with torch.no_grad():
+            # not Compression(prefill_attention=...): its scope spans the block, so the question's
+            # forward (several tokens) would be served too; here it stays the model's own attention
+            with torch.no_grad(), prefill_scope(model, method, policy) as scope:
                 logits = _forward(model, torch.tensor([prompt], device=device), cache, 0).logits[:, -1].float()
+            res.prefill = scope.stats
         res.evict_s = time.perf_counter() - t0
         res.cache_bytes = cache_bytes(cache)
         t0 = time.perf_counter()

@@ -216,9 +216,10 @@ def _mean_size(comp: Compression) -> float:
 
 @torch.no_grad()
 def run_variant(model, policy, budget: int | float, sample: Sample, pre: engine.Prefill | None, *, device,
-                eos: frozenset[int], slack: int = 0) -> GenOutcome:
-    """Prefill (shared or its own) and greedy decoding of `sample` under `policy` with eviction at
-    prefill and decode (phase="both"), recording the cache size after every step."""
+                eos: frozenset[int], slack: int = 0, method=None) -> GenOutcome:
+    """Prefill (shared or its own, under the prefill attention `method`; None: the model's own) and
+    greedy decoding of `sample` under `policy` with eviction at prefill and decode (phase="both"),
+    recording the cache size after every step."""
     prompt = list(sample.context_ids)
     res = GenOutcome(prompt_length=len(prompt))
     # every evicting policy runs at prefill and decode; `full` (no phases) keeps everything
@@ -228,10 +229,12 @@ def run_variant(model, policy, budget: int | float, sample: Sample, pre: engine.
         if pre is not None and engine.can_share(policy):
             cache = engine.copy_cache(pre.cache)
             engine.replay(comp, cache, pre.inputs)
-            logits = pre.logits
+            logits, res.prefill = pre.logits, pre.prefill_stats
         else:
             cache = engine.new_cache(model)
-            logits = engine._forward(model, torch.tensor([prompt], device=device), cache, 0).logits[:, -1].float()
+            with engine.prefill_scope(model, method, policy) as scope:
+                logits = engine._forward(model, torch.tensor([prompt], device=device), cache, 0).logits[:, -1].float()
+            res.prefill = scope.stats
         res.evict_s = time.perf_counter() - t0
         res.cache_bytes = engine.cache_bytes(cache)
         res.kept = engine.kept_positions(comp)

@@ -25,6 +25,20 @@ def _mean(xs: Iterable) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _with_prefill(rows: Sequence[dict]) -> list[dict]:
+    """Rows of a run with sparse prefill attentions, each policy named with its prefill attention
+    ("snapkv [xattention]"; dense rows keep the bare name), so every table and plot keeps them apart."""
+    if not any(r.get("prefill_attention") not in (None, "dense") for r in rows):
+        return list(rows)
+    return [r if r.get("prefill_attention") in (None, "dense") else
+            {**r, "policy": f"{r['policy']} [{r['prefill_attention']}]", "base_policy": r["policy"]} for r in rows]
+
+
+def _is_full(policy: str) -> bool:
+    """The full cache, under any prefill attention (one row per sample, no budget)."""
+    return policy == "full" or policy.startswith("full [")
+
+
 def _budget_label(b) -> str:
     return "full" if b is None else str(b)
 
@@ -49,7 +63,7 @@ def aggregate(rows: Sequence[dict]) -> dict[tuple[str, object, str], dict]:
 
 def _order(rows: Sequence[dict]) -> tuple[list[str], list, list[str]]:
     seen = list(dict.fromkeys(r["policy"] for r in rows))
-    policies = sorted(seen, key=lambda p: (p != "full", seen.index(p)))
+    policies = sorted(seen, key=lambda p: (not _is_full(p), seen.index(p)))
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, key=_budget_sort)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     return policies, budgets, tasks
@@ -68,7 +82,7 @@ def _table(rows, agg, policies, budgets, tasks, column: str, digits: int = 1, sc
     head = ["policy", "budget", *tasks] + (["average"] if average and len(tasks) > 1 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in policies:
-        for b in ([None] if p == "full" else budgets):
+        for b in ([None] if _is_full(p) else budgets):
             cells = []
             vals = []
             for t in tasks:
@@ -86,7 +100,7 @@ def _table(rows, agg, policies, budgets, tasks, column: str, digits: int = 1, sc
 
 def write_report(out: str | Path, *, plots: bool = True) -> None:
     out = Path(out)
-    rows = load_results(out / RESULTS)
+    rows = _with_prefill(load_results(out / RESULTS))
     meta = read_config(out)
     agg = aggregate(rows)
     policies, budgets, tasks = _order(rows)
@@ -129,12 +143,14 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
     gen = [r for r in rows if r.get("metric") == "exact"]
     if gen:
         lines += _longgen_section(gen, policies, budgets)
+    if any("prefill_attention" in r for r in rows):
+        lines += _prefill_section([r for r in rows if r["metric"] in ACCURACY or r["metric"] in ("ppl", "recon")])
     lines += ["## Cache kept after the prompt", "",
               "Entries per KV head (mean over layers and samples; min..max over layers), and K/V memory.", "",
               "| policy | budget | entries | per layer | K/V MiB | evidence tokens kept (%) |",
               "|---|---|---|---|---|---|"]
     for p in policies:
-        for b in ([None] if p == "full" else budgets):
+        for b in ([None] if _is_full(p) else budgets):
             rs = [r for r in rows if r["policy"] == p and r["budget"] == b]
             if rs:
                 lo = min((r["cache_after_prefill_min"] for r in rs if r.get("cache_after_prefill_min") is not None),
@@ -152,7 +168,7 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
     head = "| policy | budget | prefill | evict | decode |"
     lines += [head, "|---|---|---|---|---|"]
     for p in policies:
-        for b in ([None] if p == "full" else budgets):
+        for b in ([None] if _is_full(p) else budgets):
             rs = [r for r in rows if r["policy"] == p and r["budget"] == b]
             if rs:
                 lines.append(f"| {p} | {_budget_label(b)} | {_fmt(_mean(r.get('prefill_s') for r in rs), 2)} | "
@@ -168,6 +184,49 @@ def write_report(out: str | Path, *, plots: bool = True) -> None:
     (out / SUMMARY_MD).write_text("\n".join(lines))
 
 
+def _se(xs: Sequence[float]) -> float | None:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); None below 2 values."""
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def _prefill_section(rows: Sequence[dict]) -> list[str]:
+    """Per task, policy and budget: the score under each prefill attention with its standard error
+    over samples, the difference to dense prefill, and the mean density the prefill attention computed."""
+    if not rows:
+        return []
+    lines = ["## Prefill attention", "",
+             "Score (mean +- standard error over samples) under each prefill attention; delta: against dense "
+             "prefill on the same samples; density: computed / causal (query, key) pairs of the prompt's "
+             "prefill, mean over samples (dense: 1).", "",
+             "| task | policy | budget | prefill | n | score | delta vs dense | density |",
+             "|---|---|---|---|---|---|---|---|"]
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[(r["task"], r.get("base_policy", r["policy"]), r["budget"], r.get("prefill_attention") or "dense")].append(r)
+    prefills = list(dict.fromkeys(k[3] for k in by))
+    prefills.sort(key=lambda p: p != "dense")
+    for (t, p, b) in dict.fromkeys(k[:3] for k in by):
+        dense = {r["index"]: r.get("score") for r in by.get((t, p, b, "dense"), [])}
+        for pre in prefills:
+            rs = by.get((t, p, b, pre))
+            if not rs:
+                continue
+            scores = [float(r["score"]) for r in rs if r.get("score") is not None]
+            se = _se(scores)
+            cell = _fmt(_mean(scores)) + ("" if se is None else f" +- {se:.1f}")
+            diffs = [float(r["score"]) - float(dense[r["index"]]) for r in rs
+                     if r.get("score") is not None and dense.get(r["index"]) is not None]
+            delta = "-" if pre == "dense" or not diffs else _fmt(_mean(diffs)) + (
+                "" if _se(diffs) is None else f" +- {_se(diffs):.1f}")
+            density = 1.0 if pre == "dense" else _mean(r.get("prefill_density") for r in rs)
+            lines.append(f"| {t} | {p} | {_budget_label(b)} | {pre} | {len(rs)} | {cell} | {delta} | "
+                         f"{_fmt(density, 3)} |")
+    return [*lines, ""]
+
+
 def _longgen_section(rows: Sequence[dict], policies: Sequence[str], budgets: Sequence) -> list[str]:
     """Long generation (gen:NAME): accuracy, output length and cache size over the generation."""
     lines = ["## Long generation (gen:NAME: exact match after a reasoning-style output, decode-time eviction)", "",
@@ -178,7 +237,7 @@ def _longgen_section(rows: Sequence[dict], policies: Sequence[str], budgets: Seq
              "prompt + output |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in dict.fromkeys(r["task"] for r in rows):
         for p in policies:
-            for b in ([None] if p == "full" else budgets):
+            for b in ([None] if _is_full(p) else budgets):
                 rs = [r for r in rows if r["task"] == t and r["policy"] == p and r["budget"] == b]
                 if not rs:
                     continue
@@ -218,10 +277,11 @@ def _line_plot(path: Path, rows: Sequence[dict], value, ylabel: str, title: str,
     drawn = False
     ticks: set[float] = set()
     for p in policies:
-        if p == "full":
+        if _is_full(p):
             y = value([r for r in rows if r["policy"] == p])
             if y is not None:
-                ax.axhline(y, color="black", linestyle="--", linewidth=1, label="full")
+                ax.axhline(y, color="black" if p == "full" else "grey", linestyle="--" if p == "full" else ":",
+                           linewidth=1, label=p)
                 drawn = True
             continue
         xs, ys = [], []
@@ -312,7 +372,7 @@ def _cache_over_generation(path: Path, rows: Sequence[dict]) -> Path | None:
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.add_subplot(111)
     drawn = False
-    variants = [(q, b) for q in policies for b in ([None] if q == "full" else budgets)]
+    variants = [(q, b) for q in policies for b in ([None] if _is_full(q) else budgets)]
     for i, (p, b) in enumerate(variants):
         rs = [r for r in rows if r["policy"] == p and r["budget"] == b and len(r.get("cache_trace") or []) ==
               len(TRACE_POINTS)]
@@ -340,19 +400,19 @@ def _niah_heatmaps(path: Path, rows: Sequence[dict]) -> Path | None:
     from matplotlib.figure import Figure
 
     policies, budgets, _ = _order(rows)
-    cells = [(p, b) for p in policies for b in ([None] if p == "full" else budgets)
+    cells = [(p, b) for p in policies for b in ([None] if _is_full(p) else budgets)
              if any(r["policy"] == p and r["budget"] == b for r in rows)]
     if not cells:
         return None
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
     cols = max(1, len(budgets))
-    nrows = sum(1 for p in policies if p != "full") + (1 if "full" in policies else 0)
+    nrows = len(policies)
     fig = Figure(figsize=(max(5.0, 2.6 * cols + 1.2), 2.0 * nrows + 0.8), dpi=100, layout="constrained")
     pos = {}
     r_i = 0
     for p in policies:
-        if p == "full":
+        if _is_full(p):
             pos[(p, None)] = (r_i, 0)
         else:
             for c, b in enumerate(budgets):

@@ -25,7 +25,7 @@ import torch
 
 from evictkit.budget import resolve_budget
 from evictkit.eval import distributed, engine, longbench, longgen, scoring, store
-from evictkit.eval.config import EvalConfig, Variant, build_variants
+from evictkit.eval.config import DENSE, EvalConfig, Variant, build_variants
 from evictkit.eval.report import write_report
 from evictkit.eval.store import CONFIG, RESULTS, load_results  # also still importable from here
 from evictkit.eval.tasks import TASKS, Sample, make_sample
@@ -38,11 +38,16 @@ from evictkit.sequence import schedule_for
 
 #: settings a rerun may widen: results are keyed by (task, sample, variant), so rows already in
 #: --out stay valid when samples, tasks, policies or budgets are only added
-GROWABLE = ("samples", "tasks", "policies", "budgets")
+GROWABLE = ("samples", "tasks", "policies", "budgets", "prefill_attention")
+
+#: a fingerprint without prefill_attention ran dense prefill only
+_DENSE = [["dense", {}]]
 
 
 def _widens(old: dict, new: dict) -> bool:
-    """Whether `new` differs from `old` only by adding samples, tasks, policies or budgets."""
+    """Whether `new` differs from `old` only by adding samples, tasks, policies, budgets or prefill attentions."""
+    old = {**old, "prefill_attention": old.get("prefill_attention", _DENSE)}
+    new = {**new, "prefill_attention": new.get("prefill_attention", _DENSE)}
     diff = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
     if "data" not in old:
         diff.discard("data")  # LongBench tasks added to a run that had none bring their data folder
@@ -50,7 +55,8 @@ def _widens(old: dict, new: dict) -> bool:
         return False
     if new["samples"] < old["samples"]:
         return False
-    as_set = {"tasks": set, "budgets": set, "policies": lambda v: {json.dumps(p, sort_keys=True) for p in v}}
+    as_json = lambda v: {json.dumps(p, sort_keys=True) for p in v}  # noqa: E731
+    as_set = {"tasks": set, "budgets": set, "policies": as_json, "prefill_attention": as_json}
     return all(as_set[k](old[k]) <= as_set[k](new[k]) for k in as_set)
 
 
@@ -350,17 +356,33 @@ def _set_up(out: Path, config: EvalConfig, codec: Codec, mode: str, command: Seq
         store.write_config(out, meta)
 
 
+def _by_prefill(variants: Sequence[Variant]) -> list[list[Variant]]:
+    """The variants grouped by prefill attention, in order: each group shares one prefill."""
+    groups: dict[str, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault(v.prefill, []).append(v)
+    return list(groups.values())
+
+
 def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: EvalConfig, codec: Codec, device,
                 shared: bool):
-    """Yield (variant, result row) for each variant, sharing the prompt's prefill."""
+    """Yield (variant, result row) for each variant, sharing the prompt's prefill per prefill attention."""
+    for group in _by_prefill(variants):
+        yield from _run_sample_group(model, sample, group, config, codec, device, shared)
+
+
+def _run_sample_group(model, sample: Sample, variants: Sequence[Variant], config: EvalConfig, codec: Codec, device,
+                      shared: bool):
+    """`_run_sample` for variants of one prefill attention (`variants[0].method`)."""
     prompt = list(sample.context_ids) + (list(sample.question_ids) if config.query_aware else [])
+    method = variants[0].method
     pre = None
     if shared and any(engine.can_share(v.policy) for v in variants):
-        pre = engine.shared_prefill(model, prompt, device)
+        pre = engine.shared_prefill(model, prompt, device, method)
     ref = None
     if sample.metric == "recon":
         if pre is None:
-            pre = engine.shared_prefill(model, prompt, device)
+            pre = engine.shared_prefill(model, prompt, device, method)
         ref = engine.recon_reference(model, pre, sample.continuation_ids, device)
     for v in variants:
         if device.type == "cuda":
@@ -369,10 +391,11 @@ def _run_sample(model, sample: Sample, variants: Sequence[Variant], config: Eval
         res: engine.Outcome
         if sample.metric == longgen.METRIC:  # long generation: eviction at prefill and decode, sizes traced
             res = longgen.run_variant(model, v.policy, budget, sample, pre if engine.can_share(v.policy) else None,
-                                      device=device, eos=codec.eos_ids, slack=config.slack)
+                                      device=device, eos=codec.eos_ids, slack=config.slack, method=method)
         else:
             res = engine.run_variant(model, v.policy, budget, sample, pre if engine.can_share(v.policy) else None,
-                                     device=device, eos=codec.eos_ids, query_aware=config.query_aware, recon_ref=ref)
+                                     device=device, eos=codec.eos_ids, query_aware=config.query_aware, recon_ref=ref,
+                                     method=method)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         yield v, _row(sample, v, res, pre, config, codec, peak)
 
@@ -402,10 +425,19 @@ def batches(samples: Sequence[Sample], size: int, query_aware: bool) -> list[lis
 def _run_batch(model, samples: Sequence[Sample], variants: Sequence[Variant], config: EvalConfig, codec: Codec,
                device, shared: bool):
     """Yield (sample, variant, result row) for a batch of samples: one left-padded shared prefill,
-    then each variant on the whole batch. A batch of one is `_run_sample`."""
+    then each variant on the whole batch. A batch of one is `_run_sample`. Variants under a sparse
+    prefill attention run the samples one at a time: a left-padded batch's mask is not plain causal,
+    so the prefill attention would hand the batch's prefill to the model's own attention."""
     if len(samples) == 1:
         for v, row in _run_sample(model, samples[0], variants, config, codec, device, shared):
             yield samples[0], v, row
+        return
+    alone = [v for v in variants if v.method is not None]
+    for s in samples if alone else []:
+        for v, row in _run_sample(model, s, alone, config, codec, device, shared):
+            yield s, v, row
+    variants = [v for v in variants if v.method is None]
+    if not variants:
         return
     pre = None
     if shared and any(engine.can_share(v.policy) for v in variants):
@@ -459,6 +491,11 @@ def _row(sample: Sample, v: Variant, res: engine.Outcome, pre, config: EvalConfi
         "decode_s": round(res.decode_s, 4),
         "peak_mem_bytes": peak,
     }
+    if config.prefill_attention != DENSE:  # rows of a dense-only run stay as they were
+        stats = res.prefill
+        row["prefill_attention"] = v.prefill
+        row["prefill_density"] = None if stats is None else round(stats.density(), 6)  # None: dense
+        row["prefill_fallbacks"] = None if stats is None else stats.fallbacks
     all_kept, frac = scoring.evidence_retention(res.kept, sample.evidence)
     row["evidence_all_kept"], row["evidence_token_frac"] = all_kept, frac
     if sample.metric == "ppl":
