@@ -23,8 +23,8 @@ By default the context is compressed before the question is seen (query-agnostic
 
 Writes into --out: results.jsonl (one line per sample x variant), summary.md, summary.csv,
 plots/*.png and config.json. Rerunning with the same --out resumes (finished samples are
-skipped); a rerun that only adds samples, tasks, policies or budgets extends that run (only
-the new rows run); any other change there is refused unless --force.
+skipped); a rerun that only adds samples, tasks, policies, budgets or prefill attentions extends
+that run (only the new rows run); any other change there is refused unless --force.
 
 Under torchrun (`torchrun --nproc_per_node=N -m evictkit eval ...`, one node or several) the
 samples are split over the processes, and rank 0 merges their results into the same files.

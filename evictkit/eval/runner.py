@@ -37,11 +37,16 @@ from evictkit.sequence import schedule_for
 # --- the output folder ------------------------------------------------------------------------
 
 #: settings a rerun may widen: results are keyed by (task, sample, variant), so rows already in
-#: --out stay valid when samples, tasks, policies or budgets are only added
+#: --out stay valid when samples, tasks, policies, budgets or prefill attentions are only added
 GROWABLE = ("samples", "tasks", "policies", "budgets", "prefill_attention")
 
 #: a fingerprint without prefill_attention ran dense prefill only
 _DENSE = [["dense", {}]]
+
+
+def _json_set(items: list) -> set[str]:
+    """[[name, params], ...] as a set (params are dicts, so compared as JSON)."""
+    return {json.dumps(p, sort_keys=True) for p in items}
 
 
 def _widens(old: dict, new: dict) -> bool:
@@ -55,8 +60,7 @@ def _widens(old: dict, new: dict) -> bool:
         return False
     if new["samples"] < old["samples"]:
         return False
-    as_json = lambda v: {json.dumps(p, sort_keys=True) for p in v}  # noqa: E731
-    as_set = {"tasks": set, "budgets": set, "policies": as_json, "prefill_attention": as_json}
+    as_set = {"tasks": set, "budgets": set, "policies": _json_set, "prefill_attention": _json_set}
     return all(as_set[k](old[k]) <= as_set[k](new[k]) for k in as_set)
 
 
