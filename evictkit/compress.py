@@ -65,7 +65,8 @@ class Compression:
         self._settings = Settings(
             step=self._step, budget=self.budget, layers=tuple(m.layer_idx for m in self.modules),
             schedule=self.schedule, guard=guard_from_env(),  # EVICTKIT_DEBUG_READONLY=1: checksums around calls
-            store=self._store, stats=self.stats, observers=None)
+            store=self._store, stats=self.stats, observers=None,
+            last_layer=max((m.layer_idx for m in self.modules if m.layer_idx not in self._sliding), default=None))
         self._seq: Sequence | None = None  # the sequence running now
 
     # --- context manager -------------------------------------------------------------------

@@ -11,10 +11,11 @@ The extension ladder is `score -> select -> compact`:
 
 What an author learns is nine members: `name`, `phases`, `summary` (class attributes),
 `needs()`, `protected()`, `observe()`, `score()` or `select()`, `layer_budget()`, and rarely
-`check_budget()`. Everything else composes: per-head allocation wraps a scorer (AdaKV), a
-layer schedule overrides `layer_budget` (PyramidKV), and the position mode, `may_evict_newest`,
-`exact_budget` and the capability flags engines read (`Needs.tags()`, `capabilities(policy)`)
-are `Needs` fields. The members that left (`may_evict_newest`,
+`check_budget()`. A policy whose layer budgets depend on every layer (`Needs(cross_layer=True)`,
+CAKE) writes two more: `layer_signal()` and `allocate()` (evictkit.cross_layer). Everything else
+composes: per-head allocation wraps a scorer (AdaKV), a layer schedule overrides `layer_budget`
+(PyramidKV), and the position mode, `may_evict_newest`, `exact_budget` and the capability flags
+engines read (`Needs.tags()`, `capabilities(policy)`) are `Needs` fields. The members that left (`may_evict_newest`,
 `exact_budget`, `chunked` and `shared_prefill` class attributes, `position_mode()`) still work
 with a DeprecationWarning; `declared(policy)` is what the core reads, and `chunk_doc(cls)` the
 per-chunk text of a policy's docstring.
@@ -98,6 +99,11 @@ class Needs:
     extra_passes: needs forward passes of its own beyond the model's (KVzip; no built-in today).
     ragged_heads: its per-head kept counts can differ within a layer (AdaKV's RaggedSelection);
         an engine with one block table per layer refuses it.
+    cross_layer: its layer budgets depend on every layer's prefill (CAKE). At a prefill forward
+        each layer only observes and reports `layer_signal(obs)`; after the last layer the core
+        asks `allocate()` for every layer's budget and cuts each layer to it (evictkit.cross_layer).
+        Decode steps are per layer, at the allocated budgets. An engine that steps one layer at a
+        time refuses it.
 
     padding: the policy honours padding (evictkit.padded): its scores of real entries do not
         depend on the padding slots (`obs.valid` False, true position -1) or padding queries
@@ -116,48 +122,58 @@ class Needs:
     attention_weights: bool = attrs.field(default=False, validator=_validate_flag)
     extra_passes: bool = attrs.field(default=False, validator=_validate_flag)
     ragged_heads: bool = attrs.field(default=False, validator=_validate_flag)
+    cross_layer: bool = attrs.field(default=False, validator=_validate_flag)
     padding: bool = attrs.field(default=False, validator=_validate_flag)
 
     def __attrs_post_init__(self) -> None:
         if self.attention_weights and not self.queries:
             raise ValueError("Needs(attention_weights=True) needs queries=True too: evictkit recomputes the "
                              "attention weights of all of a forward's queries from those queries")
+        if self.cross_layer and not self.padding:
+            raise ValueError("Needs(cross_layer=True) needs padding=True too: evictkit cuts every layer of a batch "
+                             "at once after the last layer, so the policy must honour padding (evictkit.padded)")
 
     def tags(self) -> tuple[str, ...]:
         """The capability tags, in the order of `TAGS`: "kv_only" when the policy reads nothing
         but keys, values and positions, else each of "window_queries" (window > 0), "queries",
         "layer_weights", "attention_weights", "extra_passes" it reads; then "ragged_heads" when
-        its per-head counts can differ. An engine accepts or refuses a policy from these."""
+        its per-head counts can differ, and "cross_layer" when its layer budgets are allocated
+        across layers. An engine accepts or refuses a policy from these."""
         reads = [tag for tag, on in (("window_queries", self.window > 0), ("queries", self.queries),
                                      ("layer_weights", self.layer_weights),
                                      ("attention_weights", self.attention_weights),
                                      ("extra_passes", self.extra_passes)) if on]
-        return (*(reads or ["kv_only"]), *(["ragged_heads"] if self.ragged_heads else []))
+        shape = [tag for tag, on in (("ragged_heads", self.ragged_heads), ("cross_layer", self.cross_layer)) if on]
+        return (*(reads or ["kv_only"]), *shape)
 
 
 #: every capability tag `Needs.tags()` can give, in its order (a stable set: engines match on them)
 TAGS = ("kv_only", "window_queries", "queries", "layer_weights", "attention_weights", "extra_passes",
-        "ragged_heads")
-#: the tags that say what a policy reads (all of TAGS but "ragged_heads")
-READ_TAGS = TAGS[:-1]
+        "ragged_heads", "cross_layer")
+#: the tags that say how a policy's kept counts are shaped (per head, across layers)
+SHAPE_TAGS = ("ragged_heads", "cross_layer")
+#: the tags that say what a policy reads (all of TAGS but the shape tags)
+READ_TAGS = TAGS[:-len(SHAPE_TAGS)]
 #: the Needs fields that are capability flags only (shown as tags, not as needs, by `evictkit list`)
-FLAG_FIELDS = ("queries", "layer_weights", "attention_weights", "extra_passes", "ragged_heads", "padding")
+FLAG_FIELDS = ("queries", "layer_weights", "attention_weights", "extra_passes", "ragged_heads", "cross_layer",
+               "padding")
 
 
 def capabilities(policy: Policy) -> dict[str, Any]:
     """What an engine or a prefill-attention plugin needs to know to accept or refuse `policy`:
 
-    {"tags": declared(policy).tags(), "reads": the tags without "ragged_heads" ("kv_only" or what
+    {"tags": declared(policy).tags(), "reads": the tags without the shape tags ("kv_only" or what
     it reads), "phases": the phases it evicts in by default (tuple), "ragged_heads": bool,
-    "window": the newest queries it reads (int), "positions": "absolute" or "shift"}.
+    "cross_layer": bool, "window": the newest queries it reads (int), "positions": "absolute" or "shift"}.
     """
     needs = declared(policy)
     if not isinstance(needs, Needs):
         raise ValueError(f"policy {getattr(policy, 'name', policy)!r}: needs() must return evictkit.Needs, "
                          f"got {type(needs).__name__}")
     tags = needs.tags()
-    return {"tags": tags, "reads": tuple(t for t in tags if t != "ragged_heads"), "phases": tuple(policy.phases),
-            "ragged_heads": needs.ragged_heads, "window": needs.window, "positions": needs.positions}
+    return {"tags": tags, "reads": tuple(t for t in tags if t not in SHAPE_TAGS), "phases": tuple(policy.phases),
+            "ragged_heads": needs.ragged_heads, "cross_layer": needs.cross_layer, "window": needs.window,
+            "positions": needs.positions}
 
 
 #: the default of the per-chunk text (`chunk_doc`)
@@ -336,6 +352,23 @@ class Policy:
         """Indices of the entries to keep: `[B, H_kv, min(T, budget)]` int64, strictly increasing
         (or a `RaggedSelection` for per-head counts)."""
         raise NotImplementedError
+
+    # --- cross-layer policies only (`Needs(cross_layer=True)`, evictkit.cross_layer) -------------
+    def layer_signal(self, obs: Observation) -> torch.Tensor:
+        """[B] float: what this layer's prefill forward tells the allocator (CAKE: its preference).
+        Called right after `observe()` at every prefill forward of a cross-layer policy."""
+        raise NotImplementedError(f"policy {self.name!r} declares Needs(cross_layer=True) but has no layer_signal()")
+
+    def allocate(self, signals: torch.Tensor, totals: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """Every layer's budget for the rows that prefilled, after the last layer.
+
+        signals: [L, R] float, `layer_signal` of each managed layer (in order) for each such row;
+        totals: [R] int64, the entries per KV head the row may keep over all L layers (the sum of
+            its static per-layer budgets); available: [L, R] int64, real entries per KV head each
+            layer holds now. Returns [L, R] int64 budgets (entries per KV head, window included),
+            each >= 1; a budget above `available` keeps the whole layer.
+        """
+        raise NotImplementedError(f"policy {self.name!r} declares Needs(cross_layer=True) but has no allocate()")
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -104,6 +104,7 @@ def padded_step(
     row_budget: Callable[[int, int], int],
     guard: Guard = CORE_GUARD,
     as_decode: bool = False,
+    defer: Callable[[Observation, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
     """One forward's step on a padded layer (see the module docstring). Returns (keys, values,
     phase, whether any row evicted) and updates `st` (positions, pad, side tensors, window,
@@ -112,6 +113,8 @@ def padded_step(
     keys/values [B, H_kv, T, D] hold the forward's q new tokens last; new_pad [B]: padding tokens
     among them per row (they come first); row_budget(b, length): row b's budget for a prompt of
     `length` real tokens (asked once, at the row's first real token).
+    defer: a cross-layer policy's (evictkit.cross_layer): the rows that prefill with real tokens
+    do not evict here; `defer(obs, rows)` is called after observe() with those rows [B] bool.
     """
     B, H, T, _ = keys.shape
     q = hidden_states.shape[1]
@@ -149,16 +152,21 @@ def padded_step(
     if cfg.needs.window and st.window is None:
         st.window = (obs.window_queries, obs.window_positions)
     _observe(cfg, st, obs, guard, active)
+    deferred = prefill & active if defer is not None else None
+    if defer is not None and bool(cast(torch.Tensor, deferred).any()):
+        defer(obs, cast(torch.Tensor, deferred))
 
     budgets = cast(torch.Tensor, st.row_budgets)  # set by start()
     limit = budgets + torch.where(prefill, 0, cfg.slack)
     real = real_per_row(st.pad, H, T)
     in_phase = (prefill & ("prefill" in cfg.phases)) | (~prefill & ("decode" in cfg.phases))
     evicting = active & (real > H * limit) & (budgets > 0) & in_phase
+    if deferred is not None:  # their budgets come from the allocation after the last layer
+        evicting = evicting & ~deferred
     if not bool(evicting.any()):
         return keys, values, phase, False
-    kept = _kept(cfg, st, obs, guard, evicting)
-    keys, values = _compact(st, keys, values, kept)
+    kept = kept_mask(cfg, st, obs, guard, evicting)
+    keys, values = compact_rows(st, keys, values, kept)
     return keys, values, phase, True
 
 
@@ -246,7 +254,7 @@ def _observe(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard, ac
         st.state[name] = t
 
 
-def _kept(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard, evicting: torch.Tensor) -> torch.Tensor:
+def kept_mask(cfg: StepConfig, st: LayerState, obs: Observation, guard: Guard, evicting: torch.Tensor) -> torch.Tensor:
     """Steps 4-5: [B, H_kv, T] bool, what each row keeps: the policy's checked selection for an
     evicting row (one select() per distinct budget), all real entries for any other."""
     budgets = cast(torch.Tensor, st.row_budgets)
@@ -299,7 +307,7 @@ def _selection_mask(cfg: StepConfig, st: LayerState, chosen: Any, rows: torch.Te
     return mask
 
 
-def _compact(st: LayerState, keys: torch.Tensor, values: torch.Tensor,
+def compact_rows(st: LayerState, keys: torch.Tensor, values: torch.Tensor,
              kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 6: every row's kept entries right-aligned, in order, padding in front; one gather."""
     B, H, T, _ = keys.shape
@@ -317,4 +325,4 @@ def _compact(st: LayerState, keys: torch.Tensor, values: torch.Tensor,
     return keys, values
 
 
-__all__ = ["PaddedObservation", "Rows", "padded_step", "start"]
+__all__ = ["PaddedObservation", "Rows", "compact_rows", "kept_mask", "padded_step", "start"]

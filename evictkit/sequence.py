@@ -23,7 +23,7 @@ import attrs
 import torch
 from torch import nn
 
-from evictkit import padded, ragged, rows
+from evictkit import cross_layer, padded, ragged, rows
 from evictkit.budget import check_budget, resolve_checked
 from evictkit.contract import Policy
 from evictkit.fixed_cache import hold_for_decoding, store_padded
@@ -85,6 +85,7 @@ class Settings:
     store: RaggedStore
     stats: CompressionStats
     observers: Any  # the pluggy hook caller of `evictkit_after_evict`, set when the block is entered
+    last_layer: int | None = None  # the last managed layer: a cross-layer policy's cut follows its step
 
     @property
     def name(self) -> str:
@@ -104,6 +105,10 @@ class Sequence:
         self.as_decode = as_decode  # continuations are decode steps (Compression.as_decode)
         self.decoded = False  # a forward after the prompt has run
         self.chunking = False  # inside the forwards evictkit's chunker runs itself
+        self.pending: dict[int, cross_layer.Deferred] = {}  # a cross-layer policy's layers, this forward
+        # a forward of this sequence had padding (a cross-layer policy steps unpadded batches as padded
+        # ones too: those need no mask of evictkit's, and the model's own keeps its logits bit-exact)
+        self.saw_padding = new_pad is not None or pad_before is not None
 
     # --- forwards ------------------------------------------------------------------------------
     def seen(self) -> int | None:
@@ -143,8 +148,10 @@ class Sequence:
             mask = bound.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 new_real = mask[:, -q:]
-            else:
-                new_real = torch.arange(q, device=device) >= cast(torch.Tensor, self.new_pad).to(device)[:, None]
+            elif self.new_pad is not None:
+                new_real = torch.arange(q, device=device) >= self.new_pad.to(device)[:, None]
+            else:  # a batch stepped as a padded one with no padding now (a cross-layer policy's)
+                new_real = torch.ones(tokens.shape[0], q, dtype=torch.bool, device=device)
             return _row_positions(self.rows_seen(empty, new_real.shape[0]), new_real)
         seen = None if empty else self.seen()
         if seen is None:
@@ -172,6 +179,7 @@ class Sequence:
             cache = new_cache(model)
         if empty:
             self.prompt, self.pad_before = n, left_padding(bound.get("attention_mask"), n)
+            self.saw_padding = self.saw_padding or self.pad_before is not None
             self.run.schedule(n)  # validate the budgets before anything is computed
         seen = 0 if empty else (self.seen() or 0)
         given = bound.get("position_ids")
@@ -230,7 +238,8 @@ class Sequence:
             return None
         mask, q = kwargs.get("attention_mask"), hidden.shape[1]
         # a padded batch's own mask hides the slots where its padding was, wherever entries are now
-        if st.pad is None and st.rows is None and st.row_seen is None and self.new_pad is None and not (
+        stepped_as_padded = st.row_seen is not None and self.saw_padding
+        if st.pad is None and st.rows is None and not stepped_as_padded and self.new_pad is None and not (
                 isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != past + q):
             return None
         return {**kwargs, "attention_mask": ragged.attention_mask(
@@ -251,7 +260,35 @@ class Sequence:
     # --- the step after a layer's attention ----------------------------------------------------
     def step(self, module: Any, args: tuple, kwargs: dict) -> None:
         """The eviction step of one managed layer after its attention (`kwargs` are the attention
-        module's: hidden_states, position_embeddings, position_ids, the cache)."""
+        module's: hidden_states, position_embeddings, position_ids, the cache); after the last
+        managed layer, a cross-layer policy's allocation and cut (evictkit.cross_layer)."""
+        self._step(module, args, kwargs)
+        if self.pending and module.layer_idx == self.run.last_layer:
+            self.allocate(cache_in(kwargs))
+
+    def allocate(self, cache: Any) -> None:
+        """A cross-layer policy's cut after a prefill forward: every deferred layer's budgets
+        allocated at once, then each layer cut to them."""
+        pending, self.pending = self.pending, {}
+        run = self.run
+        if cache is None:
+            return
+        static = {li: run.layers.index(li) for li in pending}
+
+        def totals(b: int, lis: list[int]) -> int:  # what the static schedule keeps over these layers
+            length = self._row_length(b, int(cast(torch.Tensor, self.layers[lis[0]].row_seen)[b]))
+            return sum(run.schedule(length)[static[li]] for li in lis)
+
+        lis = cross_layer.allocate(run.step, run.guard, self.layers, pending, cache, totals)
+        for li in lis:
+            st, deferred = self.layers[li], pending[li]
+            evicted = cross_layer.cut(run.step, run.guard, st, deferred, cache, li, len(run.layers))
+            after = view_of(cache.layers[li], st.pad)
+            st.last_keys = after.newest_keys().clone()
+            self._record(li, st, phase="prefill", evicted=evicted or deferred.evicted, before=deferred.before,
+                         size=after.slots, entries=after.real_entries(), seen=st.seen)
+
+    def _step(self, module: Any, args: tuple, kwargs: dict) -> None:
         cache = cache_in(kwargs)
         if cache is None:
             return
@@ -269,7 +306,9 @@ class Sequence:
             follow_rows(st, view.newest_keys(q))
         is_padded = (T == q and self.new_pad is not None) or (
             st is not None and T != q and (st.rows is not None or st.row_seen is not None or self.new_pad is not None))
-        if is_padded and run.step.needs.padding and (st is None or T == q or st.rows is None):
+        # a cross-layer policy's layers are cut together after the last one: always the padded step
+        if (is_padded or run.step.needs.cross_layer) and run.step.needs.padding and (
+                st is None or T == q or st.rows is None):
             self._padded_step(module, cache, st, hidden, kwargs)
             return
         if st is not None and T != q and st.rows is None and self.new_pad is not None:
@@ -331,6 +370,7 @@ class Sequence:
             raise ValueError(f"policy {run.name!r} with positions='shift' does not support padded batches")
         keys, values = view_of(cache.layers[li], None if st is None else st.pad).kv()
         stored = keys
+        self.saw_padding = self.saw_padding or self.new_pad is not None
         B, _, T, _ = keys.shape
         q = hidden.shape[1]
         if st is None or T == q:  # the layer's first forward of this sequence
@@ -343,6 +383,7 @@ class Sequence:
             hidden_states=hidden, position_embeddings=kwargs["position_embeddings"],
             position_ids=kwargs.get("position_ids"), new_pad=new_pad, row_budget=self._row_budget(li),
             as_decode=self.as_decode, guard=run.guard,
+            defer=self._defer(module) if run.step.needs.cross_layer else None,
         )
         if keys is not stored:
             store_padded(cache, li, keys, values, self._headroom(q))
@@ -350,19 +391,41 @@ class Sequence:
             hold_for_decoding(cache, li, run.step.slack + 1)
         after = view_of(cache.layers[li], st.pad)
         st.last_keys = after.newest_keys().clone()
+        deferred = self.pending.get(li)
+        if deferred is not None:  # the books after the cut: sizes are those the forward leaves
+            deferred.before, deferred.evicted = T, evicted
+            return
         self._record(li, st, phase=phase, evicted=evicted, before=T, size=after.slots,
                      entries=after.real_entries(), seen=st.seen)
+
+    def _defer(self, module: Any) -> Callable[[Any, torch.Tensor], None]:
+        """A cross-layer policy's layer at a prefill forward: keep its signal for the allocation."""
+        run = self.run
+
+        def defer(obs: Any, rows_: torch.Tensor) -> None:
+            signal = run.guard.call("layer_signal()", run.step.policy.layer_signal, obs)
+            B = obs.keys.shape[0]
+            if not isinstance(signal, torch.Tensor) or signal.shape != (B,):
+                raise ValueError(f"policy {run.name!r}: layer_signal() must return a tensor [B] = [{B}], got "
+                                 f"{type(signal).__name__} {tuple(getattr(signal, 'shape', ()))}")
+            self.pending[module.layer_idx] = cross_layer.Deferred(module, signal, obs.rows, rows_)
+
+        return defer
+
+    def _row_length(self, b: int, length: int) -> int:
+        """Row b's prompt length: the whole prompt's when evictkit's chunker knew it, else `length`."""
+        if self.prompt is not None and self.pad_before is not None:
+            return self.prompt - int(self.pad_before[b])
+        return length
 
     def _row_budget(self, li: int) -> Callable[[int, int], int]:
         """row_budget(b, length): row b's budget in layer li for a prompt of `length` real tokens
         (the whole prompt's, when evictkit's chunker knew it)."""
-        run, known, pad_before = self.run, self.prompt, self.pad_before
+        run = self.run
         index = run.layers.index(li)
 
         def row_budget(b: int, length: int) -> int:
-            if known is not None and pad_before is not None:  # the chunker saw the row's whole prompt
-                length = known - int(pad_before[b])
-            return run.schedule(length)[index]
+            return run.schedule(self._row_length(b, length))[index]
 
         return row_budget
 

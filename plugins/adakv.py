@@ -58,14 +58,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import attrs
 import torch
 
-import evictkit
 from evictkit import Needs, Observation, ScorePolicy, hookimpl
-from evictkit.helpers import RaggedSelection, a_bool, int_at_least
+from evictkit.helpers import RaggedSelection, a_bool, int_at_least, windowed_scorer
 from evictkit.plugins.pyramidkv import pyramid_budgets
 
 
@@ -159,41 +158,8 @@ class AdaKV(ScorePolicy):
     _base: ScorePolicy = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        scorer = self.scorer
-        base = self._scorer_instance(scorer) if isinstance(scorer, ScorePolicy) else self._scorer_by_name()
+        base = windowed_scorer(type(self), self.scorer, self.window, self.scorer_options)
         object.__setattr__(self, "_base", base)  # derived from the fields once: a hyper-parameter, not state
-
-    def _scorer_instance(self, scorer: ScorePolicy) -> ScorePolicy:
-        """The wrapped scorer given as an instance: used as it is, the registry untouched."""
-        if isinstance(scorer, AdaKV) or "window" not in evictkit.params_of(type(scorer)):
-            raise ValueError(f"scorer={scorer!r}: must be a score policy with a `window` parameter "
-                             "(e.g. SnapKV(window=32)), not AdaKV itself")
-        if self.scorer_options:
-            raise ValueError(f"scorer_options={dict(self.scorer_options)!r}: only for a scorer given by name; "
-                             f"set them on the scorer instance {scorer!r}")
-        window = scorer.window  # type: ignore[attr-defined]  # a field: checked just above
-        if window != self.window:
-            raise ValueError(f"window={self.window}: must equal the window of the scorer instance ({scorer!r}); "
-                             f"give window={window} or build the scorer with window={self.window}")
-        return scorer
-
-    def _scorer_by_name(self) -> ScorePolicy:
-        """The string path: the registered score policy of that name, built with `window` and the options."""
-        table = evictkit.policies()
-
-        def usable(c: type | None) -> bool:
-            return (c is not None and c is not type(self) and issubclass(c, ScorePolicy)
-                    and "window" in evictkit.params_of(c))
-
-        if not usable(table.get(self.scorer) if isinstance(self.scorer, str) else None):
-            raise ValueError(
-                f"scorer={self.scorer!r}: must be a score policy instance or a registered score policy name with a "
-                f"`window` parameter ({', '.join(n for n, c in table.items() if usable(c)) or 'none registered'})"
-            )
-        options = dict(self.scorer_options)
-        if "window" in options:
-            raise ValueError("scorer_options: give the window as adakv's own `window` parameter")
-        return cast(ScorePolicy, evictkit.policy(cast(str, self.scorer), window=self.window, **options))
 
     def needs(self) -> Needs:
         # padding is honoured (see the docstring) whenever the scorer's scores honour it

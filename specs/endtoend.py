@@ -59,6 +59,12 @@ class _Recorder(Policy):
                          "budget": budget, "positions": obs.positions.clone(), "selection": selection})
         return selection
 
+    def layer_signal(self, obs):
+        return self.inner.layer_signal(obs)
+
+    def allocate(self, signals, totals, available):
+        return self.inner.allocate(signals, totals, available)
+
 
 def recording(policy: Policy, log: list[dict[str, Any]]) -> Policy:
     """`policy` wrapped so that `log` receives every observe/select call of a compress run."""

@@ -28,6 +28,7 @@ TINY_POLICIES = [
     ("criticalkv", {"scorer_options": {"window": 8}}),
     ("rkv", {"window": 4}),
     ("triattention", {}),
+    ("cake", {"window": 8}),
 ]
 
 

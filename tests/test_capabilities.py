@@ -11,6 +11,7 @@ from evictkit.contract import READ_TAGS, TAGS, Needs, capabilities, declared
 # What each built-in reads, decided from its code (docs/policies.md shows the same column).
 BUILT_IN_TAGS = {
     "adakv": ("window_queries", "ragged_heads"),
+    "cake": ("window_queries", "cross_layer"),
     "criticalkv": ("window_queries", "layer_weights"),
     "expected_attention": ("queries",),
     "full": ("kv_only",),
@@ -64,7 +65,7 @@ def test_kv_only_is_exclusive_and_tags_keep_their_documented_order():
     assert Needs(ragged_heads=True).tags() == ("kv_only", "ragged_heads")
     assert Needs(exact_budget=False, positions="shift", may_evict_newest=True).tags() == ("kv_only",)
     every = Needs(window=4, queries=True, layer_weights=True, attention_weights=True, extra_passes=True,
-                  ragged_heads=True)
+                  ragged_heads=True, cross_layer=True, padding=True)
     assert every.tags() == TAGS[1:]
     for flag in ("layer_weights", "extra_passes"):
         assert Needs(**{flag: True}).tags() == (flag,)
@@ -75,11 +76,19 @@ def test_kv_only_is_exclusive_and_tags_keep_their_documented_order():
         assert reads and ("kv_only" not in reads or reads == ["kv_only"]), (name, tags)
 
 
-@pytest.mark.parametrize("flag", ["layer_weights", "attention_weights", "extra_passes", "ragged_heads"])
+@pytest.mark.parametrize("flag", ["layer_weights", "attention_weights", "extra_passes", "ragged_heads", "cross_layer"])
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_flags_must_be_bools(flag, value):
     with pytest.raises(ValueError, match=f"Needs.{flag}={value!r}: must be True or False"):
         Needs(**{flag: value})
+
+
+def test_cross_layer_needs_padding_and_is_a_shape_tag():
+    with pytest.raises(ValueError, match="cross_layer=True.*padding=True"):
+        Needs(cross_layer=True)
+    cap = capabilities(evictkit.policy("cake"))
+    assert cap["tags"] == ("window_queries", "cross_layer") and cap["reads"] == ("window_queries",)
+    assert cap["cross_layer"] and not cap["ragged_heads"]
 
 
 def test_attention_weights_need_the_queries():
@@ -91,7 +100,8 @@ def test_attention_weights_need_the_queries():
 def test_capabilities_answers_from_the_declared_needs():
     cap = capabilities(evictkit.policy("adakv"))
     assert cap == {"tags": ("window_queries", "ragged_heads"), "reads": ("window_queries",),
-                   "phases": ("prefill",), "ragged_heads": True, "window": 32, "positions": "absolute"}
+                   "phases": ("prefill",), "ragged_heads": True, "cross_layer": False, "window": 32,
+                   "positions": "absolute"}
     cap = capabilities(evictkit.policy("streaming_llm", positions="shift"))
     assert cap["reads"] == ("kv_only",) and cap["phases"] == ("prefill", "decode") and cap["positions"] == "shift"
     assert not cap["ragged_heads"] and cap["window"] == 0

@@ -58,15 +58,17 @@ def test_builtins_import_the_facade_the_helpers_and_each_other_only():
 #: the contract: what a policy class may set or override (check_budget: for budgets protected() cannot judge)
 CONTRACT = {"name", "phases", "summary", "needs", "protected", "observe", "select", "score", "layer_budget",
             "check_budget"}
+#: what only a policy with Needs(cross_layer=True) writes (evictkit.cross_layer)
+CROSS_LAYER = {"layer_signal", "allocate"}
 
 
 def test_the_contract_is_nine_members():
     public = {n for n in vars(Policy) | vars(ScorePolicy) if not n.startswith("_")}
-    assert public - set(MOVED) - set(EVAL_ONLY) == CONTRACT
+    assert public - set(MOVED) - set(EVAL_ONLY) - CROSS_LAYER == CONTRACT
     # the capability flags are Needs fields too, not members (tests/test_capabilities.py)
     assert set(attrs.fields_dict(Needs)) == {"window", "queries", "positions", "may_evict_newest", "exact_budget",
                                              "layer_weights", "attention_weights", "extra_passes", "ragged_heads",
-                                             "padding"}
+                                             "cross_layer", "padding"}
 
 
 #: the built-ins this contract was cut with (built-ins added since have their own tests)

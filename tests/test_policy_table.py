@@ -64,7 +64,7 @@ def test_a_stale_table_is_reported_with_the_command(tmp_path: Path, capsys: pyte
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "snapkv.md").write_text("# SnapKV\n")
     doc = tmp_path / "policies.md"
-    stale = DOC.read_text().replace("kernel=7", "kernel=5")  # a default changed in code, not in the docs
+    stale = DOC.read_text().replace("beta=2000", "beta=1999")  # a default changed in code, not in the docs
     assert stale != DOC.read_text()
     doc.write_text(stale)
     assert _doctable.main([str(doc), "--check"]) == 1
@@ -73,7 +73,7 @@ def test_a_stale_table_is_reported_with_the_command(tmp_path: Path, capsys: pyte
     assert _doctable.main([str(doc)]) == 0
     assert _doctable.main([str(doc), "--check"]) == 0
     text = doc.read_text()
-    assert "kernel=7" in text and "kernel=5" not in text
+    assert "beta=2000" in text and "beta=1999" not in text
     # only the pages that exist are linked, and the hand-written text around the markers is kept
     assert "[snapkv](policies/snapkv.md)" in text and "[restkv](policies/restkv.md)" not in text
     assert text.split(_doctable.START)[0] == DOC.read_text().split(_doctable.START)[0]

@@ -86,6 +86,9 @@ REFUSED = {
                     "length per request and layer: use a policy whose needs() has ragged_heads=False",
     "extra_passes": "it runs forward passes of its own, which vLLM's scheduler never schedules: use a policy "
                     "that scores from the forward it is shown (extra_passes=False)",
+    "cross_layer": "its layer budgets are allocated after the last layer from every layer's prefill, and this "
+                   "backend evicts inside each layer's attention with one length per request for all layers: "
+                   "use a policy whose needs() has cross_layer=False",
 }
 
 

@@ -71,6 +71,7 @@ def test_each_unsupported_setting_is_named(change, named):
 @pytest.mark.parametrize(("policy", "params", "named"), [
     ("pyramidkv", {}, "its own budget (layer_budget)"),
     ("adakv", {}, "capability tag 'ragged_heads'"),
+    ("cake", {}, "capability tag 'cross_layer'"),
     ("lacache", {}, "exact_budget=False"),
     ("streaming_llm", {"positions": "shift"}, "positions='absolute'"),
     # tagged "queries" only, but re-projects pre-RoPE queries through the transformers module
@@ -107,6 +108,7 @@ def _with_needs(monkeypatch, **changes):
 @pytest.mark.parametrize(("changes", "named"), [
     ({"extra_passes": True}, "capability tag 'extra_passes': it runs forward passes of its own"),
     ({"ragged_heads": True}, "capability tag 'ragged_heads'"),
+    ({"cross_layer": True}, "capability tag 'cross_layer': its layer budgets are allocated after the last layer"),
 ])
 def test_refused_from_capability_tags(monkeypatch, changes, named):
     problems = policy_problems(_with_needs(monkeypatch, **changes), _vllm_config())
