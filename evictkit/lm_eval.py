@@ -38,9 +38,12 @@ matmuls. lm-eval pads its loglikelihood inputs on the right; the backend feeds t
 left-padded instead: every row's context in one left-padded prefill, then each row's scored
 tokens (or its next `chunk` of them) as one left-padded decode forward, a row with nothing left
 fed as padding (not stepped). A row whose whole input fits its budget is prefilled whole, as its
-single forward runs alone. generate_until hands lm-eval's left-padded batch and its mask to
-`generate()`, which evictkit.compress steps as one padded batch. `last_stats` and `cache_summary()` count
-one call per batch (the core's layers, whose length is the longest row's).
+single forward runs alone. generate_until decodes lm-eval's left-padded batch greedily itself
+(`generate()`'s tokens, with lm-eval's own stop criteria judged per row) and feeds a row that has
+finished as padding, so the core stops scoring and evicting it; sampling, or a generation config
+with a logits processor, goes through `generate()`, where finished rows decode on to the last.
+`last_stats` and `cache_summary()` count one call per batch (the core's layers, whose length is the
+longest row's).
 """
 
 from __future__ import annotations
@@ -71,6 +74,13 @@ _HF_ARGS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kw
 # HFLM forwards unknown keyword arguments to from_pretrained; these few are passed on, any
 # other unknown name is taken for a policy parameter so that a typo is refused before loading.
 _HF_LOAD_ARGS = frozenset({"attn_implementation", "low_cpu_mem_usage", "load_in_8bit", "load_in_4bit"})
+# generation-config fields that add a logits processor or stopping rule to greedy `generate()`;
+# when the model's config sets any, batched generation goes through `generate()` itself
+_PROCESSOR_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                     "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                     "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
+                     "stop_strings", "max_time", "num_beams", "penalty_alpha", "low_memory", "guidance_scale",
+                     "epsilon_cutoff", "eta_cutoff")
 
 
 def split_model_args(policy: object, kwargs: dict[str, Any]) -> tuple[Policy, dict[str, Any]]:
@@ -318,7 +328,57 @@ class EvictkitLM(HFLM):
         return logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        mask = generation_kwargs.get("attention_mask")
         with self._compression() as run:
-            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            if context.shape[0] > 1 and self._greedy(generation_kwargs):
+                out = self._greedy_rows(context, mask, max_length, stop)
+            else:
+                out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self._record(run.stats)
         return out
+
+    def _greedy(self, generation_kwargs: dict[str, Any]) -> bool:
+        """Whether `generate()` would decode greedily with nothing but lm-eval's stop criteria: no
+        sampling, no other generation argument, and no logits processor in the model's own
+        generation config (then `_greedy_rows` gives its tokens)."""
+        rest = {k: v for k, v in generation_kwargs.items() if k not in ("attention_mask", "temperature", "do_sample")}
+        if rest or generation_kwargs.get("do_sample") or generation_kwargs.get("temperature", 0.0) not in (0, 0.0):
+            return False
+        config = self.model.generation_config
+        defaults = type(config)()
+        return all(getattr(config, name, None) == getattr(defaults, name, None) for name in _PROCESSOR_FIELDS)
+
+    def _greedy_rows(self, context: torch.Tensor, mask: torch.Tensor | None, max_length: int,
+                     stop: list[str]) -> torch.Tensor:
+        """Greedy decoding of a left-padded batch in which a row that has finished (its end-of-text
+        token, or one of lm-eval's stop sequences, judged by lm-eval's own criteria) is fed as
+        padding from then on: the core no longer scores or evicts it, and every other row gets the
+        tokens `generate()` gives it. Returns [B, context + steps] ids, pad after a row's end."""
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        B, n = context.shape
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        criteria = stop_sequences_criteria(self.tokenizer, stop, n, B)
+        mask = torch.ones_like(context) if mask is None else mask.to(context.device)
+        kwargs = {**cache_arg(self.model, new_cache(self.model)), "use_cache": True}
+        done = torch.zeros(B, dtype=torch.bool, device=context.device)
+        ids = context
+        with torch.no_grad(), self._autocast():
+            logits = self.model(context, attention_mask=mask, **kwargs).logits[:, -1]
+            for _ in range(max(max_length - n, 0)):
+                token = torch.where(done, pad, logits.argmax(-1))
+                ids = torch.cat([ids, token[:, None]], dim=1)
+                finished = done.clone()
+                for b in range(B):
+                    finished[b] |= int(token[b]) in eos_ids
+                for criterion in criteria:
+                    criterion(ids, None)
+                    finished |= torch.tensor(criterion.done_tracker, device=done.device)
+                done = finished
+                if bool(done.all()) or ids.shape[1] >= max_length:
+                    break
+                mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # a finished row is padding
+                logits = self.model(token[:, None], attention_mask=mask, **kwargs).logits[:, -1]
+        return ids

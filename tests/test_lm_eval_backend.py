@@ -285,6 +285,45 @@ def test_batch_4_gives_the_scores_of_batch_1(setup, policy, options):
         assert lm4.cache_summary()["calls_with_eviction"] > 0
 
 
+def test_generate_until_feeds_a_finished_row_as_padding(setup):
+    """Batched greedy generation: every row gets the tokens `generate()` gives it alone up to its
+    stop, and a row that has stopped is fed as padding (mask 0), so the core no longer steps it."""
+    import torch
+
+    model_dir, _, _ = setup
+    lm = EvictkitLM(pretrained=str(model_dir), policy="streaming_llm", budget=16, device="cpu", batch_size=3)
+    texts = [FILLER, "Record 7. " + FILLER[:60], FILLER[:90]]
+    context, mask = lm.tok_batch_encode(texts)
+    n, new = context.shape[1], 10
+
+    def alone(b: int) -> list[int]:
+        row = context[b][mask[b].bool()][None]
+        with lm._compression():
+            out = lm.model.generate(row, attention_mask=torch.ones_like(row), max_length=row.shape[1] + new,
+                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        return out[0, row.shape[1]:].tolist()
+
+    rows = [alone(b) for b in range(3)]
+    others = lm.tokenizer.decode(rows[0]) + "\x00" + lm.tokenizer.decode(rows[2])
+    # row 1 stops at the first of its tokens that the other rows never produce
+    k = next(k for k in range(new - 1) if lm.tokenizer.decode(rows[1][k:k + 1]) not in others)
+    stop = lm.tokenizer.decode(rows[1][k:k + 1])
+    masks = []
+    handle = lm.model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw["attention_mask"].clone()),
+                                                with_kwargs=True)
+    try:
+        out = lm._model_generate(context, n + new, [stop], attention_mask=mask, do_sample=False)
+    finally:
+        handle.remove()
+    got = out[:, n:].tolist()
+    assert got[0] == rows[0] and got[2] == rows[2]
+    assert got[1][:k + 1] == rows[1][:k + 1] and set(got[1][k + 1:]) <= {lm.tokenizer.pad_token_id}
+    assert len(masks) == new  # the prefill and new - 1 decode steps; the last token is not fed back
+    # masks[i] feeds token i - 1: row 1's tokens up to k - 1 are fed, its stop token k is not
+    assert all(m[1, -1] == 1 for m in masks[1:k + 1]) and all(m[1, -1] == 0 for m in masks[k + 1:])
+    assert k + 1 < new and all(m[0, -1] == 1 for m in masks[1:])  # row 1 is padding from its stop on
+
+
 def test_cli_help_is_lm_evals(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["lm-eval", "--help"])
