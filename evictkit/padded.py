@@ -134,7 +134,10 @@ def padded_step(
     _budgets(st, p, q, row_budget)
 
     keys, values, new_pos = _append(cfg, st, keys, values, position_ids, p, q, H, padding_now)
-    window_padded = st.window is not None and bool((st.window[1] < 0).any())
+    # one host read per layer until every row's window is real, none after (evictkit.step.LayerState)
+    window_padded = st.window is not None and not st.window_real and bool((st.window[1] < 0).any())
+    if st.window is not None and not window_padded and st.window[1].shape[1] == cfg.needs.window:
+        st.window_real = True  # every row holds `window` real queries: it can only keep them
     if cfg.needs.window and st.window is not None:
         st.window = _roll_window(module, st.window, hidden_states, position_embeddings, new_pos, cfg.needs.window,
                                  sort=padding_now or window_padded)

@@ -53,6 +53,9 @@ class LayerState:
     # a left-padded batch stepped as one (evictkit.padded): real tokens seen and budget per row [B]
     row_seen: torch.Tensor | None = None
     row_budgets: torch.Tensor | None = None
+    # every row's rolling window is full (`needs().window` queries) and real; once true it stays
+    # true (rows only gain real queries), so a padded step need not read the window's positions again
+    window_real: bool = False
     # [B, H_kv, D] the newest cached key of each row after the last step: a row that moved
     # between forwards (beam search's reorder_cache) is found by it (evictkit.step.follow_rows)
     last_keys: torch.Tensor | None = None
