@@ -203,6 +203,9 @@ class Compression:
             # a prompt the model pre-hook did not see start (a forward of the module alone, a submodule's)
             seq = self._start(new_pad=None if seq is None else seq.new_pad)
         seq.step(module, args, kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if self.release_memory and hidden is not None and hidden.shape[1] > 1:
+            release_freed_memory()  # a prefill layer's freed buffers, before the next layer's: evictkit.memory
 
     def _before_attention(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size (`Sequence.attention_kwargs`)."""
@@ -237,8 +240,10 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         or "dense": the model's own attention; policies tagged ragged_heads (AdaKV) are refused with
         a sparse one (docs/sparse-prefill.md)
     prefill_params: the prefill attention's parameters, with a name
-    release_memory: before a forward that follows a prefill forward (a chunk), hand the heap's
-        freed pages back to the OS (glibc malloc_trim; evictkit.memory says why); False: never
+    release_memory: after each managed layer's step in a prefill forward (a prompt or a chunk),
+        and before a forward that follows one, hand the heap's freed pages back to the OS (glibc
+        malloc_trim; evictkit.memory says why; about 1% of an 8k prefill); decode steps never pay
+        for it; False: never
     """
     if isinstance(policy, str):
         from evictkit.registry import build_policy

@@ -1,13 +1,24 @@
-"""Freed heap memory handed back to the OS between prefill forwards (glibc's `malloc_trim`).
+"""Freed heap memory handed back to the OS during prefill (glibc's `malloc_trim`).
 
-Under glibc's default allocator the buffers a prefill forward frees stay in the process's heap
-arenas (the mmap threshold rises after large frees, and each thread allocates from its own
-arena), so the resident set of a long prompt prefilled in chunks keeps earlier chunks' freed
-buffers, and how much varies from run to run. Measured (docs/benchmarks.md, issue 23): snapkv at
-budget 1024, an 8k prompt with a mask in chunks of 2048, three fresh processes each: 653, 482 and
-152 MiB above the loaded model without a trim between chunks, 257, 152 and 280 MiB with one.
-`evictkit.compress(..., release_memory=True)` (the default) calls `release_freed_memory` before a
-forward that follows a prefill forward (a chunk); decode steps never pay for it.
+Under glibc's default allocator the buffers a prefill forward frees stay in the process's heap:
+after a large block is freed, glibc raises its mmap threshold (up to 32 MiB), so later
+temporaries of a forward (attention and MLP buffers of a chunk, several MiB each) come from the
+heap instead of their own mappings, and freed holes stay resident between the live blocks (each
+layer's compacted K/V). How far the resident set grows then depends on the order of frees, so it
+varies from run to run. Measured on SmolLM2 fp32 (snapkv, budget 1024, an 8k prompt with a mask in
+chunks of 2048, one thread, fresh processes; issue 23, docs/benchmarks.md):
+
+- a trim before each forward only: peaks of 154 to 475 MiB above the loaded model through
+  evictkit's chunker, 147 to 606 through `generate(prefill_chunk_size=2048)`;
+- a trim after each layer's step in a prefill forward too: 136 to 207 MiB, for 0.55 to 0.97 s of
+  a 60-70 s prefill;
+- glibc with a fixed threshold (`MALLOC_MMAP_THRESHOLD_=65536`, set by the user): 126 to 127.
+
+`evictkit.compress(..., release_memory=True)` (the default) calls `release_freed_memory` after
+each managed layer's step in a prefill forward and before a forward that follows a prefill
+forward; decode steps never pay for it. Setting the threshold from the library would change the
+whole process's allocator for good (glibc has no way back to its dynamic mode), so evictkit does
+not; the trim only returns memory already freed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""evictkit hands the heap's freed pages back to the OS between prefill forwards (evictkit.memory),
-never during decode, and not at all with release_memory=False."""
+"""evictkit hands the heap's freed pages back to the OS during prefill (after each layer's step and
+between prefill forwards, evictkit.memory), never during decode, and not at all with
+release_memory=False."""
 
 import importlib
 
@@ -29,9 +30,10 @@ def test_released_after_each_prefill_chunk_and_never_while_decoding(monkeypatch,
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     with evictkit.compress(model, "snapkv", budget=16, window=4, prefill_chunk=16, release_memory=release):
         model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    # chunks of 8, 16, 16 (aligned to the end): a release before chunks 2 and 3 and before the first
-    # decode step; the 4 later decode steps follow a one-token forward
-    assert len(calls) == (3 if release else 0)
+    # chunks of 8, 16, 16 (aligned to the end): a release after each of the 2 layers' steps in each
+    # chunk (6), and before chunks 2 and 3 and before the first decode step (3); the 4 later decode
+    # steps follow a one-token forward and release nothing
+    assert len(calls) == (9 if release else 0)
 
 
 def test_release_memory_must_be_a_bool():
