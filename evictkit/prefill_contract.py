@@ -7,8 +7,9 @@ attention. Two ways to write one:
 - `PrefillAttention`: write `attend(query, key, value, scale=...) -> PrefillOutput`, the whole
   computation (a kernel of your own);
 - `PatternAttention`: write `pattern(query, key, scale) -> (selected, block)`, which key slots each
-  block of queries computes; evictkit's executor (kernels/sparse_prefill_torch.py on the CPU)
-  computes exactly those and counts them.
+  block of queries computes; evictkit's executor computes exactly those and counts them:
+  kernels/sparse_prefill_torch.py on the CPU, FlexAttention compiled to Triton on CUDA
+  (kernels/sparse_prefill_flex.py).
 
 Shapes: query [B, H_q, q, D] post-RoPE, key/value [B, H_kv, S, D] (GQA: H_q = g * H_kv, query head
 j reads KV head j // g), S >= q; the queries are the last q of the S slots (S - q entries were
@@ -26,6 +27,7 @@ from typing import ClassVar, NamedTuple
 import attrs
 import torch
 
+from evictkit.kernels.sparse_prefill_flex import sparse_prefill_flex
 from evictkit.kernels.sparse_prefill_ref import sparse_prefill_ref
 from evictkit.kernels.sparse_prefill_torch import sparse_prefill_torch
 
@@ -69,7 +71,7 @@ class PrefillAttention:
 
 #: how `PatternAttention` computes a pattern: "torch" skips the unselected slots (CPU and any
 #: device), "reference" computes the dense masked attention (tests, and the laws' oracle)
-EXECUTORS = ("torch", "reference")
+EXECUTORS = ("auto", "torch", "flex", "reference")
 
 
 @attrs.frozen
@@ -79,17 +81,20 @@ class PatternAttention(PrefillAttention):
     `pattern` gets one batch row (query [1, H_q, q, D], key [1, H_kv, S, D]) and
     returns (selected [1 or H_q, nq, S] bool, block), nq = ceil(q / block) (layout:
     kernels/sparse_prefill_ref.py); causality is applied by the executor, and the diagonal slot of
-    every row must be selected. `attend(..., executor=)` picks the implementation (`EXECUTORS`).
+    every row must be selected. `attend(..., executor=)` picks the implementation (`EXECUTORS`):
+    "auto" (the default) is "flex" for CUDA tensors and "torch" otherwise.
     """
 
     def pattern(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
         raise NotImplementedError(f"{type(self).__qualname__} must define pattern()")
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-               scale: float, executor: str = "torch") -> PrefillOutput:
+               scale: float, executor: str = "auto") -> PrefillOutput:
         if executor not in EXECUTORS:
             raise ValueError(f"executor={executor!r}: must be one of {', '.join(EXECUTORS)}")
-        run = sparse_prefill_ref if executor == "reference" else sparse_prefill_torch
+        if executor == "auto":
+            executor = "flex" if query.is_cuda else "torch"
+        run = {"reference": sparse_prefill_ref, "torch": sparse_prefill_torch, "flex": sparse_prefill_flex}[executor]
         outs, computed = [], 0
         for b in range(query.shape[0]):  # each row its own pattern: a row gets what it gets alone
             rows = slice(b, b + 1)
