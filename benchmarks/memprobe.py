@@ -8,7 +8,8 @@ smoke test does, to stay fast; their peaks are then only smoke-test quality). Ea
 printed as one line `MEMPROBE {json}`.
 
 For each configuration: load the model, build the prompt and run one 16-token forward (one-off
-costs: thread pools, weight packing), then take the baseline, then prefill the prompt with
+costs: thread pools, weight packing; `"warmup": false` in the first configuration skips it, to
+measure a process's first long call), then take the baseline, then prefill the prompt with
 `logits_to_keep=1` (inside `evictkit.compress(..., prefill_chunk=chunk)` unless policy is None)
 and run `steps` greedy decode steps, each timed. `"mask": true` passes
 `attention_mask=torch.ones_like(ids)`, as `generate` and most users do; `"via": "generate"` runs
@@ -262,8 +263,9 @@ def run(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     raised = trained is not None and need > trained
     if raised:
         model.config.max_position_embeddings = need
-    with torch.inference_mode():
-        model(torch.ones(1, 16, dtype=torch.long, device=device), use_cache=True, logits_to_keep=1)
+    if first.get("warmup", True):  # "warmup": false measures a process's first long call
+        with torch.inference_mode():
+            model(torch.ones(1, 16, dtype=torch.long, device=device), use_cache=True, logits_to_keep=1)
     info = {
         "dtype": dtype_name,
         "weights": weight_bytes(model),
@@ -272,6 +274,7 @@ def run(cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "max_positions": trained,
         "raised_to": need if raised else None,
         "threads": torch.get_num_threads(),
+        "warmup": first.get("warmup", True),
         "attn": attn_implementation(model),
     }
     out = []
