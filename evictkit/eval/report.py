@@ -209,7 +209,7 @@ def _prefill_section(rows: Sequence[dict]) -> list[str]:
     prefills = list(dict.fromkeys(k[3] for k in by))
     prefills.sort(key=lambda p: p != "dense")
     for (t, p, b) in dict.fromkeys(k[:3] for k in by):
-        dense = {r["index"]: r.get("score") for r in by.get((t, p, b, "dense"), [])}
+        dense = {r["index"]: float(r["score"]) for r in by.get((t, p, b, "dense"), []) if r.get("score") is not None}
         for pre in prefills:
             rs = by.get((t, p, b, pre))
             if not rs:
@@ -217,8 +217,8 @@ def _prefill_section(rows: Sequence[dict]) -> list[str]:
             scores = [float(r["score"]) for r in rs if r.get("score") is not None]
             se = _se(scores)
             cell = _fmt(_mean(scores)) + ("" if se is None else f" +- {se:.1f}")
-            diffs = [float(r["score"]) - float(dense[r["index"]]) for r in rs
-                     if r.get("score") is not None and dense.get(r["index"]) is not None]
+            diffs = [float(r["score"]) - dense[r["index"]] for r in rs
+                     if r.get("score") is not None and r["index"] in dense]
             delta = "-" if pre == "dense" or not diffs else _fmt(_mean(diffs)) + (
                 "" if _se(diffs) is None else f" +- {_se(diffs):.1f}")
             density = 1.0 if pre == "dense" else _mean(r.get("prefill_density") for r in rs)

@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,7 +60,8 @@ def _widens(old: dict, new: dict) -> bool:
         return False
     if new["samples"] < old["samples"]:
         return False
-    as_set = {"tasks": set, "budgets": set, "policies": _json_set, "prefill_attention": _json_set}
+    as_set: dict[str, Callable[[Any], set]] = {"tasks": set, "budgets": set, "policies": _json_set,
+                                                "prefill_attention": _json_set}
     return all(as_set[k](old[k]) <= as_set[k](new[k]) for k in as_set)
 
 
