@@ -19,8 +19,8 @@ RANDOM = {"random"}
 def run(name: str, device: str) -> tuple[dict[int, torch.Tensor], list[int], torch.Tensor]:
     """Prefill PROMPT tokens under `name` at BUDGET on `device`, then decode two tokens.
 
-    returns ({layer: kept positions [1, H_kv, K] after prefill, on CPU}, the per-layer budgets,
-    the last step's logits [1, 1, vocab])."""
+    returns ({layer: kept positions [1, H_kv, K] after prefill, on CPU}, the per-layer budgets the
+    layers got (a schedule's, or a cross-layer policy's allocation), the last step's logits [1, 1, vocab])."""
     model = tiny_model("llama", layers=LAYERS, device=device)
     ids = torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
     comp = evictkit.compress(model, name, budget=BUDGET, **PARAMS.get(name, {}))
@@ -34,7 +34,8 @@ def run(name: str, device: str) -> tuple[dict[int, torch.Tensor], list[int], tor
         for _ in range(2):
             out = model(tok, use_cache=True, **{kw: cache})
             tok = out.logits[:, -1:].argmax(-1)
-    return {li: p.cpu() for li, p in kept.items()}, comp.schedule(PROMPT), out.logits.cpu()
+    budgets = {s.layer: s.budget for s in comp.stats.layers}
+    return {li: p.cpu() for li, p in kept.items()}, [budgets[li] for li in range(LAYERS)], out.logits.cpu()
 
 
 def policy_names() -> list[str]:
@@ -59,6 +60,7 @@ def test_policy_evicts_on_the_device(name, device):
     if "prefill" not in evictkit.policies()[name].phases:
         pytest.skip(f"{name} evicts while decoding only; the prompt here is kept whole")
     assert sorted(kept) == list(range(LAYERS)), "every layer evicts at this budget"
+    assert sum(budgets) <= LAYERS * BUDGET + LAYERS  # a schedule or an allocation redistributes the total
     for li, pos in kept.items():
         assert pos.shape[:2] == (1, 2) and budgets[li] < PROMPT  # per-layer budgets (PyramidKV: a pyramid)
         real = pos[pos >= 0]  # -1 pads the rows of a ragged (per-head) selection
