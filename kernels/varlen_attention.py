@@ -32,22 +32,29 @@ def varlen_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None = None,
     *,
+    starts: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the q new tokens over a ragged cache that already holds them.
 
     queries: [B, H_q, q, D], H_q = H_kv * g (query head j reads KV head j // g)
-    keys, values: [N, D], the segments flattened in (b, h) order
-    offsets: int64 [B * H_kv + 1], segment s = b * H_kv + h is rows offsets[s]:offsets[s + 1]; its
-        last q entries are the new tokens, and query i sees all but the last q - 1 - i entries
+    keys, values: [N, D], the rows holding every (b, h) segment
+    offsets: int64 [B * H_kv + 1], segments back to back: segment s = b * H_kv + h is rows
+        offsets[s]:offsets[s + 1]; or, with gaps between segments allowed,
+    starts, lengths: int64 [B * H_kv], segment s is rows starts[s] : starts[s] + lengths[s]
+    (either form; a segment's last q entries are the new tokens, and query i sees all but its last
+    q - 1 - i entries)
     scale: the score scale (usually D ** -0.5); softcap: Gemma-2's tanh cap on the scaled scores, or None
     returns [B, H_q, q, D] in the queries' dtype, computed in fp32.
     """
     if varlen_backend_for(queries) == "triton":
         from evictkit.kernels.varlen_attention_triton import varlen_attention_triton  # late: TRITON_INTERPRET
 
-        return varlen_attention_triton(queries, keys, values, offsets, scale=scale, softcap=softcap)
-    return varlen_attention_torch(queries, keys, values, offsets, scale=scale, softcap=softcap)
+        return varlen_attention_triton(queries, keys, values, offsets, starts=starts, lengths=lengths, scale=scale,
+                                       softcap=softcap)
+    return varlen_attention_torch(queries, keys, values, offsets, starts=starts, lengths=lengths, scale=scale,
+                                  softcap=softcap)

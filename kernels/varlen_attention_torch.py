@@ -41,16 +41,19 @@ def varlen_attention_torch(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None = None,
     *,
+    starts: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of `queries` [B, H_q, q, D] over the ragged cache `keys`, `values` [N, D] whose
-    segment s = b * H_kv + h spans rows offsets[s]:offsets[s + 1] (`offsets` int64 [B * H_kv + 1]).
-    Query i sees its segment except the last q - 1 - i entries. Returns [B, H_q, q, D] in the
-    queries' dtype, computed in fp32."""
-    B, Hkv, g = check_varlen_inputs(queries, keys, values, offsets)
+    segment s = b * H_kv + h spans rows starts[s] : starts[s] + lengths[s] (`starts`, `lengths`
+    int64 [B * H_kv], gaps between segments allowed), or offsets[s]:offsets[s + 1] (`offsets` int64
+    [B * H_kv + 1], segments back to back). Query i sees its segment except the last q - 1 - i
+    entries. Returns [B, H_q, q, D] in the queries' dtype, computed in fp32."""
+    B, Hkv, g, starts, lengths = check_varlen_inputs(queries, keys, values, offsets, starts=starts, lengths=lengths)
     _, Hq, q, D = queries.shape
     out = torch.empty((B, Hkv, g * q, D), dtype=torch.float32, device=queries.device)
     if out.numel() == 0:
@@ -62,10 +65,11 @@ def varlen_attention_torch(
     # L - q + 1 + t for t >= i (upper triangle, diagonal included, of a [q, q - 1] matrix)
     hide = torch.ones(q, q - 1, dtype=torch.bool, device=queries.device).triu() if q > 1 else None
     grad = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad or values.requires_grad)
-    bounds = offsets.tolist()  # one host copy of B * H_kv + 1 numbers; the loop needs them as ints
+    los, lens = starts.tolist(), lengths.tolist()  # host copies of B * H_kv numbers: the loop needs ints
     for b in range(B):
         for h in range(Hkv):
-            lo, hi = bounds[b * Hkv + h], bounds[b * Hkv + h + 1]
+            lo = los[b * Hkv + h]
+            hi = lo + lens[b * Hkv + h]
             k = keys[lo:hi].float()  # a view when the cache is fp32
             v = values[lo:hi].float()
             scores = torch.mm(grouped[b, h], k.T)  # [g * q, L]

@@ -8,11 +8,13 @@ row block when g * q > BLOCK_M, which only long prefill chunks reach).
 
 Everything is computed in fp32 (loads are cast, dots use `input_precision="ieee"`: TF32 would
 miss the 1e-5 the tests hold it to), which also keeps the interpreter (`TRITON_INTERPRET=1`,
-set before this module is imported), whose bf16 arithmetic is wrong, exact. Offsets are int64
-and every load is masked: the tails of the segment, of D and of the row block.
+set before this module is imported), whose bf16 arithmetic is wrong, exact. Segments are read by
+their start and length (int64; `offsets` are turned into those), so a fixed-capacity cache's free
+rows between segments are never read, and every load is masked: the tails of the segment, of D
+and of the row block.
 
-Not checked here (it would cost a host sync per call): that the offsets run from 0 to N and that
-every segment holds at least q entries. A query that would see no entry gets zeros, not NaN.
+Not checked here (it would cost a host sync per call): that every segment lies within the N rows
+and holds at least q entries. A query that would see no entry gets zeros, not NaN.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from evictkit.kernels.varlen_attention_ref import check_varlen_inputs
 
 @triton.jit
 def _varlen_attention_kernel(
-    q_ptr, k_ptr, v_ptr, off_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, o_ptr,
     H_KV, G, Q_LEN, D,
     sq_b, sq_h, sq_q, sq_d,
     sk_n, sk_d,
@@ -42,8 +44,8 @@ def _varlen_attention_kernel(
     pid_m = tl.program_id(1)
     b = seg // H_KV
     h = seg % H_KV
-    lo = tl.load(off_ptr + seg).to(tl.int64)
-    seg_len = tl.load(off_ptr + seg + 1).to(tl.int64) - lo
+    lo = tl.load(start_ptr + seg).to(tl.int64)
+    seg_len = tl.load(len_ptr + seg).to(tl.int64)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < G * Q_LEN
@@ -94,14 +96,17 @@ def varlen_attention_triton(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None = None,
     *,
+    starts: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `varlen_attention_torch`: queries [B, H_q, q, D], keys and values [N, D],
-    offsets int64 [B * H_kv + 1]; returns [B, H_q, q, D] in the queries' dtype."""
-    B, Hkv, g = check_varlen_inputs(queries, keys, values, offsets)
+    the segments as offsets int64 [B * H_kv + 1] or as starts and lengths int64 [B * H_kv];
+    returns [B, H_q, q, D] in the queries' dtype."""
+    B, Hkv, g, starts, lengths = check_varlen_inputs(queries, keys, values, offsets, starts=starts, lengths=lengths)
     _, Hq, q, D = queries.shape
     out = torch.empty(queries.shape, dtype=queries.dtype, device=queries.device)
     if out.numel() == 0:
@@ -114,7 +119,7 @@ def varlen_attention_triton(
     block_n = max(16, min(64, 8192 // block_d))
     grid = (B * Hkv, triton.cdiv(g * q, block_m))
     _varlen_attention_kernel[grid](
-        queries, keys, values, offsets.to(torch.int64), out,
+        queries, keys, values, starts.contiguous(), lengths.contiguous(), out,
         Hkv, g, q, D,
         *queries.stride(), *keys.stride(), *values.stride(), *out.stride(),
         float(scale), float(softcap) if softcap is not None else 1.0,

@@ -205,3 +205,85 @@ def test_rejects_bad_layouts():
             impl(queries, keys[:, :2], values, offsets, scale=1.0)
         with pytest.raises(ValueError, match="offsets must be int64"):
             impl(queries, keys, values, offsets.float(), scale=1.0)
+
+
+# --- segments given by start and length, with gaps between them ---------------------------------
+
+
+def gapped(args, gaps, *, seed=0):
+    """The same segments as `args` (queries, keys, values, offsets) moved apart: segment s after
+    gaps[s] free rows of garbage (huge values: a kernel that reads a free row is far off); returns
+    (queries, keys, values, starts, lengths)."""
+    queries, keys, values, offsets = args
+    gen = torch.Generator().manual_seed(seed)
+    parts_k, parts_v, starts, at = [], [], [], 0
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    for s, (lo, n) in enumerate(zip(offsets[:-1].tolist(), lengths)):
+        for parts, src in ((parts_k, keys), (parts_v, values)):
+            parts.append(1e4 * torch.randn(gaps[s], keys.shape[1], generator=gen).to(keys.dtype))
+            parts.append(src[lo:lo + n])
+        at += gaps[s]
+        starts.append(at)
+        at += n
+    tail = 1e4 * torch.randn(3, keys.shape[1], generator=gen).to(keys.dtype)  # free rows after the last
+    return (queries, torch.cat([*parts_k, tail]), torch.cat([*parts_v, tail]), torch.tensor(starts),
+            torch.tensor(lengths))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(case=cases(), gap=st.lists(st.integers(0, 9), min_size=12, max_size=12))
+def test_gapped_segments_match_the_reference_over_packed_ones(case, gap):
+    shape, scale, softcap, seed = case
+    args = ragged_case(**shape, seed=seed)
+    queries, keys, values, starts, lengths = gapped(args, gap, seed=seed)
+    expected = varlen_attention_ref(*args, scale=scale, softcap=softcap)  # the packed segments, by offsets
+    for impl in (varlen_attention_ref, varlen_attention_torch, varlen_attention):
+        out = impl(queries, keys, values, starts=starts, lengths=lengths, scale=scale, softcap=softcap)
+        torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_offsets_are_starts_and_lengths():
+    args = ragged_case([4, 9, 1, 6], B=2, H_kv=2, g=2, q=1, D=8, seed=8)
+    queries, keys, values, offsets = args
+    by_offsets = varlen_attention_torch(*args, scale=0.4)
+    by_starts = varlen_attention_torch(queries, keys, values, starts=offsets[:-1], lengths=offsets.diff(), scale=0.4)
+    torch.testing.assert_close(by_starts, by_offsets, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q, g", [(1, 3), (4, 2)])
+def test_triton_reads_gapped_segments(varlen_triton, device, q, g):
+    # segments over several key blocks with free rows between them and out of order (the last
+    # segment first in memory): the kernel reads each by its start, never a free row
+    args = ragged_case([150, 64, 30, 97], B=2, H_kv=2, g=g, q=q, D=24, seed=13)
+    queries, keys, values, starts, lengths = gapped(args, [5, 0, 70, 1], seed=13)
+    expected = varlen_attention_ref(*args, scale=24**-0.5)
+    order = torch.tensor([3, 0, 1, 2])  # move segment 3 to the front: its rows first, starts follow
+    out = varlen_triton(*(t.to(device) for t in (queries, keys, values)), starts=starts.to(device),
+                        lengths=lengths.to(device), scale=24**-0.5)
+    torch.testing.assert_close(out.cpu(), expected, **TOL)
+    rows = torch.cat([torch.arange(int(starts[s]), int(starts[s] + lengths[s])) for s in order.tolist()])
+    moved = torch.empty_like(starts)
+    moved[order] = torch.tensor([0, *lengths[order].cumsum(0)[:-1].tolist()])
+    out = varlen_triton(queries.to(device), keys[rows].to(device), values[rows].to(device), starts=moved.to(device),
+                        lengths=lengths.to(device), scale=24**-0.5)
+    torch.testing.assert_close(out.cpu(), expected, **TOL)
+
+
+def test_rejects_bad_segments():
+    queries, keys, values, offsets = ragged_case([3, 5], B=1, H_kv=2, g=2, q=2, D=4)
+    starts, lengths = offsets[:-1], offsets.diff()
+    for impl in (varlen_attention_ref, varlen_attention_torch, varlen_attention):
+        with pytest.raises(ValueError, match="within the N = 8 rows"):
+            impl(queries, keys, values, starts=starts + 1, lengths=lengths, scale=1.0)
+        with pytest.raises(ValueError, match="within the N = 8 rows"):
+            impl(queries, keys, values, starts=starts - 1, lengths=lengths, scale=1.0)
+        with pytest.raises(ValueError, match="not both"):
+            impl(queries, keys, values, offsets, starts=starts, lengths=lengths, scale=1.0)
+        with pytest.raises(ValueError, match="segments are missing"):
+            impl(queries, keys, values, starts=starts, scale=1.0)
+        with pytest.raises(ValueError, match="one shape"):
+            impl(queries, keys, values, starts=starts, lengths=lengths[:1], scale=1.0)
+        with pytest.raises(ValueError, match="lengths must be int64"):
+            impl(queries, keys, values, starts=starts, lengths=lengths.float(), scale=1.0)
+        with pytest.raises(ValueError, match="at least the q = 4"):
+            impl(torch.zeros(1, 4, 4, 4), keys, values, starts=starts, lengths=lengths, scale=1.0)
