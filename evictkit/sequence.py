@@ -101,14 +101,24 @@ class Sequence:
         self.layers: dict[int, LayerState] = {}
         self.prompt = prompt  # the whole prompt's length, when evictkit's chunker knew it before the first chunk
         self.pad_before = pad_before  # [B] padding of that whole prompt, while the chunker runs it
+        # a forward of this sequence had padding (a cross-layer policy steps unpadded batches as padded
+        # ones too: those need no mask of evictkit's, and the model's own keeps its logits bit-exact);
+        # set with every forward's padding, by `new_pad`'s setter
+        self.saw_padding = pad_before is not None
         self.new_pad = new_pad  # [B] padding tokens among the current forward's new ones (None: none)
         self.as_decode = as_decode  # continuations are decode steps (Compression.as_decode)
         self.decoded = False  # a forward after the prompt has run
         self.chunking = False  # inside the forwards evictkit's chunker runs itself
         self.pending: dict[int, cross_layer.Deferred] = {}  # a cross-layer policy's layers, this forward
-        # a forward of this sequence had padding (a cross-layer policy steps unpadded batches as padded
-        # ones too: those need no mask of evictkit's, and the model's own keeps its logits bit-exact)
-        self.saw_padding = new_pad is not None or pad_before is not None
+
+    @property
+    def new_pad(self) -> torch.Tensor | None:
+        return self._new_pad
+
+    @new_pad.setter
+    def new_pad(self, pad: torch.Tensor | None) -> None:
+        self._new_pad = pad
+        self.saw_padding = self.saw_padding or pad is not None
 
     # --- forwards ------------------------------------------------------------------------------
     def seen(self) -> int | None:
@@ -179,7 +189,6 @@ class Sequence:
             cache = new_cache(model)
         if empty:
             self.prompt, self.pad_before = n, left_padding(bound.get("attention_mask"), n)
-            self.saw_padding = self.saw_padding or self.pad_before is not None
             self.run.schedule(n)  # validate the budgets before anything is computed
         seen = 0 if empty else (self.seen() or 0)
         given = bound.get("position_ids")
@@ -370,7 +379,6 @@ class Sequence:
             raise ValueError(f"policy {run.name!r} with positions='shift' does not support padded batches")
         keys, values = view_of(cache.layers[li], None if st is None else st.pad).kv()
         stored = keys
-        self.saw_padding = self.saw_padding or self.new_pad is not None
         B, _, T, _ = keys.shape
         q = hidden.shape[1]
         if st is None or T == q:  # the layer's first forward of this sequence
