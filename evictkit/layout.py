@@ -7,8 +7,9 @@ Two storages hold every layout evictkit makes:
   (true position -1), hidden from attention by a mask of the layer's own size: this is the
   head-padded layout of a ragged selection (evictkit.ragged) and the layout of a left-padded batch
   (evictkit.rows), whose rows are padded on the left to the longest one.
-- varlen (`VarlenView` over evictkit.ragged_cache.RaggedLayer): flattened per-(row, head)
-  segments, read by evictkit's varlen attention, which needs no mask.
+- varlen (`VarlenView` over evictkit.ragged_cache.RaggedLayer): per-(row, head) segments in one
+  buffer (free rows between them while decoding), read by evictkit's varlen attention by start
+  and length, which needs no mask.
 
 A view answers what the per-layer step asks of a layer (`Sequence.step`): its length in slots,
 its K/V in the padded layout, each row's newest key (beam search is followed by it), its real
@@ -111,7 +112,8 @@ class PaddedView(LayerView):
 
 
 class VarlenView(LayerView):
-    """A `RaggedLayer`: each (row, KV head) holds exactly its own entries."""
+    """A `RaggedLayer`: each (row, KV head) holds exactly its own entries (its padded layout and
+    newest keys are read by start and length, never assuming the segments lie back to back)."""
 
     costly_to_read = True
     masked = False
