@@ -301,3 +301,17 @@ def test_decoding_matches_the_padded_layout_and_stays_in_one_buffer(rows):
         assert seen.count(None) < len(seen) // 2  # mostly ragged: the check below has steps to look at
         moved = [i for i in range(1, len(seen)) if None not in (seen[i - 1], seen[i]) and seen[i] != seen[i - 1]]
         assert not moved, f"layer {li}: a new buffer at decode steps {moved}"
+
+
+def test_cache_bytes_counts_the_entries_not_the_free_rows():
+    from types import SimpleNamespace
+
+    from evictkit.eval.engine import cache_bytes
+
+    keys, values, pad = _padded(LENGTHS)
+    roomy = RaggedLayer.from_padded(keys, values, pad, room=7)
+    exact = RaggedLayer.from_padded(keys, values, pad)
+    assert roomy.keys.shape[0] > exact.keys.shape[0]  # the storage has free rows ...
+    entry = 2 * D * keys.element_size()  # K and V of one entry
+    for layer in (roomy, exact):  # ... which a cache's size does not count
+        assert cache_bytes(SimpleNamespace(layers=[layer])) == sum(map(sum, LENGTHS)) * entry

@@ -49,12 +49,16 @@ def copy_cache(cache):
 
 def cache_bytes(cache) -> int:
     """Bytes of the K and V entries every layer of a transformers Cache holds (a fixed-capacity
-    layer's free slots, at most max(chunk, slack + 1) per layer and head, are not counted)."""
+    layer's free slots, at most max(chunk, slack + 1) per layer and head, are not counted; nor are
+    a ragged layer's free rows, whose [M, D] storage holds its entries with room after each head)."""
+    from evictkit.ragged_cache import RaggedLayer
+
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+                rows = int(layer.counts.sum()) if isinstance(layer, RaggedLayer) else t.numel() // t.shape[-1]
+                total += rows * t.shape[-1] * t.element_size()
     return total
 
 

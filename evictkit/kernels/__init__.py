@@ -5,9 +5,10 @@ kernel on CUDA when the kept bytes are large enough for it to beat torch.gather 
 `compact.TRITON_MIN_BYTES`) and to the torch path otherwise; `EVICTKIT_COMPACT_BACKEND=triton|torch`
 forces one (`auto` is the default).
 
-`varlen_attention(queries, keys, values, offsets, scale=...)` is attention over a ragged
-(per-head) cache stored flattened with cu_seqlens-style offsets: Triton on CUDA, torch elsewhere
-(`kernels/varlen_attention_ref.py` describes the layout).
+`varlen_attention(queries, keys, values, starts=..., lengths=..., scale=...)` is attention over a
+ragged (per-head) cache stored flattened, each segment read by its start row and length (gaps of
+free rows between segments allowed; cu_seqlens-style `offsets` are accepted too): Triton on CUDA,
+torch elsewhere (`kernels/varlen_attention_ref.py` describes the layout).
 """
 
 from evictkit.kernels.compact import backend_for, compact, compact_many
