@@ -364,7 +364,11 @@ class RaggedStore:
               values: torch.Tensor, headroom: int | None = None) -> None:
         """Ragged (flattened, one length per head) when the layer's heads differ and the varlen
         path serves this model, else in the padded layout (`store_padded`: while decoding, a
-        fixed-capacity layer with room for `headroom` more entries)."""
+        fixed-capacity layer with room for `headroom` more entries). A ragged layer that decodes
+        stays ragged when a step leaves its heads equal (no padding): moving it to the padded
+        storage and back at the next uneven step would cost two new buffers."""
+        if pad is None and headroom is not None and isinstance(cache.layers[li], RaggedLayer):
+            pad = torch.zeros(keys.shape[:2], dtype=torch.long, device=keys.device)
         if pad is not None and self.layout == "varlen" and serves(module.config):
             if not self._on:  # the first ragged layer of this block
                 self._attention.enter_context(use_varlen_attention(module.config))

@@ -282,11 +282,12 @@ def _decode(model, ids, layout, steps, slack):
     return logits, ptrs, kept
 
 
+@pytest.mark.parametrize("slack", [0, 4])  # at slack 0 the heads of the tiny model often end a step equal
 @pytest.mark.parametrize("rows", [1, 2])
-def test_decoding_matches_the_padded_layout_and_stays_in_one_buffer(rows):
+def test_decoding_matches_the_padded_layout_and_stays_in_one_buffer(rows, slack):
     model = tiny_model(layers=2, kv_heads=2, heads=4)
     ids = torch.randint(3, 128, (rows, 90), generator=torch.Generator().manual_seed(rows))
-    slack, steps = 4, 30
+    steps = 30
     dense, _, kept_dense = _decode(model, ids, "padded", steps, slack)
     varlen, ptrs, kept = _decode(model, ids, "varlen", steps, slack)
     for a, b in zip(varlen, dense):
@@ -294,13 +295,14 @@ def test_decoding_matches_the_padded_layout_and_stays_in_one_buffer(rows):
     assert all(torch.equal(kept[li], kept_dense[li]) for li in kept)
     assert any(p is not None for step in ptrs for p in step)
     # after the first decode-time compaction (within slack + 1 steps) a layer decodes and compacts
-    # in one buffer for as long as it stays ragged (it leaves the ragged storage for the padded
-    # one when its heads happen to keep equal counts)
+    # in one buffer: once ragged it stays ragged (a step that leaves its heads equal keeps it there,
+    # rather than moving it to the padded storage and back), and its buffer never moves (the
+    # room covers slack + 1 new entries, so it never grows)
     for li in range(2):
         seen = [step[li] for step in ptrs[slack + 1:]]
-        assert seen.count(None) < len(seen) // 2  # mostly ragged: the check below has steps to look at
-        moved = [i for i in range(1, len(seen)) if None not in (seen[i - 1], seen[i]) and seen[i] != seen[i - 1]]
-        assert not moved, f"layer {li}: a new buffer at decode steps {moved}"
+        first = next(i for i, p in enumerate(seen) if p is not None)
+        assert None not in seen[first:], f"layer {li} left the ragged storage while decoding"
+        assert len(set(seen[first:])) == 1, f"layer {li}: a new buffer while decoding"
 
 
 def test_cache_bytes_counts_the_entries_not_the_free_rows():
