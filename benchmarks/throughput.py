@@ -26,7 +26,8 @@ length, in a fresh interpreter (its RSS peak is its own; glibc's default allocat
 
 Configurations (`--configs`, names in CONFIGS): the full cache on plain transformers (no
 `evictkit.compress` at all), streaming_llm / snapkv / restkv at budget 1024, snapkv at budget 256,
-with prefill-time (`phase` = the policy's own) or decode-time eviction (`phase="both"`, slack 0),
+with prefill-time (`phase` = the policy's own) or decode-time eviction (`phase="both"`: slack 0,
+evicting at every step, or `-s32`: slack 32, evicting when a layer holds budget + 32 + 1),
 one-shot or chunked (`prefill_chunk=2048`). Chunked configurations are skipped for prompts not
 longer than the chunk (they would equal the one-shot run). Results: `OUT.json` (every record) and
 `OUT.md` (the tables), and `OUT.png` (tokens/s vs batch per policy, with each limit).
@@ -51,8 +52,9 @@ import torch  # noqa: E402
 
 MiB = 2**20
 
-#: name -> (policy, budget, phase, prefill_chunk); policy None = plain transformers, no evictkit
-CONFIGS: dict[str, tuple[str | None, int | None, str | None, int | None]] = {
+#: name -> (policy, budget, phase, prefill_chunk[, slack]); policy None = plain transformers, no evictkit;
+#: slack 0 (evict at every decode step) unless given
+CONFIGS: dict[str, tuple[Any, ...]] = {
     "full": (None, None, None, None),
     "streaming_llm-b1024": ("streaming_llm", 1024, None, None),
     "snapkv-b1024": ("snapkv", 1024, None, None),
@@ -60,6 +62,7 @@ CONFIGS: dict[str, tuple[str | None, int | None, str | None, int | None]] = {
     "snapkv-b1024-both": ("snapkv", 1024, "both", None),
     "snapkv-b256": ("snapkv", 256, None, None),
     "snapkv-b256-both": ("snapkv", 256, "both", None),
+    "snapkv-b256-both-s32": ("snapkv", 256, "both", None, 32),
     "streaming_llm-b1024-c2048": ("streaming_llm", 1024, None, 2048),
     "snapkv-b1024-c2048": ("snapkv", 1024, None, 2048),
     "restkv-b1024-c2048": ("restkv", 1024, None, 2048),
@@ -108,7 +111,8 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
     clock = StepClock()
     comp = None
     if policy is not None:
-        comp = evictkit.compress(model, policy, budget=budget, phase=phase, prefill_chunk=chunk)
+        comp = evictkit.compress(model, policy, budget=budget, phase=phase, prefill_chunk=chunk,
+                                 slack=cfg.get("slack", 0))
     gen = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
                return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]))
     gc.collect()
@@ -345,10 +349,11 @@ def grid(args: argparse.Namespace, configs: dict) -> list[dict[str, Any]]:
             if n >= args.max_rows_prompt and b > args.max_rows_batch:
                 continue  # e.g. 8k x 8 rows: too slow on 2 shared cores
             for name in args.configs:
-                policy, budget, phase, chunk = configs[name]
+                policy, budget, phase, chunk, *rest = configs[name]
                 if chunk is not None and n <= chunk:
                     continue
-                out.append(dict(name=name, policy=policy, budget=budget, phase=phase, chunk=chunk, prompt=n,
+                out.append(dict(name=name, policy=policy, budget=budget, phase=phase, chunk=chunk,
+                                slack=rest[0] if rest else 0, prompt=n,
                                 batch=b, steps=args.steps, model=args.model, device=args.device,
                                 threads=args.threads))
     return out
