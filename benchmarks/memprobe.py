@@ -9,7 +9,8 @@ printed as one line `MEMPROBE {json}`.
 
 For each configuration: load the model, build the prompt and run one 16-token forward (one-off
 costs: thread pools, weight packing; `"warmup": false` in the first configuration skips it, to
-measure a process's first long call), then take the baseline, then prefill the prompt with
+measure a process's first long call; `"release_memory": false` is passed to `evictkit.compress`),
+then take the baseline, then prefill the prompt with
 `logits_to_keep=1` (inside `evictkit.compress(..., prefill_chunk=chunk)` unless policy is None)
 and run `steps` greedy decode steps, each timed. `"mask": true` passes
 `attention_mask=torch.ones_like(ids)`, as `generate` and most users do; `"via": "generate"` runs
@@ -186,8 +187,9 @@ def measure(model, tok, cfg: dict[str, Any], device: torch.device) -> dict[str, 
     comp = None
     via_generate = cfg.get("via") == "generate"
     if policy not in (None, "synthetic"):
+        extra = {"release_memory": cfg["release_memory"]} if "release_memory" in cfg else {}
         comp = evictkit.compress(model, policy, budget=cfg["budget"] or ctx,
-                                 prefill_chunk=None if via_generate else cfg.get("chunk"))
+                                 prefill_chunk=None if via_generate else cfg.get("chunk"), **extra)
     mask = {} if ids is None or not (cfg.get("mask") or via_generate) else {"attention_mask": torch.ones_like(ids)}
 
     gc.collect()

@@ -45,6 +45,7 @@ class Compression:
         opts = Options.check(model, policy, budget, phase=phase, slack=slack, prefill_chunk=prefill_chunk,
                              ragged_layout=ragged_layout, release_memory=release_memory)
         self.release_memory, self._last_q = release_memory, 0
+        self._trim_layers = False  # this forward is a prefill chunk that continues a sequence
         method = resolve(prefill_attention, prefill_params)  # checks the name and parameters
         #: the prefill attention's scope (its `stats`: densities per layer), None for the model's own
         self.prefill = PrefillScope(model, method, policy=policy) if method is not None else None
@@ -181,16 +182,21 @@ class Compression:
         if self.release_memory and self._last_q > 1:  # after a prefill forward: evictkit.memory says why
             release_freed_memory()
         self._last_q = q
-        new_pad = left_padding(bound.get("attention_mask"), q)
         cache = cache_in(bound)
         empty = cache is None or cache.get_seq_length() == 0
+        # a one-shot prompt's forward is not trimmed layer by layer: its peak is the forward's own
+        # (the trim would make the next layer fault the pages back in: 5% of a 4k prefill)
+        self._trim_layers = self.release_memory and q > 1 and not empty
+        new_pad = left_padding(bound.get("attention_mask"), q)
         seq = self._seq
         if seq is None or (empty and not seq.chunking):  # a new prompt (the chunker's first chunk is not)
             seq = self._start()
         seq.new_pad = new_pad
         if self.prefill_chunk is not None and q > self.prefill_chunk and not seq.chunking:
-            return seq.run_chunks(self.model, self._forward, self.prefill_chunk, args, kwargs, bound, tokens,
-                                  cache, empty)
+            last_chunk = seq.run_chunks(self.model, self._forward, self.prefill_chunk, args, kwargs, bound,
+                                        tokens, cache, empty)
+            self._trim_layers = self.release_memory  # the caller's forward runs the last chunk
+            return last_chunk
         if empty:
             self.schedule(seq.prompt or q)  # validate the budgets before anything is computed
         positions = seq.position_ids(bound, tokens, empty, self._forward)
@@ -203,9 +209,8 @@ class Compression:
             # a prompt the model pre-hook did not see start (a forward of the module alone, a submodule's)
             seq = self._start(new_pad=None if seq is None else seq.new_pad)
         seq.step(module, args, kwargs)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if self.release_memory and hidden is not None and hidden.shape[1] > 1:
-            release_freed_memory()  # a prefill layer's freed buffers, before the next layer's: evictkit.memory
+        if self._trim_layers:
+            release_freed_memory()  # a chunk's freed buffers, before the next layer's: evictkit.memory
 
     def _before_attention(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a compacted layer a mask of its own size (`Sequence.attention_kwargs`)."""
@@ -240,10 +245,10 @@ def compress(model: nn.Module, policy: Policy | str, budget: int | float, *, pha
         or "dense": the model's own attention; policies tagged ragged_heads (AdaKV) are refused with
         a sparse one (docs/sparse-prefill.md)
     prefill_params: the prefill attention's parameters, with a name
-    release_memory: after each managed layer's step in a prefill forward (a prompt or a chunk),
-        and before a forward that follows one, hand the heap's freed pages back to the OS (glibc
-        malloc_trim; evictkit.memory says why; about 1% of an 8k prefill); decode steps never pay
-        for it; False: never
+    release_memory: before a forward that follows a prefill forward, and after each managed
+        layer's step in a prefill chunk that continues a sequence, hand the heap's freed pages back
+        to the OS (glibc malloc_trim; evictkit.memory says why; about 1% of a chunked 8k prefill);
+        a one-shot prompt's forward and decode steps never pay for it; False: never
     """
     if isinstance(policy, str):
         from evictkit.registry import build_policy

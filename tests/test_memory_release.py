@@ -30,10 +30,21 @@ def test_released_after_each_prefill_chunk_and_never_while_decoding(monkeypatch,
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     with evictkit.compress(model, "snapkv", budget=16, window=4, prefill_chunk=16, release_memory=release):
         model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    # chunks of 8, 16, 16 (aligned to the end): a release after each of the 2 layers' steps in each
-    # chunk (6), and before chunks 2 and 3 and before the first decode step (3); the 4 later decode
-    # steps follow a one-token forward and release nothing
-    assert len(calls) == (9 if release else 0)
+    # chunks of 8, 16, 16 (aligned to the end): a release after each of the 2 layers' steps in the
+    # chunks that continue the sequence (4; the first chunk starts it), and before chunks 2 and 3
+    # and before the first decode step (3); the 4 later decode steps follow a one-token forward and
+    # release nothing
+    assert len(calls) == (7 if release else 0)
+
+
+def test_a_one_shot_prompt_is_released_after_its_forward_not_layer_by_layer(monkeypatch):
+    calls = []
+    monkeypatch.setattr(compress_module, "release_freed_memory", lambda: calls.append(1) or True)
+    model = tiny_model(layers=2)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with evictkit.compress(model, "snapkv", budget=16, window=4):
+        model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert len(calls) == 1  # before the first decode step only
 
 
 def test_release_memory_must_be_a_bool():
