@@ -162,8 +162,7 @@ class RaggedLayer(DynamicLayer):
         self.values.index_copy_(0, rows, value_states.reshape(B * H * q, value_states.shape[-1]))
         self.counts = self.counts + q
         self._counts = [c + q for c in self._counts]
-        self.room -= q
-        _RAGGED[id(self.keys)] = self
+        self.room -= q  # written in place: the buffer `_set` registered in _RAGGED is the same
         return self.keys, self.values
 
     def _relayout(self, counts: list[int], src_starts: torch.Tensor, room: int,

@@ -35,7 +35,7 @@ from evictkit.hf import attention_modules, cache_kwarg, is_sliding, new_cache
 from evictkit.layout import real_counts
 from evictkit.prefill_attention import PrefillScope, PrefillStats
 from evictkit.prefill_contract import PrefillAttention
-from evictkit.ragged_cache import dense_kv
+from evictkit.ragged_cache import RaggedLayer, dense_kv
 from evictkit.stats import CompressionStats, LayerStats
 
 
@@ -51,8 +51,6 @@ def cache_bytes(cache) -> int:
     """Bytes of the K and V entries every layer of a transformers Cache holds (a fixed-capacity
     layer's free slots, at most max(chunk, slack + 1) per layer and head, are not counted; nor are
     a ragged layer's free rows, whose [M, D] storage holds its entries with room after each head)."""
-    from evictkit.ragged_cache import RaggedLayer
-
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
